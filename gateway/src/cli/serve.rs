@@ -1,0 +1,219 @@
+//! `gateway serve MODEL`: load the engine and run the OpenAI server.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::error::{CliError, Result};
+use crate::chat_template::ChatTemplate;
+use crate::engine::args::EngineArgs;
+use crate::envs;
+use crate::openai::middleware::CorsConfig;
+use crate::openai::sampling::SamplingDefaults;
+use crate::openai::state::{unix_now, AppState, SharedState};
+use crate::openai::{serve, ServerConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model: an HF directory (config.json, safetensors, tokenizer) or a GGUF file.
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<String>,
+    /// Same as the positional MODEL.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// vLLM's API server flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (all interfaces by default, as vLLM).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Clients must send `Authorization: Bearer KEY` on /v1 routes (also VLLM_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Names the model answers to; the first is the one reported. Default: MODEL.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// Chat template file or inline Jinja; default: the model's own.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    #[arg(long, default_value = "auto", value_parser = ["auto", "string", "openai"])]
+    pub chat_template_content_format: String,
+    /// Role of the generated message when add_generation_prompt is true.
+    #[arg(long, default_value = "assistant")]
+    pub response_role: String,
+    /// Echo (or generate) X-Request-Id on every response.
+    #[arg(long)]
+    pub enable_request_id_headers: bool,
+    /// JSON list of allowed CORS origins.
+    #[arg(long, default_value = r#"["*"]"#)]
+    pub allowed_origins: String,
+    /// JSON list of allowed CORS methods.
+    #[arg(long, default_value = r#"["*"]"#)]
+    pub allowed_methods: String,
+    /// JSON list of allowed CORS headers.
+    #[arg(long, default_value = r#"["*"]"#)]
+    pub allowed_headers: String,
+    #[arg(long)]
+    pub allow_credentials: bool,
+    /// Path prefix when behind a path-based proxy; routes answer with and without it.
+    #[arg(long, default_value = "")]
+    pub root_path: String,
+    /// Do not log each received request.
+    #[arg(long)]
+    pub disable_log_requests: bool,
+    /// Do not log the periodic engine stats line.
+    #[arg(long)]
+    pub disable_log_stats: bool,
+    /// Accepted for compatibility with vLLM's command lines.
+    #[arg(long, default_value = "info",
+          value_parser = ["critical", "error", "warning", "info", "debug", "trace"])]
+    pub uvicorn_log_level: String,
+}
+
+impl ServeArgs {
+    pub fn model_path(&self) -> Result<&str> {
+        match (&self.model_tag, &self.model) {
+            (Some(a), Some(b)) if a != b => Err(CliError::InvalidArg {
+                flag: "--model",
+                message: format!("MODEL {a:?} and --model {b:?} disagree; give one"),
+            }),
+            (Some(m), _) | (None, Some(m)) => Ok(m),
+            (None, None) => Err(CliError::InvalidArg {
+                flag: "MODEL",
+                message:
+                    "give the model to serve: `gateway serve MODEL` (HF directory or .gguf file)"
+                        .into(),
+            }),
+        }
+    }
+}
+
+fn json_list(flag: &'static str, raw: &str) -> Result<Vec<String>> {
+    serde_json::from_str(raw).map_err(|e| CliError::InvalidArg {
+        flag,
+        message: format!("expected a JSON list of strings such as [\"*\"], got {raw:?}: {e}"),
+    })
+}
+
+impl ServerArgs {
+    fn server_config(&self) -> Result<ServerConfig> {
+        let api_key = self
+            .api_key
+            .clone()
+            .or_else(|| envs::raw(envs::VLLM_API_KEY));
+        Ok(ServerConfig {
+            host: self.host.clone(),
+            port: self.port,
+            api_key,
+            enable_request_id_headers: self.enable_request_id_headers,
+            cors: CorsConfig {
+                allowed_origins: json_list("--allowed-origins", &self.allowed_origins)?,
+                allowed_methods: json_list("--allowed-methods", &self.allowed_methods)?,
+                allowed_headers: json_list("--allowed-headers", &self.allowed_headers)?,
+                allow_credentials: self.allow_credentials,
+            },
+            root_path: self.root_path.clone(),
+        })
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {},
+                        _ = term.recv() => {},
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl+C stops the server");
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        token.cancel();
+    });
+}
+
+/// Loads the engine and builds the server's state and settings (blocking:
+/// weights load here).
+pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
+    let model = args.model_path()?.to_string();
+    tracing::info!("Flotilla API server version {}", env!("CARGO_PKG_VERSION"));
+    let mut shown = args.server.clone();
+    shown.api_key = shown.api_key.map(|_| "(set)".into());
+    tracing::info!("args: model={model:?}, {shown:?}, {:?}", args.engine);
+    // Fail on bad server flags before spending time loading weights.
+    let config = args.server.server_config()?;
+    let loaded = args.engine.build(Path::new(&model))?;
+    let names = if args.server.served_model_name.is_empty() {
+        vec![model.clone()]
+    } else {
+        args.server.served_model_name.clone()
+    };
+    loaded.client.set_model_name(&names[0]);
+    loaded.client.set_log_stats(!args.server.disable_log_stats);
+
+    let chat_template =
+        ChatTemplate::resolve(args.server.chat_template.as_deref(), &loaded.tokenizer)?;
+    match &chat_template {
+        Some(t) => {
+            t.content_format(&args.server.chat_template_content_format);
+        }
+        None => tracing::warn!(
+            "The model has no chat template and --chat-template was not given: /v1/chat/completions will answer 400"
+        ),
+    }
+    let defaults = loaded
+        .generation_defaults
+        .as_ref()
+        .map(SamplingDefaults::from_generation_config)
+        .unwrap_or_default();
+    if !defaults.is_empty() {
+        tracing::warn!(
+            "Default sampling parameters have been overridden by the model's generation config: {defaults:?}. \
+             If this is not intended, relaunch with `--generation-config vllm`."
+        );
+    }
+    let state = Arc::new(AppState {
+        engine: loaded.client.clone(),
+        tokenizer: loaded.tokenizer.clone(),
+        chat_template,
+        content_format: args.server.chat_template_content_format.clone(),
+        served_model_names: names,
+        model_root: model,
+        max_model_len: loaded.max_model_len,
+        response_role: args.server.response_role.clone(),
+        defaults,
+        log_requests: !args.server.disable_log_requests,
+        created: unix_now(),
+    });
+    Ok((state, config))
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let (state, config) = tokio::task::block_in_place(|| prepare(&args))?;
+    let engine = state.engine.clone();
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let result = serve(state, config, shutdown).await;
+    engine.shutdown().await;
+    result.map_err(CliError::from)
+}

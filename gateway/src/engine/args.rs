@@ -1,0 +1,524 @@
+//! vLLM's engine flags, their checks, and the builder that loads the model,
+//! sizes the KV cache and starts the engine loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use worker::config::{GenerationConfig, ModelConfig};
+use worker::{LoadFormat, ParallelConfig, WorkerConfig};
+
+use super::block_manager::BlockManager;
+use super::client::EngineClient;
+use super::error::{EngineError, Result};
+use super::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy};
+use crate::envs;
+use crate::executor::{Executor, ExecutorError, InProcessExecutor};
+use crate::tokenizer::Tokenizer;
+
+pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
+const DTYPES: &[&str] = &["auto", "half", "float16", "bfloat16", "float", "float32"];
+const LOAD_FORMATS: &[&str] = &["auto", "safetensors", "gguf", "dummy"];
+
+/// Engine flags as `vllm serve` has them. The model is not a field: the
+/// `serve` command takes it positionally.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Tokenizer to use instead of the model's (HF directory, tokenizer.json or .gguf).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+
+    /// auto, safetensors, gguf or dummy (random weights at the config's shapes).
+    #[arg(long, default_value = "auto")]
+    pub load_format: String,
+
+    /// auto, half, float16, bfloat16, float, float32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// JSON object merged over the model's config.json.
+    #[arg(long)]
+    pub hf_overrides: Option<String>,
+
+    /// Context length; defaults to the model's max_position_embeddings.
+    /// Accepts 1k (1000) / 1K (1024) style suffixes.
+    #[arg(long, value_parser = parse_human_int)]
+    pub max_model_len: Option<usize>,
+
+    /// Tokens per KV cache block: 8, 16, 32, 64 or 128.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Number of KV blocks, instead of sizing from VLLM_CPU_KVCACHE_SPACE.
+    #[arg(long)]
+    pub num_gpu_blocks_override: Option<usize>,
+
+    /// Reuse KV blocks across requests that share a prefix (on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Token budget of one step (prefill chunks and decodes together).
+    #[arg(long, value_parser = parse_human_int, default_value = "2048")]
+    pub max_num_batched_tokens: usize,
+
+    #[arg(long, value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
+
+    /// Seed for weights of --load-format dummy and for requests without a seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// "auto" (the model's generation_config.json), "vllm" (vLLM's defaults) or a folder.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+
+    #[arg(long, visible_alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
+    #[arg(long, visible_alias = "pp", default_value_t = 1)]
+    pub pipeline_parallel_size: usize,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        Self {
+            tokenizer: None,
+            load_format: "auto".into(),
+            dtype: "auto".into(),
+            hf_overrides: None,
+            max_model_len: None,
+            block_size: 16,
+            num_gpu_blocks_override: None,
+            enable_prefix_caching: false,
+            no_enable_prefix_caching: false,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            scheduling_policy: SchedulingPolicy::Fcfs,
+            seed: 0,
+            generation_config: "auto".into(),
+            tensor_parallel_size: 1,
+            pipeline_parallel_size: 1,
+        }
+    }
+}
+
+/// A started engine and what the server needs next to it.
+pub struct LoadedEngine {
+    pub client: EngineClient,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_config: ModelConfig,
+    /// `None` with `--generation-config vllm` or when the model has none.
+    pub generation_defaults: Option<GenerationConfig>,
+    pub max_model_len: usize,
+}
+
+/// "2048", "4k" (4000), "4K" (4096), "1m", "1M", as vLLM accepts.
+pub fn parse_human_int(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.chars().last() {
+        Some('k') => (&s[..s.len() - 1], 1_000),
+        Some('K') => (&s[..s.len() - 1], 1_024),
+        Some('m') => (&s[..s.len() - 1], 1_000_000),
+        Some('M') => (&s[..s.len() - 1], 1_048_576),
+        _ => (s, 1),
+    };
+    let n: f64 = digits
+        .parse()
+        .map_err(|_| format!("expected an integer like 2048, 4k or 4K, got {s:?}"))?;
+    let v = n * mult as f64;
+    if !v.is_finite() || v < 0.0 || v.fract() != 0.0 {
+        return Err(format!(
+            "expected a non-negative whole number of tokens, got {s:?}"
+        ));
+    }
+    Ok(v as usize)
+}
+
+impl EngineArgs {
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    /// The checks that need no model.
+    pub fn validate(&self) -> Result<()> {
+        let bad =
+            |arg: &'static str, message: String| Err(EngineError::InvalidArgs { arg, message });
+        if !BLOCK_SIZES.contains(&self.block_size) {
+            return bad(
+                "--block-size",
+                format!(
+                    "invalid choice: {} (choose from 8, 16, 32, 64, 128)",
+                    self.block_size
+                ),
+            );
+        }
+        if !DTYPES.contains(&self.dtype.as_str()) {
+            return bad(
+                "--dtype",
+                format!(
+                    "invalid choice: '{}' (choose from {})",
+                    self.dtype,
+                    DTYPES.join(", ")
+                ),
+            );
+        }
+        if !LOAD_FORMATS.contains(&self.load_format.as_str()) {
+            return bad(
+                "--load-format",
+                format!(
+                    "invalid choice: '{}' (choose from {})",
+                    self.load_format,
+                    LOAD_FORMATS.join(", ")
+                ),
+            );
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs", "must be at least 1".into());
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return bad(
+                "--max-num-batched-tokens",
+                format!(
+                    "max_num_batched_tokens ({}) must be greater than or equal to max_num_seqs ({}).",
+                    self.max_num_batched_tokens, self.max_num_seqs
+                ),
+            );
+        }
+        if self.num_gpu_blocks_override == Some(0) {
+            return bad("--num-gpu-blocks-override", "must be at least 1".into());
+        }
+        if self.max_model_len == Some(0) {
+            return bad("--max-model-len", "must be at least 1".into());
+        }
+        self.hf_overrides_json()?;
+        for (what, size) in [
+            ("tensor_parallel_size", self.tensor_parallel_size),
+            ("pipeline_parallel_size", self.pipeline_parallel_size),
+        ] {
+            if size == 0 {
+                return bad(
+                    if what.starts_with("tensor") {
+                        "--tensor-parallel-size"
+                    } else {
+                        "--pipeline-parallel-size"
+                    },
+                    "must be at least 1".into(),
+                );
+            }
+            if size > 1 {
+                return Err(ExecutorError::ParallelismUnavailable { what, size }.into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn hf_overrides_json(&self) -> Result<serde_json::Value> {
+        let Some(text) = &self.hf_overrides else {
+            return Ok(serde_json::Value::Null);
+        };
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) if v.is_object() => Ok(v),
+            Ok(v) => Err(EngineError::InvalidArgs {
+                arg: "--hf-overrides",
+                message: format!("must be a JSON object, got {v}"),
+            }),
+            Err(e) => Err(EngineError::InvalidArgs {
+                arg: "--hf-overrides",
+                message: format!("invalid JSON: {e}"),
+            }),
+        }
+    }
+
+    /// Loads the tokenizer and the model, sizes the KV cache and starts the
+    /// engine loop. Blocking (weights load here).
+    pub fn build(&self, model: &Path) -> Result<LoadedEngine> {
+        self.validate()?;
+        let tokenizer = Arc::new(Tokenizer::load(model, self.tokenizer.as_deref())?);
+        let load_format: LoadFormat = self.load_format.parse()?;
+        let worker_config = WorkerConfig {
+            model: model.to_path_buf(),
+            load_format,
+            dtype: self.dtype.clone(),
+            hf_overrides: self.hf_overrides_json()?,
+            block_size: self.block_size,
+            parallel: ParallelConfig::default(),
+            seed: self.seed,
+            max_model_len: 0,
+        };
+        // The runner sizes its rotary tables by max_model_len, so resolve it
+        // from the config before loading the weights.
+        let model_config = ModelConfig::load(model, load_format, &worker_config.hf_overrides)?;
+        let max_model_len = resolve_max_model_len(
+            self.max_model_len,
+            model_config.max_position_embeddings,
+            envs::flag(envs::VLLM_ALLOW_LONG_MAX_MODEL_LEN),
+        )?;
+        let worker_config = WorkerConfig {
+            max_model_len,
+            ..worker_config
+        };
+        let mut executor = InProcessExecutor::load(&worker_config)?;
+        let model_config = executor.model_config().clone();
+
+        let bytes_per_block = executor.kv_cache_bytes_per_block();
+        let available = envs::cpu_kvcache_space_bytes()?;
+        let num_blocks = num_kv_blocks(
+            self.num_gpu_blocks_override,
+            available,
+            bytes_per_block,
+            self.block_size,
+            max_model_len,
+        )?;
+        tracing::info!("# CPU blocks: {num_blocks}");
+        tracing::info!(
+            "Maximum concurrency for {max_model_len} tokens per request: {:.2}x",
+            (num_blocks * self.block_size) as f64 / max_model_len as f64
+        );
+        executor.initialize_kv_cache(num_blocks)?;
+
+        let generation_defaults = match self.generation_config.as_str() {
+            "vllm" => None,
+            "auto" => GenerationConfig::load(model)?,
+            dir => {
+                let dir = Path::new(dir);
+                let found = GenerationConfig::load(dir)?;
+                if found.is_none() {
+                    return Err(EngineError::InvalidArgs {
+                        arg: "--generation-config",
+                        message: format!("no generation_config.json in {}", dir.display()),
+                    });
+                }
+                found
+            }
+        };
+        let mut eos = model_config.eos_token_ids.clone();
+        let extra = generation_defaults
+            .iter()
+            .flat_map(|g| g.eos_token_ids.iter().copied());
+        for id in extra.chain(tokenizer.eos_token_id()) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_model_len,
+                policy: self.scheduling_policy,
+            },
+            BlockManager::new(num_blocks, self.block_size, self.prefix_caching()),
+            eos,
+        );
+        let interval: f64 = envs::get(envs::VLLM_LOG_STATS_INTERVAL)?.unwrap_or(10.0);
+        let interval =
+            Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(10));
+        let client =
+            EngineClient::spawn(scheduler, Box::new(executor), tokenizer.clone(), interval)?;
+        Ok(LoadedEngine {
+            client,
+            tokenizer,
+            model_config,
+            generation_defaults,
+            max_model_len,
+        })
+    }
+}
+
+/// `--max-model-len` against the model's limit, with vLLM's wording.
+pub fn resolve_max_model_len(
+    requested: Option<usize>,
+    max_position_embeddings: usize,
+    allow_long: bool,
+) -> Result<usize> {
+    let Some(n) = requested else {
+        return Ok(max_position_embeddings);
+    };
+    if n > max_position_embeddings {
+        let msg = format!(
+            "User-specified max_model_len ({n}) is greater than the derived max_model_len \
+             (max_position_embeddings={max_position_embeddings} or model_max_length=None in model's config.json). This may \
+             lead to incorrect model outputs or CUDA errors."
+        );
+        if !allow_long {
+            return Err(EngineError::InvalidArgs {
+                arg: "--max-model-len",
+                message: format!("{msg} To allow overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"),
+            });
+        }
+        tracing::warn!("{msg} Make sure the value is correct and within the model context size.");
+    }
+    Ok(n)
+}
+
+/// KV blocks from the override or the memory budget; one request of
+/// `max_model_len` tokens must fit.
+pub fn num_kv_blocks(
+    override_blocks: Option<usize>,
+    available_bytes: usize,
+    bytes_per_block: usize,
+    block_size: usize,
+    max_model_len: usize,
+) -> Result<usize> {
+    let num_blocks = match override_blocks {
+        Some(n) => n,
+        None => available_bytes / bytes_per_block.max(1),
+    };
+    let needed = max_model_len.div_ceil(block_size);
+    if num_blocks < needed {
+        const GIB: f64 = (1u64 << 30) as f64;
+        return Err(EngineError::KvCacheTooSmall {
+            max_model_len,
+            needed_gib: (needed * bytes_per_block) as f64 / GIB,
+            available_gib: (num_blocks * bytes_per_block) as f64 / GIB,
+            estimated_max_len: num_blocks * block_size,
+        });
+    }
+    Ok(num_blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn parse(args: &[&str]) -> EngineArgs {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap()
+            .engine
+    }
+
+    #[test]
+    fn defaults_match_vllm() {
+        let a = parse(&[]);
+        assert_eq!(a.block_size, 16);
+        assert_eq!(a.max_num_seqs, 256);
+        assert_eq!(a.max_num_batched_tokens, 2048);
+        assert_eq!(a.seed, 0);
+        assert_eq!(a.scheduling_policy, SchedulingPolicy::Fcfs);
+        assert!(a.prefix_caching());
+        assert!(a.validate().is_ok());
+        let d = EngineArgs::default();
+        assert_eq!(
+            (d.block_size, d.max_num_seqs, d.max_num_batched_tokens),
+            (16, 256, 2048)
+        );
+    }
+
+    #[test]
+    fn prefix_caching_flags_last_wins() {
+        assert!(!parse(&["--no-enable-prefix-caching"]).prefix_caching());
+        assert!(parse(&["--no-enable-prefix-caching", "--enable-prefix-caching"]).prefix_caching());
+        assert!(
+            !parse(&["--enable-prefix-caching", "--no-enable-prefix-caching"]).prefix_caching()
+        );
+    }
+
+    #[test]
+    fn parsing_of_other_flags() {
+        let a = parse(&[
+            "--max-model-len",
+            "4k",
+            "--scheduling-policy",
+            "priority",
+            "--tp",
+            "1",
+        ]);
+        assert_eq!(a.max_model_len, Some(4000));
+        assert_eq!(a.scheduling_policy, SchedulingPolicy::Priority);
+        assert_eq!(parse_human_int("2K"), Ok(2048));
+        assert!(parse_human_int("x").is_err());
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        // (args, flag named in the error)
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (vec!["--block-size", "7"], "--block-size"),
+            (vec!["--dtype", "int3"], "--dtype"),
+            (vec!["--load-format", "pt"], "--load-format"),
+            (
+                vec!["--max-num-seqs", "300", "--max-num-batched-tokens", "256"],
+                "--max-num-batched-tokens",
+            ),
+            (
+                vec!["--num-gpu-blocks-override", "0"],
+                "--num-gpu-blocks-override",
+            ),
+            (vec!["--hf-overrides", "[1]"], "--hf-overrides"),
+            (vec!["--hf-overrides", "{"], "--hf-overrides"),
+        ];
+        for (args, flag) in cases {
+            match parse(&args).validate() {
+                Err(EngineError::InvalidArgs { arg, .. }) => assert_eq!(arg, flag, "{args:?}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        let e = parse(&["--max-num-seqs", "300", "--max-num-batched-tokens", "256"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains(
+            "max_num_batched_tokens (256) must be greater than or equal to max_num_seqs (300)."
+        ));
+        let e = parse(&["--tensor-parallel-size", "2"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("not available yet"), "{e}");
+        assert!(parse(&[
+            "--hf-overrides",
+            r#"{"architectures": ["LlamaForCausalLM"]}"#
+        ])
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn max_model_len_checks() {
+        assert_eq!(resolve_max_model_len(None, 2048, false).unwrap(), 2048);
+        assert_eq!(resolve_max_model_len(Some(512), 2048, false).unwrap(), 512);
+        let e = resolve_max_model_len(Some(4096), 2048, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "User-specified max_model_len (4096) is greater than the derived max_model_len"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"));
+        assert_eq!(resolve_max_model_len(Some(4096), 2048, true).unwrap(), 4096);
+    }
+
+    #[test]
+    fn kv_block_count() {
+        // (override, bytes, bytes per block, block size, max len) -> blocks or error
+        assert_eq!(num_kv_blocks(None, 1 << 20, 1024, 16, 256).unwrap(), 1024);
+        assert_eq!(num_kv_blocks(Some(20), 0, 1024, 16, 256).unwrap(), 20);
+        let e = num_kv_blocks(Some(8), 0, 1024, 16, 256).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EngineError::KvCacheTooSmall {
+                    estimated_max_len: 128,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! The async handle on the engine loop: validates and submits requests,
+//! streams their outputs, aborts, and reads stats and metrics.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::core::{Command, EngineCore, Shared};
+use super::error::{EngineError, Result};
+use super::scheduler::{Scheduler, SchedulerStats};
+use super::types::{EngineRequest, FinishReason, RequestOutput};
+use crate::executor::Executor;
+use crate::metrics;
+use crate::tokenizer::Tokenizer;
+
+/// Engine counters for tests and the server: running/waiting requests,
+/// KV blocks, preemptions, prefix cache.
+pub type EngineStats = SchedulerStats;
+
+/// Cheap to clone; every clone talks to the same engine loop.
+#[derive(Clone)]
+pub struct EngineClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Sender<Command>,
+    shared: Arc<Shared>,
+    max_model_len: usize,
+    vocab_size: usize,
+    model_name: RwLock<String>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineClient {
+    /// Starts the engine loop on its own thread.
+    pub(crate) fn spawn(
+        scheduler: Scheduler,
+        executor: Box<dyn Executor>,
+        tokenizer: Arc<Tokenizer>,
+        log_stats_interval: Duration,
+    ) -> Result<Self> {
+        let max_model_len = scheduler.config().max_model_len;
+        let vocab_size = executor.model_config().vocab_size;
+        let shared = Arc::new(Shared::default());
+        shared.log_stats.store(true, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = EngineCore::new(
+            scheduler,
+            executor,
+            tokenizer,
+            shared.clone(),
+            log_stats_interval,
+        );
+        let thread = std::thread::Builder::new()
+            .name("engine-core".into())
+            .spawn(move || core.run(rx))
+            .map_err(|e| EngineError::EngineDead {
+                reason: format!("cannot start the engine thread: {e}"),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                max_model_len,
+                vocab_size,
+                model_name: RwLock::new(String::new()),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Checks the request, queues it and returns its output stream.
+    pub async fn add_request(&self, mut req: EngineRequest) -> Result<RequestStream> {
+        self.check_alive()?;
+        if let Some(k) = req.sampling_params.truncate_prompt_tokens {
+            let len = req.prompt_token_ids.len();
+            if k < len {
+                req.prompt_token_ids.drain(..len - k);
+            }
+        }
+        validate_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
+        if !self
+            .inner
+            .shared
+            .live_ids
+            .lock()
+            .expect("ids lock")
+            .insert(req.request_id.clone())
+        {
+            return Err(EngineError::DuplicateRequest {
+                request_id: req.request_id,
+            });
+        }
+        let (tx, rx) = unbounded_channel();
+        let request_id = req.request_id.clone();
+        if self
+            .inner
+            .tx
+            .send(Command::Add {
+                req: Box::new(req),
+                tx,
+            })
+            .is_err()
+        {
+            self.inner
+                .shared
+                .live_ids
+                .lock()
+                .expect("ids lock")
+                .remove(&request_id);
+            return Err(self.dead_error());
+        }
+        Ok(RequestStream {
+            request_id,
+            rx,
+            tx: self.inner.tx.clone(),
+            finished: false,
+        })
+    }
+
+    /// Ends the request now; its blocks are freed before the next step.
+    pub fn abort(&self, request_id: &str) {
+        let _ = self.inner.tx.send(Command::Abort(request_id.to_string()));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.inner.shared.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Prometheus text with vLLM's `vllm:` metrics.
+    pub fn render_metrics(&self) -> String {
+        let g = self.inner.shared.gauges();
+        let m = self
+            .inner
+            .shared
+            .metrics
+            .lock()
+            .expect("metrics lock")
+            .clone();
+        let name = self.inner.model_name.read().expect("name lock").clone();
+        metrics::render(&name, &g, &m)
+    }
+
+    /// The `model_name` label on metrics (the served model name).
+    pub fn set_model_name(&self, name: &str) {
+        *self.inner.model_name.write().expect("name lock") = name.to_string();
+    }
+
+    /// Turns the periodic stats log line on or off (`--disable-log-stats`).
+    pub fn set_log_stats(&self, enabled: bool) {
+        self.inner
+            .shared
+            .log_stats
+            .store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.inner.max_model_len
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.check_alive().is_ok()
+    }
+
+    /// Aborts everything still running and joins the engine loop.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.tx.send(Command::Shutdown);
+        let handle = self.inner.thread.lock().expect("thread lock").take();
+        if let Some(h) = handle {
+            let joined = tokio::task::spawn_blocking(move || h.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("The engine loop ended with a panic");
+            }
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match self.inner.shared.dead.lock().expect("dead lock").as_ref() {
+            Some(reason) => Err(EngineError::EngineDead {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn dead_error(&self) -> EngineError {
+        let reason = self.inner.shared.dead.lock().expect("dead lock").clone();
+        EngineError::EngineDead {
+            reason: reason.unwrap_or_else(|| "the engine loop has exited".into()),
+        }
+    }
+}
+
+/// The checks done before a request reaches the loop.
+pub fn validate_request(
+    req: &EngineRequest,
+    max_model_len: usize,
+    vocab_size: usize,
+) -> Result<()> {
+    let prompt = req.prompt_token_ids.len();
+    if prompt == 0 {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if let Some(&token_id) = req
+        .prompt_token_ids
+        .iter()
+        .find(|&&t| t as usize >= vocab_size)
+    {
+        return Err(EngineError::TokenOutOfVocab {
+            token_id,
+            vocab_size,
+        });
+    }
+    req.sampling_params.validate(vocab_size)?;
+    match req.sampling_params.max_tokens {
+        Some(completion) if prompt + completion > max_model_len => {
+            Err(EngineError::ContextLength {
+                max_model_len,
+                requested: prompt + completion,
+                prompt,
+                completion,
+            })
+        }
+        None if prompt >= max_model_len => Err(EngineError::PromptTooLong {
+            max_model_len,
+            prompt,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A request's outputs. Dropping it before the final output aborts the
+/// request, which frees its KV blocks at once (a client disconnect).
+pub struct RequestStream {
+    request_id: String,
+    rx: UnboundedReceiver<RequestOutput>,
+    tx: Sender<Command>,
+    finished: bool,
+}
+
+impl RequestStream {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+impl Stream for RequestStream {
+    type Item = RequestOutput;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RequestOutput>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(out)) => {
+                self.finished = out.finished.is_some();
+                Poll::Ready(Some(out))
+            }
+            // The loop went away without finishing us: say so rather than hang.
+            Poll::Ready(None) => {
+                self.finished = true;
+                Poll::Ready(Some(RequestOutput {
+                    request_id: self.request_id.clone(),
+                    finished: Some(FinishReason::Abort),
+                    error: Some("the engine stopped".into()),
+                    ..Default::default()
+                }))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.tx.send(Command::Abort(self.request_id.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use worker::SamplingParams;
+
+    use super::*;
+
+    fn req(prompt: usize, max_tokens: Option<usize>) -> EngineRequest {
+        EngineRequest {
+            request_id: "r".into(),
+            prompt_token_ids: vec![1; prompt],
+            sampling_params: SamplingParams {
+                max_tokens,
+                ..Default::default()
+            },
+            priority: 0,
+            arrival_time: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn request_checks() {
+        assert!(matches!(
+            validate_request(&req(0, Some(1)), 10, 50),
+            Err(EngineError::EmptyPrompt)
+        ));
+        assert!(validate_request(&req(5, Some(5)), 10, 50).is_ok());
+        assert!(validate_request(&req(9, None), 10, 50).is_ok());
+        assert!(matches!(
+            validate_request(&req(10, None), 10, 50),
+            Err(EngineError::PromptTooLong { .. })
+        ));
+        let e = validate_request(&req(6, Some(5)), 10, 50).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "This model's maximum context length is 10 tokens. However, you requested 11 tokens \
+             (6 in the messages, 5 in the completion). Please reduce the length of the messages \
+             or completion."
+        );
+        let mut bad = req(3, Some(1));
+        bad.prompt_token_ids[1] = 50;
+        assert!(matches!(
+            validate_request(&bad, 10, 50),
+            Err(EngineError::TokenOutOfVocab { token_id: 50, .. })
+        ));
+        let mut bad = req(3, Some(1));
+        bad.sampling_params.top_p = 2.0;
+        assert_eq!(
+            validate_request(&bad, 10, 50).unwrap_err().param(),
+            Some("top_p")
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! The engine loop. The scheduler and the executor live on one OS thread
+//! (model execution is blocking CPU work); the async side reaches it through
+//! a command channel and gets outputs back on per-request channels.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use worker::SchedulerOutput;
+
+use super::output::{OutputProcessor, Ready};
+use super::scheduler::{Scheduler, SchedulerStats};
+use super::types::{EngineRequest, FinishReason, RequestOutput};
+use crate::executor::{Executor, ExecutorError};
+use crate::metrics::{EngineMetrics, SchedulerGauges, StatLogger};
+use crate::tokenizer::Tokenizer;
+
+pub(crate) enum Command {
+    Add {
+        req: Box<EngineRequest>,
+        tx: UnboundedSender<RequestOutput>,
+    },
+    Abort(String),
+    Shutdown,
+}
+
+/// State the loop publishes for the async side.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub stats: Mutex<SchedulerStats>,
+    pub metrics: Mutex<EngineMetrics>,
+    /// Ids of requests not finished yet, to refuse duplicates at once.
+    pub live_ids: Mutex<HashSet<String>>,
+    /// Why the loop stopped, once it has.
+    pub dead: Mutex<Option<String>>,
+    pub log_stats: AtomicBool,
+}
+
+impl Shared {
+    pub fn gauges(&self) -> SchedulerGauges {
+        gauges(&self.stats.lock().expect("stats lock"))
+    }
+}
+
+fn gauges(s: &SchedulerStats) -> SchedulerGauges {
+    SchedulerGauges {
+        num_running: s.num_running,
+        num_waiting: s.num_waiting,
+        kv_cache_usage: s.kv_cache_usage,
+        prefix_cache_queries: s.prefix_cache_queries,
+        prefix_cache_hits: s.prefix_cache_hits,
+        num_preemptions: s.num_preemptions,
+    }
+}
+
+pub(crate) struct EngineCore {
+    scheduler: Scheduler,
+    executor: Box<dyn Executor>,
+    outputs: OutputProcessor,
+    shared: Arc<Shared>,
+    step_num: u64,
+    stat_logger: StatLogger,
+    /// Outputs held until the stats are published, so that a client that
+    /// sees its request finish also sees its blocks freed.
+    pending: Vec<Ready>,
+}
+
+impl EngineCore {
+    pub fn new(
+        scheduler: Scheduler,
+        executor: Box<dyn Executor>,
+        tokenizer: Arc<Tokenizer>,
+        shared: Arc<Shared>,
+        log_interval: Duration,
+    ) -> Self {
+        let core = Self {
+            scheduler,
+            executor,
+            outputs: OutputProcessor::new(tokenizer),
+            shared,
+            step_num: 0,
+            stat_logger: StatLogger::new(log_interval),
+            pending: Vec::new(),
+        };
+        core.publish_stats();
+        core
+    }
+
+    /// Runs until shutdown or until every client handle is gone.
+    pub fn run(mut self, rx: Receiver<Command>) {
+        let reason = loop {
+            if !self.scheduler.has_unfinished() {
+                // Idle: block, waking up now and then for the stats log.
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            break "shut down";
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.maybe_log_stats();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break "all clients gone",
+                }
+            }
+            let mut stop = None;
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            stop = Some("shut down");
+                            break;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        stop = Some("all clients gone");
+                        break;
+                    }
+                }
+            }
+            if let Some(r) = stop {
+                break r;
+            }
+            if self.scheduler.has_unfinished() && !self.step() {
+                // Nothing could be scheduled: wait for a command instead of spinning.
+                if let Ok(cmd) = rx.recv_timeout(Duration::from_millis(10)) {
+                    if !self.handle(cmd) {
+                        break "shut down";
+                    }
+                }
+            }
+            self.flush_outputs();
+            self.maybe_log_stats();
+        };
+        for id in self.scheduler.request_ids() {
+            self.finish(
+                &id,
+                FinishReason::Abort,
+                Some(format!("the engine {reason}")),
+            );
+        }
+        self.flush_outputs();
+        *self.shared.dead.lock().expect("dead lock") = Some(reason.to_string());
+        tracing::info!("Engine loop stopped ({reason})");
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { req, tx } => {
+                tracing::debug!(request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len(), "Added request");
+                self.outputs.add(&req, tx);
+                self.scheduler.add_request(*req);
+            }
+            Command::Abort(id) => {
+                if self.scheduler.contains(&id) {
+                    tracing::debug!(request_id = %id, "Aborted request");
+                    self.finish(&id, FinishReason::Abort, None);
+                    self.flush_outputs();
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Runs one step; false when nothing was scheduled.
+    fn step(&mut self) -> bool {
+        let step = self.scheduler.schedule();
+        if step.is_empty() {
+            return false;
+        }
+        self.step_num += 1;
+        let result = self.execute(self.step_num, &step);
+        match result {
+            Ok(out) => {
+                let updates = self.scheduler.update_from_output(&step, &out);
+                let now = Instant::now();
+                let mut m = self.shared.metrics.lock().expect("metrics lock");
+                for u in updates {
+                    let id = u.request_id.clone();
+                    let processed = self.outputs.process(u, now, &mut m);
+                    if let Some(reason) = processed.stopped_by_string {
+                        // A stop string ends the request in the scheduler at once.
+                        self.scheduler.finish_request(&id, &reason);
+                    }
+                    if let Some(ready) = processed.ready {
+                        self.pending.push(ready);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    step = self.step_num,
+                    "Step failed, failing its requests: {e}"
+                );
+                let message = format!("model execution failed: {e}");
+                for (id, _) in &step.num_scheduled_tokens {
+                    self.finish(id, FinishReason::Abort, Some(message.clone()));
+                }
+            }
+        }
+        true
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(step = step_num, req_ids = %req_ids(step)))]
+    fn execute(
+        &mut self,
+        step_num: u64,
+        step: &SchedulerOutput,
+    ) -> Result<worker::ModelRunnerOutput, ExecutorError> {
+        tracing::debug!(
+            tokens = step.total_num_scheduled_tokens(),
+            new = step.new_requests.len(),
+            "Running step"
+        );
+        let executor = &mut self.executor;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute_model(step))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(ExecutorError::Panicked { message })
+            }
+        }
+    }
+
+    /// Ends a request from outside the scheduler's own checks.
+    fn finish(&mut self, id: &str, reason: FinishReason, error: Option<String>) {
+        let Some(req) = self.scheduler.finish_request(id, &reason) else {
+            return;
+        };
+        let out = RequestOutput {
+            request_id: id.to_string(),
+            num_prompt_tokens: req.num_prompt_tokens,
+            num_cached_tokens: req.num_cached_tokens.unwrap_or(0),
+            num_output_tokens: req.num_output_tokens(),
+            error,
+            ..Default::default()
+        };
+        let mut m = self.shared.metrics.lock().expect("metrics lock");
+        if let Some(ready) = self.outputs.finish(out, reason, Instant::now(), &mut m) {
+            self.pending.push(ready);
+        }
+    }
+
+    fn flush_outputs(&mut self) {
+        self.publish_stats();
+        let mut live = self.shared.live_ids.lock().expect("ids lock");
+        for Ready { tx, out } in self.pending.drain(..) {
+            if out.finished.is_some() {
+                live.remove(&out.request_id);
+            }
+            // The client may have gone away; nothing to do then.
+            let _ = tx.send(out);
+        }
+    }
+
+    fn publish_stats(&self) {
+        *self.shared.stats.lock().expect("stats lock") = self.scheduler.stats();
+    }
+
+    fn maybe_log_stats(&mut self) {
+        if !self.shared.log_stats.load(Ordering::Relaxed) {
+            return;
+        }
+        let g = gauges(&self.scheduler.stats());
+        let line = {
+            let m = self.shared.metrics.lock().expect("metrics lock");
+            self.stat_logger.maybe_line(Instant::now(), &g, &m)
+        };
+        match line {
+            Some((line, true)) => tracing::info!("{line}"),
+            Some((line, false)) => tracing::debug!("{line}"),
+            None => {}
+        }
+    }
+}
+
+fn req_ids(step: &SchedulerOutput) -> String {
+    let ids: Vec<&str> = step
+        .num_scheduled_tokens
+        .iter()
+        .map(|(r, _)| r.as_str())
+        .collect();
+    ids.join(",")
+}

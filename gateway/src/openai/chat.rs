@@ -1,0 +1,396 @@
+//! `POST /v1/chat/completions`: messages → chat template → token ids → engine.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::error::{parse_request, ApiError, Result};
+use super::fanout::{self, ChoiceState, MergedStream};
+use super::logprobs::{chat_logprobs, prompt_logprobs_json};
+use super::protocol::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatMessage, DeltaMessage,
+};
+use super::sampling::{self, EndpointSampling};
+use super::sse::{json_event, stream_response, ChunkEncoder};
+use super::state::{base_request_id, engine_request_id, unix_now, AppState, SharedState};
+use crate::chat_template::{ChatTemplate, RenderOptions};
+use crate::engine::{EngineRequest, RequestOutput};
+
+/// The rendered conversation, ready for the engine.
+pub struct RenderedChat {
+    pub prompt: String,
+    pub token_ids: Vec<u32>,
+}
+
+/// Chat-template settings a request may carry (chat and /tokenize share them).
+pub struct ChatRenderArgs<'a> {
+    pub messages: &'a [Value],
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
+    pub add_special_tokens: bool,
+    pub chat_template: Option<&'a str>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub tools: Option<Value>,
+    pub documents: Option<Value>,
+}
+
+/// Renders and tokenizes a conversation; CPU work, so callers run it off the
+/// async threads.
+pub fn render_chat(state: &AppState, args: ChatRenderArgs<'_>) -> Result<RenderedChat> {
+    if args.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty.",
+            Some("messages"),
+        ));
+    }
+    let per_request;
+    let template = match args.chat_template {
+        Some(src) => {
+            per_request = ChatTemplate::new(
+                src,
+                state.tokenizer.bos_token(),
+                state.tokenizer.eos_token(),
+            )?;
+            &per_request
+        }
+        None => state
+            .chat_template
+            .as_ref()
+            .ok_or(ApiError::NoChatTemplate)?,
+    };
+    let format = template.content_format(&state.content_format);
+    let opts = RenderOptions {
+        add_generation_prompt: args.add_generation_prompt,
+        continue_final_message: args.continue_final_message,
+        tools: args.tools,
+        documents: args.documents,
+        chat_template_kwargs: args.chat_template_kwargs.unwrap_or_default(),
+    };
+    let prompt = template.render(args.messages, format, &opts)?;
+    let token_ids = state.tokenizer.encode(&prompt, args.add_special_tokens)?;
+    Ok(RenderedChat { prompt, token_ids })
+}
+
+/// Text of a message's content, whether a string or a list of text parts.
+fn content_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+pub async fn create_chat_completion(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let req: ChatCompletionRequest = parse_request(&body)?;
+    let model = state.check_model(req.model.as_deref())?;
+    let stream = req.stream.unwrap_or(false);
+    if req.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "Stream options can only be defined when `stream=True`.",
+            Some("stream_options"),
+        ));
+    }
+    let has_tools = req
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()));
+    let tool_choice_none = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
+    if has_tools && !tool_choice_none {
+        return Err(ApiError::NotSupported {
+            feature: "Tool calling",
+            param: "tool_choice",
+            detail: " yet: set tool_choice to \"none\" to only show the tools to the model.".into(),
+        });
+    }
+    let n = sampling::check_n(req.sampling.n, None)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid(
+                "when using `top_logprobs`, `logprobs` must be set to true.",
+                Some("top_logprobs"),
+            ))
+        }
+        (true, Some(k)) if k > worker::sampling_params::MAX_LOGPROBS => {
+            return Err(ApiError::invalid(
+                format!(
+                    "top_logprobs must be at most {}, got {k}.",
+                    worker::sampling_params::MAX_LOGPROBS
+                ),
+                Some("top_logprobs"),
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, _) => None,
+    };
+    let endpoint = EndpointSampling {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        logprobs,
+        echo_prompt_logprobs: false,
+    };
+    let params = sampling::build(&req.sampling, &endpoint, &state.defaults)?;
+    params
+        .validate(state.tokenizer.vocab_size())
+        .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?;
+
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+    let rendered = {
+        let state = state.clone();
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || {
+            render_chat(
+                &state,
+                ChatRenderArgs {
+                    messages: &req.messages,
+                    add_generation_prompt,
+                    continue_final_message: req.continue_final_message.unwrap_or(false),
+                    add_special_tokens: req.sampling.add_special_tokens.unwrap_or(false),
+                    chat_template: req.chat_template.as_deref(),
+                    chat_template_kwargs: req.chat_template_kwargs.clone(),
+                    tools: req.tools.clone(),
+                    documents: req.documents.clone(),
+                },
+            )
+        })
+        .await
+        .map_err(|e| ApiError::Internal {
+            message: format!("chat template task failed: {e}"),
+        })??
+    };
+    // vLLM: the reply continues the last message's role when no generation prompt is added.
+    let role = if add_generation_prompt {
+        state.response_role.clone()
+    } else {
+        req.messages
+            .last()
+            .and_then(|m| m.get("role"))
+            .and_then(|r| r.as_str())
+            .unwrap_or(&state.response_role)
+            .to_string()
+    };
+    let echo = if req.echo.unwrap_or(false) {
+        req.messages
+            .last()
+            .filter(|m| m.get("role").and_then(|r| r.as_str()) == Some(role.as_str()))
+            .map(content_text)
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+
+    let id = format!(
+        "chatcmpl-{}",
+        base_request_id(req.sampling.request_id.as_deref(), &headers)
+    );
+    let arrival = Instant::now();
+    let mut requests = Vec::with_capacity(n);
+    for i in 0..n {
+        let request_id = engine_request_id(&id, 0, 1, i, n);
+        let sampling_params = sampling::for_sample(&params, i);
+        if state.log_requests {
+            tracing::info!(
+                "Received request {request_id}: prompt: {:?}, params: {sampling_params:?}, prompt_token_ids: {:?}.",
+                rendered.prompt,
+                rendered.token_ids
+            );
+        }
+        requests.push(EngineRequest {
+            request_id,
+            prompt_token_ids: rendered.token_ids.clone(),
+            sampling_params,
+            priority: req.sampling.priority.unwrap_or(0),
+            arrival_time: arrival,
+        });
+    }
+    let merged = fanout::submit(&state.engine, requests).await?;
+    let ctx = Ctx {
+        id,
+        model,
+        created: unix_now(),
+        n,
+        role,
+        echo,
+        top_logprobs: logprobs,
+        state,
+    };
+    if stream {
+        let opts = req.stream_options.unwrap_or_default();
+        let encoder = StreamEncoder {
+            choices: vec![ChoiceState::default(); n],
+            include_usage: opts.include_usage.unwrap_or(false),
+            continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
+            ctx,
+        };
+        Ok(stream_response(encoder, merged))
+    } else {
+        Ok(collect(ctx, merged).await?.into_response())
+    }
+}
+
+struct Ctx {
+    id: String,
+    model: String,
+    created: i64,
+    n: usize,
+    role: String,
+    echo: String,
+    top_logprobs: Option<usize>,
+    state: SharedState,
+}
+
+fn engine_failure(choice: &ChoiceState) -> Option<ApiError> {
+    choice.error.as_ref().map(|e| ApiError::Internal {
+        message: format!("The engine failed the request: {e}"),
+    })
+}
+
+async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCompletionResponse>> {
+    let mut choices = vec![ChoiceState::default(); ctx.n];
+    while let Some((idx, out)) = merged.next().await {
+        if let Some(c) = choices.get_mut(idx) {
+            c.apply(&out);
+            if let Some(err) = engine_failure(c) {
+                return Err(err);
+            }
+        }
+    }
+    let tok = ctx.state.tokenizer.as_ref();
+    let out = choices
+        .iter()
+        .enumerate()
+        .map(|(idx, c)| ChatChoice {
+            index: idx,
+            message: ChatMessage {
+                role: ctx.role.clone(),
+                content: format!("{}{}", ctx.echo, c.text),
+                tool_calls: Vec::new(),
+            },
+            logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
+            finish_reason: fanout::finish_reason(&c.finished),
+            stop_reason: fanout::stop_reason(&c.finished),
+        })
+        .collect();
+    let prompt_logprobs = choices
+        .first()
+        .and_then(|c| c.prompt_logprobs.as_ref())
+        .map(|p| prompt_logprobs_json(p, tok));
+    Ok(axum::Json(ChatCompletionResponse {
+        id: ctx.id,
+        object: "chat.completion",
+        created: ctx.created,
+        model: ctx.model,
+        usage: fanout::usage(&choices, ctx.n),
+        choices: out,
+        prompt_logprobs,
+    }))
+}
+
+struct StreamEncoder {
+    ctx: Ctx,
+    choices: Vec<ChoiceState>,
+    include_usage: bool,
+    continuous_usage: bool,
+}
+
+impl StreamEncoder {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>) -> Event {
+        json_event(&ChatCompletionChunk {
+            id: self.ctx.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.ctx.created,
+            model: self.ctx.model.clone(),
+            choices,
+            usage: self
+                .continuous_usage
+                .then(|| fanout::usage(&self.choices, self.ctx.n)),
+        })
+    }
+}
+
+impl ChunkEncoder for StreamEncoder {
+    /// The role first for every choice, as OpenAI and vLLM do; then the echo.
+    fn start(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        for idx in 0..self.ctx.n {
+            events.push(self.chunk(vec![ChatChunkChoice {
+                index: idx,
+                delta: DeltaMessage {
+                    role: Some(self.ctx.role.clone()),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+                stop_reason: None,
+            }]));
+            if !self.ctx.echo.is_empty() {
+                events.push(self.chunk(vec![ChatChunkChoice {
+                    index: idx,
+                    delta: DeltaMessage {
+                        role: None,
+                        content: Some(self.ctx.echo.clone()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                    stop_reason: None,
+                }]));
+            }
+        }
+        events
+    }
+
+    fn on_output(&mut self, idx: usize, out: RequestOutput) -> Vec<Event> {
+        let Some(choice) = self.choices.get_mut(idx) else {
+            return Vec::new();
+        };
+        choice.apply(&out);
+        if let Some(err) = engine_failure(choice) {
+            return vec![json_event(&err.body())];
+        }
+        let finished = out.finished.is_some();
+        if out.new_text.is_empty() && !finished && out.new_logprobs.is_empty() {
+            return Vec::new();
+        }
+        let logprobs = self
+            .ctx
+            .top_logprobs
+            .map(|k| chat_logprobs(&out.new_logprobs, k, self.ctx.state.tokenizer.as_ref()));
+        vec![self.chunk(vec![ChatChunkChoice {
+            index: idx,
+            delta: DeltaMessage {
+                role: None,
+                content: (!out.new_text.is_empty() || !finished).then_some(out.new_text),
+            },
+            logprobs,
+            finish_reason: fanout::finish_reason(&out.finished),
+            stop_reason: fanout::stop_reason(&out.finished),
+        }])]
+    }
+
+    fn finish(&mut self) -> Vec<Event> {
+        if !self.include_usage {
+            return Vec::new();
+        }
+        vec![json_event(&ChatCompletionChunk {
+            id: self.ctx.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.ctx.created,
+            model: self.ctx.model.clone(),
+            choices: Vec::new(),
+            usage: Some(fanout::usage(&self.choices, self.ctx.n)),
+        })]
+    }
+}

@@ -1,0 +1,20 @@
+//! The OpenAI-compatible HTTP server (vLLM's `vllm serve` API surface).
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod fanout;
+pub mod logprobs;
+pub mod middleware;
+pub mod openapi;
+pub mod protocol;
+pub mod sampling;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod system;
+pub mod tokenize;
+
+pub use error::{ApiError, Result};
+pub use server::{bind, router, serve, serve_listener, ServerConfig, ServerError};
+pub use state::{AppState, SharedState};

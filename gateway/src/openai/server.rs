@@ -1,0 +1,189 @@
+//! Router assembly, binding, startup log lines and graceful shutdown.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use super::middleware::{self, AuthConfig, CorsConfig, CorsError};
+use super::openapi;
+use super::state::SharedState;
+use super::{chat, completions, system, tokenize};
+
+/// Chat requests with long histories exceed axum's 2 MB default.
+const MAX_BODY_BYTES: usize = 32 << 20;
+/// How long in-flight connections get to close after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub enable_request_id_headers: bool,
+    pub cors: CorsConfig,
+    /// `--root-path`: routes answer both with and without this prefix.
+    pub root_path: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--root-path must start with '/', got {root_path:?}")]
+    InvalidRootPath { root_path: String },
+    #[error(transparent)]
+    Cors(#[from] CorsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ServerError>;
+
+fn normalized_root(root: &str) -> Result<String> {
+    let trimmed = root.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if !trimmed.starts_with('/') {
+        return Err(ServerError::InvalidRootPath {
+            root_path: root.to_string(),
+        });
+    }
+    Ok(trimmed.to_string())
+}
+
+fn routes(state: SharedState, root_path: &str) -> Router {
+    let doc = Arc::new(openapi::document(root_path));
+    Router::new()
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json((*doc).clone()) }
+            }),
+        )
+        .route("/health", get(system::health))
+        .route("/ping", get(system::health).post(system::health))
+        .route("/version", get(system::version))
+        .route("/metrics", get(system::metrics))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/v1/models", get(system::list_models))
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::RouteNotFound {
+                path: uri.path().to_string(),
+            }
+        })
+        .with_state(state)
+}
+
+/// The whole app: routes (also under `--root-path`), auth, request ids, CORS.
+pub fn router(state: SharedState, cfg: &ServerConfig) -> Result<Router> {
+    let root = normalized_root(&cfg.root_path)?;
+    let api = routes(state, &root);
+    let mut app = if root.is_empty() {
+        api
+    } else {
+        Router::new().merge(api.clone()).nest(&root, api)
+    };
+    app = app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    if let Some(key) = cfg.api_key.clone().filter(|k| !k.is_empty()) {
+        let auth = Arc::new(AuthConfig {
+            api_key: key,
+            root_path: root.clone(),
+        });
+        app = app.layer(axum::middleware::from_fn_with_state(
+            auth,
+            middleware::require_api_key,
+        ));
+    }
+    if cfg.enable_request_id_headers {
+        app = app.layer(axum::middleware::from_fn(middleware::request_id_header));
+    }
+    Ok(app.layer(cfg.cors.layer()?))
+}
+
+/// Binds the listening socket (port 0 picks a free port).
+pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: format!("{}:{}", cfg.host, cfg.port),
+            source,
+        })
+}
+
+/// Binds and serves; see [`serve_listener`].
+pub async fn serve(
+    state: SharedState,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let listener = bind(&cfg).await?;
+    serve_listener(listener, state, cfg, shutdown).await
+}
+
+/// Serves until `shutdown` is cancelled, then stops the engine (which ends
+/// every in-flight stream with `abort`) and lets connections drain.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    state: SharedState,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let app = router(state.clone(), &cfg)?;
+    let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
+    let shown = format!("http://{}:{}", cfg.host, local.port());
+    tracing::info!("Starting API server on {shown}");
+    tracing::info!("Available routes are:");
+    for r in openapi::ROUTES {
+        tracing::info!("Route: {}, Methods: {}", r.path, r.methods.join(", "));
+    }
+    tracing::info!("Started server process [{}]", std::process::id());
+    tracing::info!("Application startup complete.");
+    tracing::info!("Serving on {shown} (Press CTRL+C to quit)");
+
+    let engine = state.engine.clone();
+    let signal = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        signal.cancelled().await;
+        tracing::info!("Shutting down: aborting in-flight requests and stopping the engine");
+        engine.shutdown().await;
+    });
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = server.into_future() => r.map_err(ServerError::Serve)?,
+        _ = drain_deadline => tracing::warn!("Connections still open after {DRAIN_TIMEOUT:?}; closing them"),
+    }
+    state.engine.shutdown().await;
+    tracing::info!("Server stopped.");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_paths() {
+        assert_eq!(normalized_root("").unwrap(), "");
+        assert_eq!(normalized_root("/").unwrap(), "");
+        assert_eq!(normalized_root("/api/").unwrap(), "/api");
+        assert!(normalized_root("api").is_err());
+    }
+}

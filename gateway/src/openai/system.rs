@@ -1,0 +1,72 @@
+//! Routes about the server itself: /v1/models, /health, /ping, /version, /metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::protocol::{ModelCard, ModelList};
+use super::state::SharedState;
+
+pub async fn list_models(State(state): State<SharedState>) -> Json<ModelList> {
+    let data = state
+        .served_model_names
+        .iter()
+        .map(|name| ModelCard {
+            id: name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "vllm",
+            root: state.model_root.clone(),
+            parent: None,
+            max_model_len: state.max_model_len,
+            permission: vec![json!({
+                "id": format!("modelperm-{}", uuid::Uuid::new_v4().simple()),
+                "object": "model_permission",
+                "created": state.created,
+                "allow_create_engine": false,
+                "allow_sampling": true,
+                "allow_logprobs": true,
+                "allow_search_indices": false,
+                "allow_view": true,
+                "allow_fine_tuning": false,
+                "organization": "*",
+                "group": null,
+                "is_blocking": false,
+            })],
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+/// 200 with an empty body while the engine runs; 503 once it died.
+pub async fn health(State(state): State<SharedState>) -> Response {
+    if state.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::Engine(crate::engine::EngineError::EngineDead {
+            reason: "the engine loop has stopped".into(),
+        })
+        .into_response()
+    }
+}
+
+pub async fn version() -> Json<serde_json::Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.engine.render_metrics(),
+    )
+        .into_response()
+}

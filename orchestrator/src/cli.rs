@@ -1,0 +1,194 @@
+//! The command line, as users and the test harness rely on it.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orchestrator",
+    about = "Flotilla's cluster manager (what `ray start` / `ray status` are to vLLM)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// Head address HEAD_IP:PORT (comma-separated for several heads);
+    /// defaults to the head started on this machine.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// Cluster token; defaults to the token file the head wrote on this machine.
+    #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Start a head (--head) or a node agent (--address) on this machine.
+    Start(StartArgs),
+    /// Cluster status in `ray status` layout.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long)]
+        verbose: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// List nodes, placement-groups or actors.
+    List {
+        kind: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Create or remove placement groups.
+    #[command(name = "placement-group")]
+    PlacementGroup {
+        #[command(subcommand)]
+        cmd: PgCmd,
+    },
+    /// Create, kill and read the logs of actors.
+    Actor {
+        #[command(subcommand)]
+        cmd: ActorCmd,
+    },
+    /// Stop this machine's orchestrator processes and their actors.
+    Stop {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Benchmarks (see the report in BENCHMARKS.md).
+    #[command(hide = true)]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StartArgs {
+    /// Start a head (which is also a node).
+    #[arg(long)]
+    pub head: bool,
+    /// Head to join as a node agent, HEAD_IP:PORT.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// The head's gRPC port.
+    #[arg(long, default_value_t = 6379)]
+    pub port: u16,
+    /// etcd to use; without it the head starts its own etcd from PATH.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    #[arg(long, env = "FLOTILLA_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "FLOTILLA_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    #[arg(long)]
+    pub etcd_cacert: Option<String>,
+    #[arg(long)]
+    pub etcd_cert: Option<String>,
+    #[arg(long)]
+    pub etcd_key: Option<String>,
+    /// Cluster name: its keys live under /flotilla/NAME/ in etcd.
+    #[arg(long, default_value = "default")]
+    pub cluster_name: String,
+    #[arg(long)]
+    pub node_ip_address: Option<String>,
+    /// GPUs this node offers (overrides NVML detection).
+    #[arg(long, allow_negative_numbers = true)]
+    pub num_gpus: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub num_cpus: Option<f64>,
+    /// Custom resources, JSON: '{"special": 2}'.
+    #[arg(long)]
+    pub resources: Option<String>,
+    /// Stay in the foreground.
+    #[arg(long)]
+    pub block: bool,
+    /// Seconds without keep-alive before a node is declared dead.
+    #[arg(long, env = "FLOTILLA_NODE_TTL_S", default_value_t = 3)]
+    pub node_ttl_s: u64,
+    #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PgCmd {
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// JSON list of bundles: '[{"GPU": 1}, {"GPU": 1}]'.
+        #[arg(long)]
+        bundles: String,
+        #[arg(long, default_value = "PACK")]
+        strategy: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Seconds to wait for CREATED when the cluster is busy.
+        #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
+        timeout: f64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    Remove {
+        name_or_id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ActorCmd {
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        command: String,
+        #[arg(long = "arg", allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// K=V, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long, default_value = "")]
+        resources: String,
+        #[arg(long, default_value = "")]
+        placement_group: String,
+        #[arg(long, allow_negative_numbers = true)]
+        bundle_index: Option<i64>,
+        /// -1: restart forever.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        max_restarts: i64,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    Kill {
+        name_or_id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Logs {
+        name_or_id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Placement groups to create and remove.
+    #[arg(long, default_value_t = 100)]
+    pub iterations: usize,
+    /// Simulated nodes for the placement-at-scale measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub sim_nodes: usize,
+}

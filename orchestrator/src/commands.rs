@@ -1,0 +1,648 @@
+//! What each subcommand does.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use proto::orchestrator::{
+    CreateActorRequest, CreatePlacementGroupRequest, ListRequest, NameOrId, StatusRequest,
+};
+
+use crate::agent::{self, AgentConfig, NodeSpec};
+use crate::auth;
+use crate::cli::{ActorCmd, Cmd, Conn, Format, PgCmd, StartArgs};
+use crate::client;
+use crate::detect;
+use crate::error::{Error, Result};
+use crate::etcd_proc::OwnedEtcd;
+use crate::head::{self, HeadService};
+use crate::paths::{read_trimmed, write_file, CacheRoot, PidFile};
+use crate::resources::{to_fixed, Resources, CPU, GPU, MEMORY};
+use crate::state::{ActorRecord, PgRecord};
+use crate::status;
+use crate::store::{EtcdConfig, Store};
+
+pub async fn run(cmd: Cmd) -> Result<()> {
+    let root = CacheRoot::from_env();
+    match cmd {
+        Cmd::Start(a) => start(a, &root).await,
+        Cmd::Status {
+            conn,
+            verbose,
+            format,
+        } => {
+            let (mut c, _) = connect(&conn, &root).await?;
+            let r = c.status(StatusRequest {}).await?.into_inner();
+            if format == Format::Json {
+                println!("{}", r.json);
+            } else {
+                let rep: status::Report =
+                    serde_json::from_str(&r.json).map_err(|e| Error::Other(e.to_string()))?;
+                print!("{}", status::render(&rep, verbose));
+            }
+            Ok(())
+        }
+        Cmd::List { kind, conn, format } => {
+            if !["nodes", "placement-groups", "actors"].contains(&kind.as_str()) {
+                return Err(Error::invalid(
+                    "list kind",
+                    format!("'{kind}' (expected nodes, placement-groups or actors)"),
+                ));
+            }
+            let (mut c, _) = connect(&conn, &root).await?;
+            let r = c
+                .list(ListRequest { kind: kind.clone() })
+                .await?
+                .into_inner();
+            if format == Format::Json {
+                println!("{}", r.json);
+            } else {
+                print!("{}", list_text(&kind, &r.json)?);
+            }
+            Ok(())
+        }
+        Cmd::PlacementGroup { cmd } => match cmd {
+            PgCmd::Create {
+                conn,
+                bundles,
+                strategy,
+                name,
+                timeout,
+                format,
+            } => {
+                // Validate before dialing, so bad input is named even with no head.
+                crate::resources::parse_bundles(&bundles)?;
+                strategy.parse::<crate::placement::Strategy>()?;
+                let (mut c, _) = connect(&conn, &root).await?;
+                let r = c
+                    .create_placement_group(CreatePlacementGroupRequest {
+                        bundles_json: bundles,
+                        strategy,
+                        name,
+                        timeout_s: timeout,
+                    })
+                    .await?
+                    .into_inner();
+                let pg: PgRecord = parse(&r.json)?;
+                if format == Format::Json {
+                    println!("{}", r.json);
+                } else {
+                    println!("{}", pg.id);
+                }
+                Ok(())
+            }
+            PgCmd::Remove { name_or_id, conn } => {
+                let (mut c, _) = connect(&conn, &root).await?;
+                let r = c
+                    .remove_placement_group(NameOrId { name_or_id })
+                    .await?
+                    .into_inner();
+                let pg: PgRecord = parse(&r.json)?;
+                println!("removed placement group {}", pg.id);
+                Ok(())
+            }
+        },
+        Cmd::Actor { cmd } => actor(cmd, &root).await,
+        Cmd::Stop { conn: _ } => stop(&root),
+        Cmd::Bench(a) => crate::bench::run(a, &root).await,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| Error::Other(format!("bad reply from the head: {e}")))
+}
+
+async fn connect(conn: &Conn, root: &CacheRoot) -> Result<(client::Client, String)> {
+    let token = auth::client_token(conn.token.as_deref(), root)?;
+    client::connect(conn.address.as_deref(), root, &token).await
+}
+
+async fn actor(cmd: ActorCmd, root: &CacheRoot) -> Result<()> {
+    match cmd {
+        ActorCmd::Create {
+            conn,
+            command,
+            args,
+            env,
+            resources,
+            placement_group,
+            bundle_index,
+            max_restarts,
+            name,
+            format,
+        } => {
+            let mut envs = std::collections::HashMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid("env", format!("'{kv}' (expected K=V)")))?;
+                envs.insert(k.to_string(), v.to_string());
+            }
+            if !resources.trim().is_empty() {
+                Resources::from_json_str("resources", &resources)?;
+            }
+            let (mut c, _) = connect(&conn, root).await?;
+            let r = c
+                .create_actor(CreateActorRequest {
+                    command,
+                    args,
+                    env: envs,
+                    resources_json: resources,
+                    placement_group,
+                    bundle_index: bundle_index.unwrap_or(-1),
+                    max_restarts,
+                    name,
+                })
+                .await?
+                .into_inner();
+            let a: ActorRecord = parse(&r.json)?;
+            if format == Format::Json {
+                println!("{}", r.json);
+            } else {
+                println!("{}", a.id);
+            }
+            Ok(())
+        }
+        ActorCmd::Kill { name_or_id, conn } => {
+            let (mut c, _) = connect(&conn, root).await?;
+            let r = c.kill_actor(NameOrId { name_or_id }).await?.into_inner();
+            let a: ActorRecord = parse(&r.json)?;
+            println!("killed actor {}", a.id);
+            Ok(())
+        }
+        ActorCmd::Logs { name_or_id, conn } => {
+            let (mut c, _) = connect(&conn, root).await?;
+            let r = c.actor_logs(NameOrId { name_or_id }).await?.into_inner();
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&r.data)
+                .map_err(|e| Error::io("stdout", e))?;
+            Ok(())
+        }
+    }
+}
+
+fn list_text(kind: &str, js: &str) -> Result<String> {
+    let v: Vec<serde_json::Value> = parse(js)?;
+    let mut o = String::new();
+    let s = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    match kind {
+        "nodes" => {
+            o += "NODE_ID\tIP\tSTATE\tHEAD\tRESOURCES\n";
+            for n in &v {
+                let total: Resources =
+                    serde_json::from_value(n["total"].clone()).unwrap_or_default();
+                let state = if n["alive"] == serde_json::Value::Bool(true) {
+                    "ALIVE"
+                } else {
+                    "DEAD"
+                };
+                o += &format!(
+                    "{}\t{}\t{state}\t{}\t{}\n",
+                    s(&n["id"]),
+                    s(&n["ip"]),
+                    s(&n["is_head"]),
+                    total.shape()
+                );
+            }
+        }
+        "placement-groups" => {
+            o += "PLACEMENT_GROUP_ID\tNAME\tSTATE\tSTRATEGY\tBUNDLES\n";
+            for p in &v {
+                o += &format!(
+                    "{}\t{}\t{}\t{}\t{}\n",
+                    s(&p["id"]),
+                    s(&p["name"]),
+                    s(&p["state"]),
+                    s(&p["strategy"]),
+                    p["bundles"].as_array().map(|a| a.len()).unwrap_or(0)
+                );
+            }
+        }
+        _ => {
+            o += "ACTOR_ID\tNAME\tSTATE\tNODE_ID\tPID\tRESTARTS\tEXIT_CODE\n";
+            for a in &v {
+                o += &format!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    s(&a["id"]),
+                    s(&a["name"]),
+                    s(&a["state"]),
+                    s(&a["node_id"]),
+                    s(&a["pid"]),
+                    s(&a["restarts"]),
+                    s(&a["exit_code"])
+                );
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// What this node offers, from flags and detection.
+fn node_spec(a: &StartArgs, ip: &str) -> Result<NodeSpec> {
+    let detected = detect::gpus();
+    let mut total = Resources::new();
+    let (gpu_ids, model, gmem) = match a.num_gpus {
+        Some(n) if !n.is_finite() || n < 0.0 || n.fract() != 0.0 => {
+            return Err(Error::invalid(
+                "--num-gpus",
+                format!("{n} (must be a whole number >= 0)"),
+            ))
+        }
+        Some(n) => (
+            (0..n as u32).collect::<Vec<_>>(),
+            detected.model.clone(),
+            detected.memory_bytes,
+        ),
+        None => (
+            detected.ids.clone(),
+            detected.model.clone(),
+            detected.memory_bytes,
+        ),
+    };
+    total.set(GPU, gpu_ids.len() as u64 * crate::resources::UNIT);
+    let cpus = match a.num_cpus {
+        Some(n) if !n.is_finite() || n < 0.0 => {
+            return Err(Error::invalid("--num-cpus", format!("{n} (must be >= 0)")))
+        }
+        Some(n) => n,
+        None => detect::cpu_count() as f64,
+    };
+    total.set(CPU, to_fixed(cpus));
+    total.set(
+        MEMORY,
+        detect::memory_bytes().saturating_mul(crate::resources::UNIT),
+    );
+    if let (Some(m), false) = (&model, gpu_ids.is_empty()) {
+        total.set(&format!("accelerator_type:{m}"), crate::resources::UNIT);
+    }
+    if let Some(js) = &a.resources {
+        let custom = Resources::from_json_str("--resources", js)?;
+        for k in [CPU, GPU] {
+            if custom.get(k) > 0 {
+                return Err(Error::invalid(
+                    "--resources",
+                    format!("use --num-{} for {k}", k.to_lowercase()),
+                ));
+            }
+        }
+        total.add(&custom);
+    }
+    Ok(NodeSpec {
+        ip: ip.to_string(),
+        is_head: a.head,
+        total,
+        gpu_ids,
+        gpu_model: model,
+        gpu_memory_bytes: gmem,
+    })
+}
+
+async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
+    if a.head == a.address.is_some() {
+        return Err(Error::invalid(
+            "start",
+            "pass exactly one of --head or --address HEAD_IP:PORT",
+        ));
+    }
+    if a.node_ttl_s < 2 {
+        return Err(Error::invalid(
+            "--node-ttl-s",
+            "must be at least 2 (etcd's minimum lease)",
+        ));
+    }
+    let toward = a
+        .address
+        .as_deref()
+        .map(|s| s.split(',').next().unwrap_or(s).to_string());
+    let (ip, why) = detect::node_ip(a.node_ip_address.as_deref(), toward.as_deref());
+    let spec = node_spec(&a, &ip)?;
+    root.ensure()?;
+    if !a.block {
+        return daemonize(root);
+    }
+    eprintln!("node IP {ip} ({why})");
+    let cancel = CancellationToken::new();
+    let sig = cancel.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        sig.cancel();
+    });
+    if a.head {
+        run_head(a, spec, root, cancel).await
+    } else {
+        run_node(a, spec, root, cancel).await
+    }
+}
+
+/// Without --block: run the same command in the background and return once
+/// it is up, as `ray start` does.
+fn daemonize(root: &CacheRoot) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--block".into());
+    std::fs::create_dir_all(root.logs_dir()).map_err(|e| Error::io(root.logs_dir(), e))?;
+    let log_path = root.logs_dir().join(format!(
+        "orchestrator-{}.log",
+        chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f")
+    ));
+    let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::io("orchestrator", e))?;
+    let pid_file = root.pids_dir().join(child.id().to_string());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(Error::Other(format!(
+                "orchestrator exited with {st}:\n{tail}"
+            )));
+        }
+        if read_trimmed(&pid_file).is_some_and(|s| s.contains("ready")) {
+            print!("{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            println!(
+                "Started (pid {}); logs in {}. Stop it with `orchestrator stop`.",
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(Error::Timeout {
+        what: format!(
+            "waiting for the orchestrator to start (see {})",
+            log_path.display()
+        ),
+        seconds: 60.0,
+    })
+}
+
+fn etcd_config(a: &StartArgs, endpoints: Vec<String>) -> EtcdConfig {
+    EtcdConfig {
+        endpoints,
+        user: a.etcd_user.clone(),
+        password: a.etcd_password.clone(),
+        cacert: a.etcd_cacert.clone(),
+        cert: a.etcd_cert.clone(),
+        key: a.etcd_key.clone(),
+    }
+}
+
+/// The head's token: the one given, else the local file, else the one in
+/// etcd (a standby joining), else a new one. It must match etcd's.
+async fn head_token(store: &Store, explicit: Option<&str>, root: &CacheRoot) -> Result<String> {
+    let local = explicit
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .or_else(|| read_trimmed(&root.token_file()));
+    let proposal = local.clone().unwrap_or_else(auth::generate);
+    let stored = store
+        .put_if_absent(&store.token_key(), &proposal, None)
+        .await?;
+    if explicit.is_some_and(|t| !t.is_empty() && t != stored) {
+        return Err(Error::Unauthenticated(
+            "the given --token is not this cluster's token".into(),
+        ));
+    }
+    auth::write_token_file(root, &stored)?;
+    Ok(stored)
+}
+
+async fn run_head(
+    a: StartArgs,
+    spec: NodeSpec,
+    root: &CacheRoot,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let (owned, endpoints) = if a.etcd_endpoints.is_empty() {
+        // Started from this (the main) thread on purpose: etcd's parent-death
+        // signal follows the spawning thread, and this one lives as long as
+        // the head process.
+        let e = OwnedEtcd::start(root, &spec.ip)?;
+        eprintln!("started etcd at {}", e.endpoint);
+        let ep = e.endpoint.clone();
+        (Some(e), vec![ep])
+    } else {
+        (None, a.etcd_endpoints.clone())
+    };
+    let etcd = etcd_config(&a, endpoints.clone());
+    let store = Store::connect(&etcd, &a.cluster_name).await?;
+    let token = head_token(&store, a.token.as_deref(), root).await?;
+    let address = format!("{}:{}", spec.ip, a.port);
+    let listener = tokio::net::TcpListener::bind((spec.ip.as_str(), a.port))
+        .await
+        .map_err(|e| Error::io(format!("head port {address}"), e))?;
+    let svc = HeadService {
+        store: store.clone(),
+        etcd_endpoints: endpoints,
+        cluster: a.cluster_name.clone(),
+        address: address.clone(),
+        token: token.clone(),
+        ttl_s: a.node_ttl_s,
+    };
+    let server_cancel = cancel.clone();
+    let server = tokio::spawn(async move {
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| {
+                // Small RPCs must not wait on Nagle + delayed ACK (40 ms).
+                let _ = s.set_nodelay(true);
+                s
+            });
+            Some((r, l))
+        });
+        tonic::transport::Server::builder()
+            .add_service(head::server(svc))
+            .serve_with_incoming_shutdown(incoming, server_cancel.cancelled())
+            .await
+    });
+    let leading = Arc::new(AtomicBool::new(false));
+    let leader = tokio::spawn(head::leader_loop(
+        store.clone(),
+        etcd.clone(),
+        address.clone(),
+        a.node_ttl_s,
+        leading.clone(),
+        cancel.clone(),
+    ));
+    // The head file names the first live head on this machine.
+    let existing = read_trimmed(&root.head_address_file());
+    let stale = existing.as_deref().is_none_or(|e| {
+        e == address
+            || std::net::TcpStream::connect_timeout(
+                &e.parse()
+                    .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 1))),
+                Duration::from_millis(300),
+            )
+            .is_err()
+    });
+    if stale {
+        write_file(&root.head_address_file(), &address)?;
+    }
+    client::remember_heads(root, std::slice::from_ref(&address));
+
+    let agent_cancel = cancel.child_token();
+    let (node_id, agent) = start_agent(&etcd, &a, spec, root, &token, agent_cancel.clone())?;
+    let pid = PidFile::create(root, &format!("head {address} node {node_id} ready"))?;
+    eprintln!(
+        "head listening on {address} (node {node_id}); join with `orchestrator start --address {address}`; token in {}",
+        root.token_file().display()
+    );
+    cancel.cancelled().await;
+    agent_cancel.cancel();
+    join(agent).await;
+    let _ = leader.await;
+    // Graceful shutdown waits for clients to hang up; don't let one keep
+    // the head (and its etcd) alive.
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+        server.abort();
+    }
+    if read_trimmed(&root.head_address_file()).as_deref() == Some(address.as_str()) {
+        let _ = std::fs::remove_file(root.head_address_file());
+    }
+    drop(pid);
+    drop(owned);
+    Ok(())
+}
+
+fn start_agent(
+    etcd: &EtcdConfig,
+    a: &StartArgs,
+    spec: NodeSpec,
+    root: &CacheRoot,
+    token: &str,
+    cancel: CancellationToken,
+) -> Result<(String, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = AgentConfig {
+        etcd: etcd.clone(),
+        cluster: a.cluster_name.clone(),
+        node: spec,
+        ttl_s: a.node_ttl_s,
+        root: root.clone(),
+        token: token.to_string(),
+    };
+    let handle = agent::spawn(cfg, cancel, tx);
+    let id = rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| Error::Timeout {
+            what: "node agent registration".into(),
+            seconds: 30.0,
+        })??;
+    Ok((id, handle))
+}
+
+async fn join(h: std::thread::JoinHandle<()>) {
+    let _ = tokio::task::spawn_blocking(move || h.join()).await;
+}
+
+async fn run_node(
+    a: StartArgs,
+    spec: NodeSpec,
+    root: &CacheRoot,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let token = auth::client_token(a.token.as_deref(), root)?;
+    let (mut c, addr) = client::connect(a.address.as_deref(), root, &token).await?;
+    let hello = c
+        .hello(proto::orchestrator::HelloRequest {})
+        .await?
+        .into_inner();
+    let mut args = a.clone();
+    args.cluster_name = hello.cluster_prefix.clone();
+    if hello.node_ttl_s >= 2 {
+        args.node_ttl_s = hello.node_ttl_s as u64;
+    }
+    let etcd = etcd_config(&a, hello.etcd_endpoints.clone());
+    let agent_cancel = cancel.child_token();
+    let (node_id, agent) = start_agent(&etcd, &args, spec, root, &token, agent_cancel.clone())?;
+    let pid = PidFile::create(root, &format!("node {node_id} head {addr} ready"))?;
+    eprintln!("node {node_id} joined the cluster of head {addr}");
+    cancel.cancelled().await;
+    agent_cancel.cancel();
+    join(agent).await;
+    drop(pid);
+    Ok(())
+}
+
+/// Stops the orchestrator processes this machine's cache root lists.
+fn stop(root: &CacheRoot) -> Result<()> {
+    let dir = root.pids_dir();
+    let mut pids: BTreeMap<i32, String> = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("orchestrator") {
+                pids.insert(pid, read_trimmed(&e.path()).unwrap_or_default());
+            } else {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if pids.is_empty() {
+        println!(
+            "No orchestrator processes found under {}.",
+            root.0.display()
+        );
+        return Ok(());
+    }
+    for pid in pids.keys() {
+        unsafe {
+            libc::kill(*pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let alive = |p: i32| unsafe { libc::kill(p, 0) } == 0 && !is_zombie(p);
+    while Instant::now() < deadline && pids.keys().any(|p| alive(*p)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in pids.keys().filter(|p| alive(**p)) {
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+        let _ = std::fs::remove_file(dir.join(pid.to_string()));
+    }
+    println!("Stopped {} orchestrator process(es).", pids.len());
+    Ok(())
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}

@@ -1,0 +1,104 @@
+//! The etcd a head starts for itself when given no `--etcd-endpoints`.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::paths::CacheRoot;
+
+pub struct OwnedEtcd {
+    child: Child,
+    pub endpoint: String,
+}
+
+pub fn free_port(ip: &str) -> Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("{ip}:0"), e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("socket", e))
+}
+
+impl OwnedEtcd {
+    pub fn start(root: &CacheRoot, ip: &str) -> Result<Self> {
+        let client = free_port(ip)?;
+        let peer = free_port(ip)?;
+        let dir = root.etcd_dir(client);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| Error::io(&dir, e))?;
+        let endpoint = format!("http://{ip}:{client}");
+        let peer_url = format!("http://{ip}:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd
+            .arg("--name")
+            .arg("flotilla-head")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(&endpoint)
+            .arg("--advertise-client-urls")
+            .arg(&endpoint)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("flotilla-head={peer_url}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| Error::io(&dir, e))?)
+            .stderr(log);
+        // A head killed with -9 must not leave its etcd behind.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| {
+                Error::Other(format!(
+                    "cannot start etcd from PATH: {e} (install etcd or pass --etcd-endpoints)"
+                ))
+            })?;
+        let mut me = OwnedEtcd { child, endpoint };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = me.child.try_wait() {
+                return Err(Error::Other(format!(
+                    "etcd exited with {st} at start; see {}",
+                    dir.join("etcd.log").display()
+                )));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
+                || std::net::TcpStream::connect((ip, client)).is_ok()
+            {
+                return Ok(me);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Timeout {
+            what: "waiting for the head's etcd to listen".into(),
+            seconds: 20.0,
+        })
+    }
+}
+
+impl Drop for OwnedEtcd {
+    fn drop(&mut self) {
+        // SIGTERM first so etcd syncs its WAL.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,530 @@
+//! The head: the Orchestrator gRPC service (served by every head) and the
+//! leader loop (one head at a time, elected through etcd) that reconciles.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use proto::orchestrator::node_agent_client::NodeAgentClient;
+use proto::orchestrator::orchestrator_server::{Orchestrator, OrchestratorServer};
+use proto::orchestrator::{
+    CreateActorRequest, CreatePlacementGroupRequest, HelloReply, HelloRequest, JsonReply,
+    ListRequest, LogsReply, NameOrId, StatusRequest,
+};
+
+use crate::auth::{Bearer, Checker};
+use crate::error::{Error, Result};
+use crate::lease::{spawn_keeper, LeaseState};
+use crate::placement::{describe, place, PlaceError, Strategy};
+use crate::resources::{parse_bundles, Resources};
+use crate::scheduler::{expired, reconcile, Changes};
+use crate::state::{new_id, now, ActorRecord, ActorSpec, ActorState, PgRecord, PgState, Snapshot};
+use crate::status;
+use crate::store::{Guarded, Store};
+
+type RpcResult<T> = std::result::Result<Response<T>, Status>;
+
+#[derive(Clone)]
+pub struct HeadService {
+    pub store: Store,
+    /// etcd endpoints as node agents should dial them.
+    pub etcd_endpoints: Vec<String>,
+    pub cluster: String,
+    pub address: String,
+    pub token: String,
+    pub ttl_s: u64,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> JsonReply {
+    JsonReply {
+        json: serde_json::to_string(v).expect("records serialize"),
+    }
+}
+
+/// Commits the changes of one decision: guarded on every record and, when
+/// `alloc` is set, on the allocation key.
+pub async fn commit_changes(
+    store: &Store,
+    snap: &Snapshot,
+    ch: &Changes,
+    alloc: bool,
+) -> Result<bool> {
+    let mut recs: Vec<Guarded> = Vec::new();
+    for n in ch.nodes.values() {
+        recs.push(Store::guarded(store.node_key(&n.id), snap, n));
+    }
+    for p in ch.pgs.values() {
+        recs.push(Store::guarded(store.pg_key(&p.id), snap, p));
+    }
+    for a in ch.actors.values() {
+        recs.push(Store::guarded(store.actor_key(&a.id), snap, a));
+    }
+    store.commit(alloc.then_some(snap.alloc_rev), &recs).await
+}
+
+const ATTEMPTS: u32 = 50;
+
+impl HeadService {
+    pub(crate) async fn create_pg(&self, req: CreatePlacementGroupRequest) -> Result<PgRecord> {
+        let bundles = parse_bundles(&req.bundles_json)?;
+        let strategy: Strategy = req.strategy.parse()?;
+        if !req.timeout_s.is_finite() || req.timeout_s < 0.0 {
+            return Err(Error::invalid(
+                "timeout",
+                format!("{} (must be >= 0)", req.timeout_s),
+            ));
+        }
+        let id = new_id("pg_");
+        let mut record = None;
+        for _ in 0..ATTEMPTS {
+            let snap = self.store.snapshot().await?;
+            if !req.name.is_empty() && snap.find_pg(&req.name).is_some() {
+                return Err(Error::AlreadyExists {
+                    what: "placement group",
+                    name: req.name.clone(),
+                });
+            }
+            let mut pg = PgRecord {
+                id: id.clone(),
+                name: req.name.clone(),
+                assignments: vec![None; bundles.len()],
+                bundles: bundles.clone(),
+                strategy,
+                state: PgState::Pending,
+                created_at: now(),
+                ended_at: None,
+            };
+            match place(&snap.node_views(), &bundles, strategy, &[]) {
+                Ok(a) => {
+                    pg.assignments = a.into_iter().map(Some).collect();
+                    pg.state = PgState::Created;
+                }
+                Err(PlaceError::Infeasible) => {
+                    return Err(Error::Infeasible {
+                        shape: describe(&bundles, strategy),
+                    })
+                }
+                Err(PlaceError::Busy) => {}
+            }
+            let g = Store::guarded(self.store.pg_key(&id), &snap, &pg);
+            if self.store.commit(Some(snap.alloc_rev), &[g]).await? {
+                record = Some(pg);
+                break;
+            }
+        }
+        let pg = record.ok_or(Error::Contention { attempts: ATTEMPTS })?;
+        if pg.state == PgState::Created {
+            return Ok(pg);
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(req.timeout_s);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let snap = self.store.snapshot().await?;
+            match snap.pgs.get(&id) {
+                Some(p) if p.state == PgState::Created => return Ok(p.clone()),
+                Some(p) if p.state == PgState::Removed => {
+                    return Err(Error::Other(format!(
+                        "placement group {id} was removed while pending"
+                    )))
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "placement group {id} {} is still PENDING; it stays queued (see `orchestrator status`), remove it with `orchestrator placement-group remove {id}`",
+                        describe(&bundles, strategy)
+                    ),
+                    seconds: req.timeout_s,
+                });
+            }
+        }
+    }
+
+    pub(crate) async fn remove_pg(&self, name_or_id: &str) -> Result<PgRecord> {
+        for _ in 0..ATTEMPTS {
+            let snap = self.store.snapshot().await?;
+            let pg = snap
+                .find_pg(name_or_id)
+                .filter(|p| p.state != PgState::Removed)
+                .ok_or_else(|| Error::NotFound {
+                    kind: "placement group",
+                    name: name_or_id.to_string(),
+                })?;
+            let mut ch = Changes::default();
+            let mut p = pg.clone();
+            p.state = PgState::Removed;
+            p.ended_at = Some(now());
+            ch.pgs.insert(p.id.clone(), p.clone());
+            for a in snap.actors.values() {
+                if a.state != ActorState::Dead
+                    && a.spec.placement_group.as_deref() == Some(p.id.as_str())
+                {
+                    let mut d = a.clone();
+                    d.state = ActorState::Dead;
+                    d.ended_at = Some(now());
+                    d.death_cause = Some("its placement group was removed".into());
+                    ch.actors.insert(d.id.clone(), d);
+                }
+            }
+            if commit_changes(&self.store, &snap, &ch, false).await? {
+                return Ok(p);
+            }
+        }
+        Err(Error::Contention { attempts: ATTEMPTS })
+    }
+
+    async fn create_actor(&self, req: CreateActorRequest) -> Result<ActorRecord> {
+        if req.command.trim().is_empty() {
+            return Err(Error::invalid("command", "must not be empty"));
+        }
+        let resources = if req.resources_json.trim().is_empty() {
+            Resources::new()
+        } else {
+            Resources::from_json_str("resources", &req.resources_json)?
+        };
+        if req.max_restarts < -1 {
+            return Err(Error::invalid(
+                "max-restarts",
+                format!("{} (use -1 for unlimited)", req.max_restarts),
+            ));
+        }
+        for k in req.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(Error::invalid("env", format!("bad variable name '{k}'")));
+            }
+        }
+        let snap = self.store.snapshot().await?;
+        if !req.name.is_empty() {
+            if let Some(a) = snap
+                .find_actor(&req.name)
+                .filter(|a| a.state != ActorState::Dead)
+            {
+                return Err(Error::AlreadyExists {
+                    what: "live actor named",
+                    name: format!("{} ({})", req.name, a.id),
+                });
+            }
+        }
+        let (pg, bundle_index) = if req.placement_group.is_empty() {
+            if req.bundle_index >= 0 {
+                return Err(Error::invalid(
+                    "bundle-index",
+                    "given without --placement-group",
+                ));
+            }
+            if let Err(PlaceError::Infeasible) = place(
+                &snap.node_views(),
+                std::slice::from_ref(&resources),
+                Strategy::Pack,
+                &[],
+            ) {
+                return Err(Error::Infeasible {
+                    shape: resources.shape(),
+                });
+            }
+            (None, None)
+        } else {
+            let pg = snap
+                .find_pg(&req.placement_group)
+                .filter(|p| p.state != PgState::Removed)
+                .ok_or_else(|| Error::NotFound {
+                    kind: "placement group",
+                    name: req.placement_group.clone(),
+                })?;
+            let idx = if req.bundle_index < 0 {
+                0
+            } else {
+                req.bundle_index as usize
+            };
+            let bundle = pg.bundles.get(idx).ok_or_else(|| {
+                Error::invalid(
+                    "bundle-index",
+                    format!(
+                        "{idx} is out of range: placement group {} has {} bundles",
+                        pg.id,
+                        pg.bundles.len()
+                    ),
+                )
+            })?;
+            if !resources.fits_in(bundle) {
+                return Err(Error::invalid(
+                    "resources",
+                    format!(
+                        "{} does not fit in bundle {idx} {}",
+                        resources.shape(),
+                        bundle.shape()
+                    ),
+                ));
+            }
+            (Some(pg.id.clone()), Some(idx))
+        };
+        let a = ActorRecord {
+            id: new_id("actor_"),
+            name: req.name,
+            spec: ActorSpec {
+                command: req.command,
+                args: req.args,
+                env: req.env.into_iter().collect(),
+                resources,
+                placement_group: pg,
+                bundle_index,
+                max_restarts: req.max_restarts,
+            },
+            state: ActorState::PendingCreation,
+            node_id: None,
+            gpus: Vec::new(),
+            incarnation: 0,
+            started_incarnation: 0,
+            pid: None,
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at: now(),
+            ended_at: None,
+        };
+        let g = Store::guarded(self.store.actor_key(&a.id), &snap, &a);
+        if !self.store.commit(None, &[g]).await? {
+            return Err(Error::Contention { attempts: 1 });
+        }
+        Ok(a)
+    }
+
+    async fn kill_actor(&self, name_or_id: &str) -> Result<ActorRecord> {
+        for _ in 0..ATTEMPTS {
+            let snap = self.store.snapshot().await?;
+            let a = snap.find_actor(name_or_id).ok_or_else(|| Error::NotFound {
+                kind: "actor",
+                name: name_or_id.to_string(),
+            })?;
+            if a.state == ActorState::Dead {
+                return Ok(a.clone());
+            }
+            let mut d = a.clone();
+            d.state = ActorState::Dead;
+            d.ended_at = Some(now());
+            d.death_cause = Some("killed by `orchestrator actor kill`".into());
+            if self
+                .store
+                .commit(
+                    None,
+                    &[Store::guarded(self.store.actor_key(&d.id), &snap, &d)],
+                )
+                .await?
+            {
+                return Ok(d);
+            }
+        }
+        Err(Error::Contention { attempts: ATTEMPTS })
+    }
+
+    async fn actor_logs(&self, name_or_id: &str) -> Result<LogsReply> {
+        let snap = self.store.snapshot().await?;
+        let a = snap.find_actor(name_or_id).ok_or_else(|| Error::NotFound {
+            kind: "actor",
+            name: name_or_id.to_string(),
+        })?;
+        let node_id = a
+            .node_id
+            .clone()
+            .or_else(|| a.log_path.as_ref().and(None))
+            .ok_or_else(|| {
+                Error::Other(format!("actor {} has not been placed on a node yet", a.id))
+            })?;
+        let node = snap.nodes.get(&node_id).ok_or_else(|| Error::NotFound {
+            kind: "node",
+            name: node_id.clone(),
+        })?;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", node.agent_address))
+            .map_err(|e| Error::Other(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2));
+        let ch = ep.connect().await.map_err(|e| Error::Connect {
+            address: node.agent_address.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut c = NodeAgentClient::with_interceptor(ch, Bearer::new(&self.token)?);
+        let r = c
+            .actor_logs(NameOrId {
+                name_or_id: a.id.clone(),
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl Orchestrator for HeadService {
+    async fn hello(&self, _r: Request<HelloRequest>) -> RpcResult<HelloReply> {
+        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        Ok(Response::new(HelloReply {
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            cluster_prefix: self.cluster.clone(),
+            leader_address: snap.leader.unwrap_or_default(),
+            head_addresses: snap.heads,
+            node_ttl_s: self.ttl_s as u32,
+        }))
+    }
+
+    async fn status(&self, _r: Request<StatusRequest>) -> RpcResult<JsonReply> {
+        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        Ok(Response::new(json(&status::report(&snap, now()))))
+    }
+
+    async fn list(&self, r: Request<ListRequest>) -> RpcResult<JsonReply> {
+        let kind = r.into_inner().kind;
+        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        let out = match kind.as_str() {
+            "nodes" => {
+                let v: Vec<serde_json::Value> = snap
+                    .nodes
+                    .values()
+                    .map(|n| {
+                        let mut j = serde_json::to_value(n).expect("records serialize");
+                        j["alive"] = serde_json::Value::Bool(
+                            snap.live.contains(&n.id) && n.state == crate::state::NodeState::Alive,
+                        );
+                        j
+                    })
+                    .collect();
+                json(&v)
+            }
+            "placement-groups" => json(&snap.pgs.values().collect::<Vec<_>>()),
+            "actors" => json(&snap.actors.values().collect::<Vec<_>>()),
+            other => {
+                return Err(Error::invalid(
+                    "list kind",
+                    format!("'{other}' (expected nodes, placement-groups or actors)"),
+                )
+                .into())
+            }
+        };
+        Ok(Response::new(out))
+    }
+
+    async fn create_placement_group(
+        &self,
+        r: Request<CreatePlacementGroupRequest>,
+    ) -> RpcResult<JsonReply> {
+        let pg = self.create_pg(r.into_inner()).await?;
+        Ok(Response::new(json(&pg)))
+    }
+
+    async fn remove_placement_group(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
+        let pg = self.remove_pg(&r.into_inner().name_or_id).await?;
+        Ok(Response::new(json(&pg)))
+    }
+
+    async fn create_actor(&self, r: Request<CreateActorRequest>) -> RpcResult<JsonReply> {
+        let a = HeadService::create_actor(self, r.into_inner()).await?;
+        Ok(Response::new(json(&a)))
+    }
+
+    async fn kill_actor(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
+        let a = HeadService::kill_actor(self, &r.into_inner().name_or_id).await?;
+        Ok(Response::new(json(&a)))
+    }
+
+    async fn actor_logs(&self, r: Request<NameOrId>) -> RpcResult<LogsReply> {
+        Ok(Response::new(
+            HeadService::actor_logs(self, &r.into_inner().name_or_id).await?,
+        ))
+    }
+}
+
+pub fn server(
+    svc: HeadService,
+) -> tonic::service::interceptor::InterceptedService<OrchestratorServer<HeadService>, Checker> {
+    let checker = Checker::new(svc.token.clone(), "Orchestrator");
+    OrchestratorServer::with_interceptor(svc, checker)
+}
+
+/// Campaigns for leadership and, while leading, reconciles the cluster.
+pub async fn leader_loop(
+    store: Store,
+    etcd: crate::store::EtcdConfig,
+    address: String,
+    ttl_s: u64,
+    leading: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let lease = Arc::new(LeaseState::default());
+    let keeper = spawn_keeper(etcd, lease.clone(), ttl_s, cancel.child_token());
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let mut last_err: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if let Err(e) = leader_step(&store, &address, ttl_s, &lease, &leading).await {
+            leading.store(false, Ordering::SeqCst);
+            if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                tracing::warn!("head {address}: {e}");
+                last_err = Some(Instant::now());
+            }
+        }
+    }
+    // Step down at once so a standby need not wait for the TTL.
+    let id = lease.id.load(Ordering::SeqCst);
+    if id != 0 {
+        let mut c = store.client();
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || keeper.join()).await;
+}
+
+async fn leader_step(
+    store: &Store,
+    address: &str,
+    ttl_s: u64,
+    lease: &LeaseState,
+    leading: &AtomicBool,
+) -> Result<()> {
+    if lease.id.load(Ordering::SeqCst) == 0 || lease.lost.load(Ordering::SeqCst) {
+        let mut c = store.client();
+        let g = c.lease_grant(ttl_s as i64, None).await?;
+        lease.id.store(g.id(), Ordering::SeqCst);
+        lease.lost.store(false, Ordering::SeqCst);
+        store
+            .put(&store.head_key(address), "", Some(g.id()))
+            .await?;
+    }
+    let id = lease.id.load(Ordering::SeqCst);
+    let holder = store
+        .put_if_absent(&store.leader_key(), address, Some(id))
+        .await?;
+    let now_leading = holder == address;
+    if now_leading != leading.swap(now_leading, Ordering::SeqCst) {
+        if now_leading {
+            tracing::info!("head {address} is now the leader");
+        } else {
+            tracing::info!("head {address} is a standby; {holder} leads");
+        }
+    }
+    if !now_leading {
+        return Ok(());
+    }
+    let snap = store.snapshot().await?;
+    let ch = reconcile(&snap, now());
+    if !ch.is_empty() {
+        for n in ch.nodes.values() {
+            tracing::warn!(
+                "node {} ({}) is dead: {}",
+                n.id,
+                n.ip,
+                n.death_reason.as_deref().unwrap_or("")
+            );
+        }
+        commit_changes(store, &snap, &ch, true).await?;
+        return Ok(());
+    }
+    let old = expired(&|kind, id| store.record_key(kind, id), &snap, now());
+    if !old.is_empty() {
+        store.delete_unchanged(&snap, &old).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! Flotilla's orchestrator: a Ray-style cluster manager whose state lives in
+//! etcd — head, node agents, placement groups, actors, `status`.
+
+pub mod agent;
+pub mod auth;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod detect;
+pub mod error;
+pub mod etcd_proc;
+pub mod head;
+pub mod lease;
+pub mod paths;
+pub mod placement;
+pub mod resources;
+pub mod scheduler;
+pub mod state;
+pub mod status;
+pub mod store;
+
+pub use error::{Error, Result};

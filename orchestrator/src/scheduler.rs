@@ -1,0 +1,469 @@
+//! The leader's reconcile step as a pure function: snapshot in, changed
+//! records out. The head commits them in one guarded etcd transaction.
+
+use std::collections::BTreeMap;
+
+use crate::placement::{place, Assignment, GpuShare, NodeView, PlaceError, Strategy};
+use crate::resources::{Resources, GPU};
+use crate::state::{ActorRecord, ActorState, NodeRecord, NodeState, PgRecord, PgState, Snapshot};
+
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub pgs: BTreeMap<String, PgRecord>,
+    pub actors: BTreeMap<String, ActorRecord>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.pgs.is_empty() && self.actors.is_empty()
+    }
+}
+
+/// One pass: declare lost nodes dead, reschedule what they held, place
+/// pending placement groups and actors.
+pub fn reconcile(snap: &Snapshot, now: f64) -> Changes {
+    let mut ch = Changes::default();
+    let mut nodes = snap.nodes.clone();
+    for n in nodes.values_mut() {
+        if n.state == NodeState::Alive && !snap.live.contains(&n.id) {
+            n.state = NodeState::Dead;
+            n.died_at = Some(now);
+            n.death_reason = Some("node agent lease expired".into());
+            ch.nodes.insert(n.id.clone(), n.clone());
+        }
+    }
+    let alive = |id: &str| {
+        nodes
+            .get(id)
+            .is_some_and(|n| n.state == NodeState::Alive && snap.live.contains(id))
+    };
+
+    let mut pgs = snap.pgs.clone();
+    for pg in pgs.values_mut().filter(|p| p.holds_resources()) {
+        let mut lost = false;
+        for a in pg.assignments.iter_mut() {
+            if a.as_ref().is_some_and(|a| !alive(&a.node_id)) {
+                *a = None;
+                lost = true;
+            }
+        }
+        if lost {
+            pg.state = PgState::Rescheduling;
+            ch.pgs.insert(pg.id.clone(), pg.clone());
+        }
+    }
+
+    // Work on a view where this pass's own decisions are already taken.
+    let mut view_snap = snap.clone();
+    view_snap.nodes = nodes.clone();
+    view_snap.pgs = pgs.clone();
+    let mut views = view_snap.node_views();
+
+    let mut waiting: Vec<&mut PgRecord> = pgs
+        .values_mut()
+        .filter(|p| matches!(p.state, PgState::Pending | PgState::Rescheduling))
+        .collect();
+    waiting.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+    for pg in waiting {
+        if try_place_pg(&mut views, pg) {
+            ch.pgs.insert(pg.id.clone(), pg.clone());
+        }
+    }
+
+    let mut actors: Vec<ActorRecord> = snap.actors.values().cloned().collect();
+    actors.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+    for mut a in actors {
+        if a.state == ActorState::Dead {
+            continue;
+        }
+        let before = a.clone();
+        if let Some(pg_id) = &a.spec.placement_group {
+            if pgs.get(pg_id).is_none_or(|p| p.state == PgState::Removed) {
+                a.state = ActorState::Dead;
+                a.ended_at = Some(now);
+                a.death_cause = Some("its placement group was removed".into());
+            }
+        }
+        if a.state != ActorState::Dead {
+            if let Some(node) = a.node_id.clone() {
+                let bundle_moved = bundle_of(&pgs, &a).is_some_and(|b| b.node_id != node);
+                if !alive(&node) || (a.spec.placement_group.is_some() && bundle_moved) {
+                    if a.can_restart() {
+                        a.state = ActorState::Restarting;
+                        a.restarts += 1;
+                    } else {
+                        a.state = ActorState::Dead;
+                        a.ended_at = Some(now);
+                        a.death_cause = Some(format!("its node {node} died"));
+                    }
+                    a.node_id = None;
+                    a.gpus.clear();
+                    a.pid = None;
+                }
+            }
+        }
+        if a.state != ActorState::Dead && a.node_id.is_none() {
+            schedule_actor(&mut views, &pgs, &ch.actors, snap, &mut a);
+        }
+        if a != before {
+            ch.actors.insert(a.id.clone(), a);
+        }
+    }
+    ch
+}
+
+fn bundle_of<'a>(pgs: &'a BTreeMap<String, PgRecord>, a: &ActorRecord) -> Option<&'a Assignment> {
+    let pg = pgs.get(a.spec.placement_group.as_ref()?)?;
+    pg.assignments.get(a.spec.bundle_index?)?.as_ref()
+}
+
+/// How long removed groups and dead actors stay listed.
+pub const RETAIN_S: f64 = 600.0;
+/// How long dead nodes stay under "Recent failures".
+pub const RETAIN_NODES_S: f64 = 3600.0;
+
+/// Keys of records old enough to forget, so snapshots stay small.
+pub fn expired(
+    store_keys: &dyn Fn(&str, &str) -> String,
+    snap: &Snapshot,
+    now: f64,
+) -> Vec<String> {
+    let old = |t: Option<f64>, keep: f64| t.is_some_and(|t| now - t > keep);
+    let mut out = Vec::new();
+    for p in snap.pgs.values() {
+        if p.state == PgState::Removed && old(p.ended_at, RETAIN_S) {
+            out.push(store_keys("pgs", &p.id));
+        }
+    }
+    for a in snap.actors.values() {
+        if a.state == ActorState::Dead && old(a.ended_at, RETAIN_S) {
+            out.push(store_keys("actors", &a.id));
+        }
+    }
+    for n in snap.nodes.values() {
+        if n.state == NodeState::Dead && old(n.died_at, RETAIN_NODES_S) {
+            out.push(store_keys("nodes", &n.id));
+        }
+    }
+    out
+}
+
+/// Places the unassigned bundles of `pg`; true when the record changed.
+pub fn try_place_pg(views: &mut [NodeView], pg: &mut PgRecord) -> bool {
+    let missing: Vec<usize> = (0..pg.bundles.len())
+        .filter(|&i| pg.assignments[i].is_none())
+        .collect();
+    if missing.is_empty() {
+        if pg.state != PgState::Created {
+            pg.state = PgState::Created;
+            return true;
+        }
+        return false;
+    }
+    let occupied: Vec<String> = pg
+        .assignments
+        .iter()
+        .flatten()
+        .map(|a| a.node_id.clone())
+        .collect();
+    let want: Vec<Resources> = missing.iter().map(|&i| pg.bundles[i].clone()).collect();
+    match place(views, &want, pg.strategy, &occupied) {
+        Ok(placed) => {
+            for (&i, a) in missing.iter().zip(placed) {
+                if let Some(v) = views.iter_mut().find(|v| v.id == a.node_id) {
+                    v.take(&pg.bundles[i], &a.gpus);
+                }
+                pg.assignments[i] = Some(a);
+            }
+            pg.state = PgState::Created;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn schedule_actor(
+    views: &mut [NodeView],
+    pgs: &BTreeMap<String, PgRecord>,
+    decided: &BTreeMap<String, ActorRecord>,
+    snap: &Snapshot,
+    a: &mut ActorRecord,
+) {
+    if let Some(pg_id) = a.spec.placement_group.clone() {
+        let idx = a.spec.bundle_index.unwrap_or(0);
+        let Some(pg) = pgs.get(&pg_id) else { return };
+        let Some(Some(bundle)) = pg.assignments.get(idx) else {
+            return;
+        };
+        // Capacity left in the bundle, counting actors placed in this pass.
+        let mut free = pg.bundles[idx].clone();
+        let fresh = decided
+            .values()
+            .filter(|d| !snap.actors.contains_key(&d.id));
+        for other in snap.actors.values().chain(fresh) {
+            let o = decided.get(&other.id).unwrap_or(other);
+            if o.id != a.id
+                && o.holds_resources()
+                && o.spec.placement_group.as_deref() == Some(pg_id.as_str())
+                && o.spec.bundle_index == Some(idx)
+            {
+                free.sub(&o.spec.resources);
+            }
+        }
+        if !a.spec.resources.fits_in(&free) {
+            return;
+        }
+        a.node_id = Some(bundle.node_id.clone());
+        a.gpus = if a.spec.resources.get(GPU) > 0 {
+            bundle_gpus_for(&bundle.gpus, a.spec.resources.get(GPU))
+        } else {
+            Vec::new()
+        };
+    } else {
+        let Ok(mut p) = place(
+            views,
+            std::slice::from_ref(&a.spec.resources),
+            Strategy::Pack,
+            &[],
+        ) else {
+            return;
+        };
+        let asg = p.remove(0);
+        if let Some(v) = views.iter_mut().find(|v| v.id == asg.node_id) {
+            v.take(&a.spec.resources, &asg.gpus);
+        }
+        a.node_id = Some(asg.node_id);
+        a.gpus = asg.gpus;
+    }
+    a.incarnation += 1;
+    a.pid = None;
+    if a.state != ActorState::Restarting {
+        a.state = ActorState::PendingCreation;
+    }
+}
+
+/// An actor inside a bundle sees the bundle's devices; with a whole number
+/// of GPUs it takes that many of them.
+fn bundle_gpus_for(bundle: &[GpuShare], amount: u64) -> Vec<GpuShare> {
+    let n = (amount / crate::resources::UNIT).max(1) as usize;
+    bundle
+        .iter()
+        .take(n)
+        .map(|g| GpuShare {
+            id: g.id,
+            share: amount.min(g.share),
+        })
+        .collect()
+}
+
+/// Why a request cannot be placed right now, for errors and status.
+pub fn classify(snap: &Snapshot, bundles: &[Resources], strategy: Strategy) -> Option<PlaceError> {
+    place(&snap.node_views(), bundles, strategy, &[]).err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ActorSpec;
+
+    fn node(id: &str, gpus: u32) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            ip: format!("10.0.0.{}", id.len()),
+            agent_address: String::new(),
+            is_head: false,
+            total: Resources::new().with(GPU, gpus as f64).with("CPU", 4.0),
+            gpu_ids: (0..gpus).collect(),
+            gpu_model: None,
+            gpu_memory_bytes: 0,
+            state: NodeState::Alive,
+            started_at: 0.0,
+            died_at: None,
+            death_reason: None,
+        }
+    }
+
+    fn pg(id: &str, bundles: Vec<Resources>, strategy: Strategy) -> PgRecord {
+        PgRecord {
+            id: id.into(),
+            name: String::new(),
+            assignments: vec![None; bundles.len()],
+            bundles,
+            strategy,
+            state: PgState::Pending,
+            created_at: 1.0,
+            ended_at: None,
+        }
+    }
+
+    fn actor(id: &str, pg: Option<&str>, idx: usize, gpu: f64, max_restarts: i64) -> ActorRecord {
+        ActorRecord {
+            id: id.into(),
+            name: String::new(),
+            spec: ActorSpec {
+                command: "true".into(),
+                args: vec![],
+                env: Default::default(),
+                resources: Resources::new().with(GPU, gpu),
+                placement_group: pg.map(String::from),
+                bundle_index: pg.map(|_| idx),
+                max_restarts,
+            },
+            state: ActorState::PendingCreation,
+            node_id: None,
+            gpus: vec![],
+            incarnation: 0,
+            started_incarnation: 0,
+            pid: None,
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at: 2.0,
+            ended_at: None,
+        }
+    }
+
+    fn cluster(ids: &[&str]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for id in ids {
+            s.nodes.insert(id.to_string(), node(id, 2));
+            s.live.insert(id.to_string());
+        }
+        s
+    }
+
+    fn apply(s: &mut Snapshot, ch: Changes) {
+        s.nodes.extend(ch.nodes);
+        s.pgs.extend(ch.pgs);
+        s.actors.extend(ch.actors);
+    }
+
+    #[test]
+    fn pending_group_then_actors_in_bundles() {
+        let mut s = cluster(&["a", "b"]);
+        s.pgs.insert(
+            "pg".into(),
+            pg(
+                "pg",
+                vec![Resources::new().with(GPU, 1.0); 2],
+                Strategy::StrictSpread,
+            ),
+        );
+        s.actors
+            .insert("x".into(), actor("x", Some("pg"), 0, 0.5, 0));
+        s.actors
+            .insert("y".into(), actor("y", Some("pg"), 0, 0.5, 0));
+        s.actors
+            .insert("z".into(), actor("z", Some("pg"), 0, 0.5, 0));
+        let ch = reconcile(&s, 10.0);
+        apply(&mut s, ch);
+        assert_eq!(s.pgs["pg"].state, PgState::Created);
+        let x = &s.actors["x"];
+        let y = &s.actors["y"];
+        assert_eq!(x.node_id, y.node_id);
+        assert_eq!(
+            x.gpus[0].id, y.gpus[0].id,
+            "two half-GPU actors share one id"
+        );
+        assert_eq!(x.incarnation, 1);
+        assert!(s.actors["z"].node_id.is_none(), "the bundle is full");
+        // Nothing left to do: a second pass changes nothing.
+        assert!(reconcile(&s, 11.0).is_empty());
+    }
+
+    #[test]
+    fn lost_node_reschedules_group_and_restarts_actors() {
+        let mut s = cluster(&["a", "b"]);
+        s.pgs.insert(
+            "pg".into(),
+            pg(
+                "pg",
+                vec![Resources::new().with(GPU, 1.0); 2],
+                Strategy::StrictSpread,
+            ),
+        );
+        s.actors
+            .insert("keep".into(), actor("keep", Some("pg"), 0, 1.0, 3));
+        s.actors
+            .insert("once".into(), actor("once", Some("pg"), 1, 1.0, 0));
+        let ch = reconcile(&s, 10.0);
+        apply(&mut s, ch);
+        let lost = s.pgs["pg"].assignments[0].as_ref().unwrap().node_id.clone();
+        s.live.remove(&lost);
+        let ch = reconcile(&s, 20.0);
+        apply(&mut s, ch);
+        assert_eq!(s.nodes[&lost].state, NodeState::Dead);
+        assert_eq!(
+            s.pgs["pg"].state,
+            PgState::Rescheduling,
+            "strict spread needs a new node"
+        );
+        assert_eq!(s.actors["keep"].state, ActorState::Restarting);
+        assert_eq!(s.actors["keep"].restarts, 1);
+        assert!(s.actors["once"].node_id.is_some(), "its bundle survived");
+        // A new node joins: the group is whole again and the actor comes back.
+        s.nodes.insert("c".into(), node("c", 2));
+        s.live.insert("c".into());
+        let ch = reconcile(&s, 30.0);
+        apply(&mut s, ch);
+        assert_eq!(s.pgs["pg"].state, PgState::Created);
+        assert_eq!(s.pgs["pg"].assignments[0].as_ref().unwrap().node_id, "c");
+        assert_eq!(s.actors["keep"].node_id.as_deref(), Some("c"));
+        assert_eq!(s.actors["keep"].incarnation, 2);
+    }
+
+    #[test]
+    fn non_restartable_actor_dies_with_its_node() {
+        let mut s = cluster(&["a"]);
+        s.actors.insert("x".into(), actor("x", None, 0, 1.0, 0));
+        let ch = reconcile(&s, 1.0);
+        apply(&mut s, ch);
+        assert_eq!(s.actors["x"].node_id.as_deref(), Some("a"));
+        s.live.clear();
+        let ch = reconcile(&s, 2.0);
+        apply(&mut s, ch);
+        assert_eq!(s.actors["x"].state, ActorState::Dead);
+        assert!(s.actors["x"]
+            .death_cause
+            .as_deref()
+            .unwrap()
+            .contains("died"));
+    }
+
+    #[test]
+    fn two_groups_in_one_pass_do_not_double_book() {
+        let mut s = cluster(&["a"]);
+        for id in ["p1", "p2"] {
+            s.pgs.insert(
+                id.into(),
+                pg(id, vec![Resources::new().with(GPU, 2.0)], Strategy::Pack),
+            );
+        }
+        let ch = reconcile(&s, 1.0);
+        apply(&mut s, ch);
+        let created = s
+            .pgs
+            .values()
+            .filter(|p| p.state == PgState::Created)
+            .count();
+        assert_eq!(created, 1);
+    }
+
+    #[test]
+    fn old_removed_and_dead_records_expire() {
+        let mut s = cluster(&["a"]);
+        let mut p = pg("p", vec![Resources::new().with(GPU, 1.0)], Strategy::Pack);
+        p.state = PgState::Removed;
+        p.ended_at = Some(0.0);
+        s.pgs.insert("p".into(), p);
+        let mut young = actor("young", None, 0, 0.0, 0);
+        young.state = ActorState::Dead;
+        young.ended_at = Some(RETAIN_S);
+        s.actors.insert("young".into(), young);
+        let key = |k: &str, id: &str| format!("{k}/{id}");
+        assert_eq!(expired(&key, &s, RETAIN_S + 1.0), vec!["pgs/p".to_string()]);
+        assert!(expired(&key, &s, 1.0).is_empty());
+    }
+}

@@ -1,0 +1,285 @@
+//! The records kept in etcd (JSON) and the pure views derived from them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::{Assignment, GpuShare, NodeView, Strategy};
+use crate::resources::Resources;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NodeState {
+    Alive,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub ip: String,
+    /// The node agent's gRPC address (logs).
+    pub agent_address: String,
+    pub is_head: bool,
+    pub total: Resources,
+    pub gpu_ids: Vec<u32>,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    #[serde(default)]
+    pub gpu_memory_bytes: u64,
+    pub state: NodeState,
+    pub started_at: f64,
+    #[serde(default)]
+    pub died_at: Option<f64>,
+    #[serde(default)]
+    pub death_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PgState {
+    Pending,
+    Created,
+    Rescheduling,
+    Removed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PgRecord {
+    pub id: String,
+    pub name: String,
+    pub bundles: Vec<Resources>,
+    pub strategy: Strategy,
+    pub state: PgState,
+    /// Per bundle: where it is reserved, if anywhere.
+    pub assignments: Vec<Option<Assignment>>,
+    pub created_at: f64,
+    /// When it was removed; the leader forgets it some time later.
+    #[serde(default)]
+    pub ended_at: Option<f64>,
+}
+
+impl PgRecord {
+    /// Whether its reservations count against node capacity.
+    pub fn holds_resources(&self) -> bool {
+        matches!(self.state, PgState::Created | PgState::Rescheduling)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ActorState {
+    PendingCreation,
+    Alive,
+    Restarting,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorSpec {
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub placement_group: Option<String>,
+    pub bundle_index: Option<usize>,
+    /// -1: restart forever.
+    pub max_restarts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorRecord {
+    pub id: String,
+    pub name: String,
+    pub spec: ActorSpec,
+    pub state: ActorState,
+    /// Set by the scheduler; the node agent of that node runs it.
+    pub node_id: Option<String>,
+    pub gpus: Vec<GpuShare>,
+    /// Bumped on every (re)start request, so an agent can tell a new
+    /// incarnation from the one it already runs.
+    pub incarnation: u64,
+    /// The incarnation the agent last started.
+    pub started_incarnation: u64,
+    pub pid: Option<u32>,
+    pub restarts: i64,
+    pub exit_code: Option<i32>,
+    pub log_path: Option<String>,
+    pub death_cause: Option<String>,
+    pub created_at: f64,
+    /// When it died; the leader forgets it some time later.
+    #[serde(default)]
+    pub ended_at: Option<f64>,
+}
+
+impl ActorRecord {
+    pub fn holds_resources(&self) -> bool {
+        self.state != ActorState::Dead && self.node_id.is_some()
+    }
+
+    pub fn can_restart(&self) -> bool {
+        self.spec.max_restarts < 0 || self.restarts < self.spec.max_restarts
+    }
+}
+
+/// Everything under the cluster prefix, read at one etcd revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    /// mod_revision of the allocation guard key (0 when absent).
+    pub alloc_rev: i64,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Node ids whose lease-bound liveness key exists.
+    pub live: BTreeSet<String>,
+    pub pgs: BTreeMap<String, PgRecord>,
+    pub actors: BTreeMap<String, ActorRecord>,
+    /// mod_revision of every record key, for compare-and-swap writes.
+    pub mod_revs: BTreeMap<String, i64>,
+    pub leader: Option<String>,
+    pub heads: Vec<String>,
+}
+
+impl Snapshot {
+    pub fn alive_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Alive && self.live.contains(&n.id))
+    }
+
+    /// Free capacity of every live node after PG reservations and actors
+    /// placed outside placement groups.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let mut views: BTreeMap<&str, NodeView> = self
+            .alive_nodes()
+            .map(|n| {
+                (
+                    n.id.as_str(),
+                    NodeView::idle(&n.id, n.total.clone(), n.gpu_ids.clone()),
+                )
+            })
+            .collect();
+        for pg in self.pgs.values().filter(|p| p.holds_resources()) {
+            for (b, a) in pg.bundles.iter().zip(&pg.assignments) {
+                if let Some(a) = a {
+                    if let Some(v) = views.get_mut(a.node_id.as_str()) {
+                        v.take(b, &a.gpus);
+                    }
+                }
+            }
+        }
+        for a in self.actors.values() {
+            if a.holds_resources() && a.spec.placement_group.is_none() {
+                if let Some(v) = views.get_mut(a.node_id.as_deref().unwrap_or_default()) {
+                    v.take(&a.spec.resources, &a.gpus);
+                }
+            }
+        }
+        views.into_values().collect()
+    }
+
+    /// What is left of one bundle after the actors already placed in it.
+    pub fn bundle_free(&self, pg_id: &str, index: usize) -> Option<Resources> {
+        let pg = self.pgs.get(pg_id)?;
+        let mut free = pg.bundles.get(index)?.clone();
+        for a in self.actors.values() {
+            if a.holds_resources()
+                && a.spec.placement_group.as_deref() == Some(pg_id)
+                && a.spec.bundle_index == Some(index)
+            {
+                free.sub(&a.spec.resources);
+            }
+        }
+        Some(free)
+    }
+
+    pub fn find_pg(&self, name_or_id: &str) -> Option<&PgRecord> {
+        self.pgs.get(name_or_id).or_else(|| {
+            self.pgs
+                .values()
+                .filter(|p| p.state != PgState::Removed)
+                .find(|p| p.name == name_or_id)
+        })
+    }
+
+    pub fn find_actor(&self, name_or_id: &str) -> Option<&ActorRecord> {
+        self.actors.get(name_or_id).or_else(|| {
+            // A name may be reused after its actor died: prefer the live one.
+            let mut named: Vec<&ActorRecord> = self
+                .actors
+                .values()
+                .filter(|a| !a.name.is_empty() && a.name == name_or_id)
+                .collect();
+            named.sort_by(|a, b| {
+                (a.state != ActorState::Dead, a.created_at)
+                    .partial_cmp(&(b.state != ActorState::Dead, b.created_at))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            named.last().copied()
+        })
+    }
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub fn new_id(prefix: &str) -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}{}", &u[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{GPU, UNIT};
+
+    fn node(id: &str, gpus: u32) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            ip: "127.0.0.1".into(),
+            agent_address: String::new(),
+            is_head: false,
+            total: Resources::new().with(GPU, gpus as f64),
+            gpu_ids: (0..gpus).collect(),
+            gpu_model: None,
+            gpu_memory_bytes: 0,
+            state: NodeState::Alive,
+            started_at: 0.0,
+            died_at: None,
+            death_reason: None,
+        }
+    }
+
+    #[test]
+    fn views_subtract_reservations_of_live_nodes_only() {
+        let mut s = Snapshot::default();
+        s.nodes.insert("a".into(), node("a", 2));
+        s.nodes.insert("b".into(), node("b", 2));
+        s.live.insert("a".into());
+        s.pgs.insert(
+            "pg".into(),
+            PgRecord {
+                id: "pg".into(),
+                name: String::new(),
+                bundles: vec![Resources::new().with(GPU, 0.5)],
+                strategy: Strategy::Pack,
+                state: PgState::Created,
+                assignments: vec![Some(Assignment {
+                    node_id: "a".into(),
+                    gpus: vec![GpuShare { id: 1, share: 5000 }],
+                })],
+                created_at: 0.0,
+                ended_at: None,
+            },
+        );
+        let v = s.node_views();
+        assert_eq!(v.len(), 1, "b has no liveness key");
+        assert_eq!(v[0].avail.get(GPU), UNIT + 5000);
+        assert_eq!(v[0].gpu_free, vec![UNIT, 5000]);
+        assert_eq!(s.bundle_free("pg", 0).unwrap().get(GPU), 5000);
+        assert!(s.bundle_free("pg", 1).is_none());
+    }
+}

@@ -1,0 +1,256 @@
+//! The thin etcd layer: key layout under one prefix per cluster, one-range
+//! snapshots, and the guarded transactions that make reservations atomic.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+
+use crate::error::{Error, Result};
+use crate::state::{ActorRecord, NodeRecord, PgRecord, Snapshot};
+
+/// How to reach etcd (endpoints plus the auth options that pass through).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub cacert: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+impl EtcdConfig {
+    pub fn options(&self) -> Result<ConnectOptions> {
+        if self.cacert.is_some() || self.cert.is_some() || self.key.is_some() {
+            return Err(Error::NotImplemented(
+                "etcd TLS (--etcd-cacert/--etcd-cert/--etcd-key): this build has no TLS stack"
+                    .into(),
+            ));
+        }
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(u) = &self.user {
+            o = o.with_user(u.clone(), self.password.clone().unwrap_or_default());
+        }
+        Ok(o)
+    }
+}
+
+/// A record write guarded by the record's mod_revision (0 = must not exist).
+#[derive(Debug, Clone)]
+pub struct Guarded {
+    pub key: String,
+    pub expect_rev: i64,
+    pub value: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    prefix: String,
+}
+
+impl Store {
+    pub async fn connect(cfg: &EtcdConfig, cluster: &str) -> Result<Self> {
+        let client = Client::connect(&cfg.endpoints, Some(cfg.options()?)).await?;
+        Ok(Store {
+            client,
+            prefix: format!("/flotilla/{cluster}/"),
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn node_key(&self, id: &str) -> String {
+        format!("{}nodes/{id}", self.prefix)
+    }
+    pub fn live_key(&self, id: &str) -> String {
+        format!("{}live/{id}", self.prefix)
+    }
+    pub fn pg_key(&self, id: &str) -> String {
+        format!("{}pgs/{id}", self.prefix)
+    }
+    pub fn actor_key(&self, id: &str) -> String {
+        format!("{}actors/{id}", self.prefix)
+    }
+    pub fn alloc_key(&self) -> String {
+        format!("{}alloc", self.prefix)
+    }
+    pub fn leader_key(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+    pub fn head_key(&self, addr: &str) -> String {
+        format!("{}heads/{addr}", self.prefix)
+    }
+    pub fn token_key(&self) -> String {
+        format!("{}token", self.prefix)
+    }
+
+    /// Everything under the prefix in one range read, so all records agree.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut s = Snapshot {
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            ..Default::default()
+        };
+        for kv in resp.kvs() {
+            let key = kv.key_str().map_err(Error::Etcd)?;
+            let rest = &key[self.prefix.len()..];
+            let corrupt = |e: serde_json::Error| Error::Corrupt {
+                key: key.to_string(),
+                reason: e.to_string(),
+            };
+            if let Some(id) = rest.strip_prefix("nodes/") {
+                let n: NodeRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                s.nodes.insert(id.to_string(), n);
+            } else if let Some(id) = rest.strip_prefix("live/") {
+                s.live.insert(id.to_string());
+            } else if let Some(id) = rest.strip_prefix("pgs/") {
+                let p: PgRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                s.pgs.insert(id.to_string(), p);
+            } else if let Some(id) = rest.strip_prefix("actors/") {
+                let a: ActorRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                s.actors.insert(id.to_string(), a);
+            } else if let Some(addr) = rest.strip_prefix("heads/") {
+                s.heads.push(addr.to_string());
+                continue;
+            } else if rest == "alloc" {
+                s.alloc_rev = kv.mod_revision();
+                continue;
+            } else if rest == "leader" {
+                s.leader = Some(String::from_utf8_lossy(kv.value()).into_owned());
+                continue;
+            } else {
+                continue;
+            }
+            s.mod_revs.insert(key.to_string(), kv.mod_revision());
+        }
+        Ok(s)
+    }
+
+    /// Writes `records` atomically, only if nobody changed them and (when
+    /// `alloc_rev` is given) nobody reserved anything since the snapshot
+    /// this decision was made on. False means: re-read and decide again.
+    pub async fn commit(&self, alloc_rev: Option<i64>, records: &[Guarded]) -> Result<bool> {
+        let mut cmps = Vec::with_capacity(records.len() + 1);
+        let mut ops = Vec::with_capacity(records.len() + 1);
+        if let Some(rev) = alloc_rev {
+            cmps.push(Compare::mod_revision(
+                self.alloc_key(),
+                CompareOp::Equal,
+                rev,
+            ));
+            ops.push(TxnOp::put(self.alloc_key(), "", None));
+        }
+        for r in records {
+            cmps.push(Compare::mod_revision(
+                r.key.as_str(),
+                CompareOp::Equal,
+                r.expect_rev,
+            ));
+            ops.push(TxnOp::put(r.key.as_str(), r.value.as_str(), None));
+        }
+        let mut c = self.client.clone();
+        let resp = c.txn(Txn::new().when(cmps).and_then(ops)).await?;
+        Ok(resp.succeeded())
+    }
+
+    pub fn guarded<T: serde::Serialize>(key: String, snap: &Snapshot, rec: &T) -> Guarded {
+        let expect_rev = snap.mod_revs.get(&key).copied().unwrap_or(0);
+        Guarded {
+            key,
+            expect_rev,
+            value: serde_json::to_string(rec).expect("records serialize"),
+        }
+    }
+
+    pub async fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<()> {
+        let mut c = self.client.clone();
+        c.put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_string(&self, key: &str) -> Result<Option<String>> {
+        let mut c = self.client.clone();
+        let r = c.get(key, None).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Puts `value` only when `key` does not exist yet; returns the value
+    /// that is there afterwards.
+    pub async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        lease: Option<i64>,
+    ) -> Result<String> {
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = c.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(value.to_string());
+        }
+        for r in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(g) = r {
+                if let Some(kv) = g.kvs().first() {
+                    return Ok(String::from_utf8_lossy(kv.value()).into_owned());
+                }
+            }
+        }
+        Ok(value.to_string())
+    }
+
+    /// Deletes records that nobody changed since `snap` was read.
+    pub async fn delete_unchanged(&self, snap: &Snapshot, keys: &[String]) -> Result<bool> {
+        let cmps: Vec<Compare> = keys
+            .iter()
+            .map(|k| {
+                Compare::mod_revision(
+                    k.as_str(),
+                    CompareOp::Equal,
+                    snap.mod_revs.get(k).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::delete(k.as_str(), None))
+            .collect();
+        let mut c = self.client.clone();
+        Ok(c.txn(Txn::new().when(cmps).and_then(ops))
+            .await?
+            .succeeded())
+    }
+
+    /// `prefix/kind/id` for the record kinds in a snapshot.
+    pub fn record_key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}/{id}", self.prefix)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        c.delete(key, None).await?;
+        Ok(())
+    }
+}

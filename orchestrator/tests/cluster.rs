@@ -1,0 +1,691 @@
+//! End-to-end: real `orchestrator` processes, a real etcd, 127.0.0.1/.2/.3.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{pid_alive, wait_until, Cluster};
+
+fn nodes_of(pg: &serde_json::Value) -> Vec<String> {
+    pg["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["node_id"].as_str().unwrap_or("-").to_string())
+        .collect()
+}
+
+fn gpu_ids_of(pg: &serde_json::Value) -> Vec<u64> {
+    pg["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["gpus"][0]["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn wait_actor_state(c: &Cluster, id: &str, state: &str, secs: u64) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(secs),
+        &format!("actor {id} {state}"),
+        || {
+            last = c.actor(id);
+            last["state"] == state
+        },
+    );
+    last
+}
+
+#[test]
+fn three_nodes_strategies_and_shared_gpus() {
+    let mut c = Cluster::new("strategies", 32100);
+    c.start_head("head", c.head_port, 2);
+    c.start_node("n2", "127.0.0.2", 2);
+    c.start_node("n3", "127.0.0.3", 2);
+    wait_until(Duration::from_secs(20), "three nodes", || {
+        c.alive_nodes() == 3
+    });
+
+    let status = c.ok(&["status"]);
+    assert_eq!(status.matches("\n 1 node_").count(), 3, "{status}");
+    assert!(status.contains(" 0.0/6.0 GPU\n"), "{status}");
+    assert!(status.contains(" 0.0/12.0 CPU\n"), "{status}");
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        assert!(status.contains(ip), "{status}");
+    }
+
+    // STRICT_PACK: one node.
+    let sp = c.ok(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":1},{"GPU":1}]"#,
+        "--strategy",
+        "STRICT_PACK",
+    ]);
+    let sp = sp.trim().to_string();
+    let pg = c.pg(&sp);
+    assert_eq!(pg["state"], "CREATED");
+    let n = nodes_of(&pg);
+    assert_eq!(n[0], n[1]);
+    assert_ne!(gpu_ids_of(&pg)[0], gpu_ids_of(&pg)[1]);
+
+    // STRICT_SPREAD over three nodes cannot fit now (one node is full):
+    // it waits, shows as a pending demand, and is placed once room frees up.
+    let out = c.fails(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":1},{"GPU":1},{"GPU":1}]"#,
+        "--strategy",
+        "STRICT_SPREAD",
+        "--name",
+        "ss",
+        "--timeout",
+        "0.5",
+    ]);
+    assert!(out.contains("still PENDING"), "{out}");
+    let status = c.ok(&["status"]);
+    assert!(
+        status.contains("(STRICT_SPREAD): 1+ pending placement groups"),
+        "{status}"
+    );
+    assert!(
+        status.contains(" 2.0/6.0 GPU (0.0 used of 2.0 reserved in placement groups)"),
+        "{status}"
+    );
+    c.ok(&["placement-group", "remove", &sp]);
+    let ss = wait_until(Duration::from_secs(10), "STRICT_SPREAD created", || {
+        c.pgs()
+            .iter()
+            .any(|p| p["name"] == "ss" && p["state"] == "CREATED")
+    });
+    let _ = ss;
+    let pg = c.pgs().into_iter().find(|p| p["name"] == "ss").unwrap();
+    let distinct: BTreeSet<String> = nodes_of(&pg).into_iter().collect();
+    assert_eq!(distinct.len(), 3, "{pg}");
+
+    // PACK of two 0.5 GPU bundles: one node, one GPU id; an actor in each
+    // bundle sees the same CUDA_VISIBLE_DEVICES.
+    let half = c.ok(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":0.5},{"GPU":0.5}]"#,
+        "--strategy",
+        "PACK",
+    ]);
+    let half = half.trim().to_string();
+    let pg = c.pg(&half);
+    assert_eq!(nodes_of(&pg)[0], nodes_of(&pg)[1]);
+    assert_eq!(gpu_ids_of(&pg)[0], gpu_ids_of(&pg)[1]);
+    let mut ids = Vec::new();
+    for i in ["0", "1"] {
+        let id = c.ok(&[
+            "actor",
+            "create",
+            "--command",
+            "sh",
+            "--arg",
+            "-c",
+            "--arg",
+            "echo CVD=$CUDA_VISIBLE_DEVICES; exec sleep 600",
+            "--resources",
+            r#"{"GPU":0.5}"#,
+            "--placement-group",
+            &half,
+            "--bundle-index",
+            i,
+        ]);
+        ids.push(id.trim().to_string());
+    }
+    let mut seen = Vec::new();
+    for id in &ids {
+        let a = wait_actor_state(&c, id, "ALIVE", 15);
+        assert_eq!(a["node_id"], nodes_of(&pg)[0]);
+        let mut logs = String::new();
+        wait_until(Duration::from_secs(10), "actor log", || {
+            logs = c.ok(&["actor", "logs", id]);
+            logs.contains("CVD=")
+        });
+        seen.push(logs.trim().to_string());
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], format!("CVD={}", gpu_ids_of(&pg)[0]));
+
+    // SPREAD prefers distinct nodes.
+    let spread = c.ok(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"CPU":1},{"CPU":1},{"CPU":1}]"#,
+        "--strategy",
+        "SPREAD",
+    ]);
+    let pg = c.pg(spread.trim());
+    assert_eq!(
+        nodes_of(&pg).into_iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "{pg}"
+    );
+
+    // PACK of two CPU bundles lands on one node.
+    let pack = c.ok(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"CPU":1},{"CPU":1}]"#,
+        "--strategy",
+        "PACK",
+    ]);
+    let pg = c.pg(pack.trim());
+    assert_eq!(nodes_of(&pg)[0], nodes_of(&pg)[1]);
+
+    let v = c.ok(&["status", "-v"]);
+    assert!(v.contains("Node: "), "{v}");
+    let j = c.json(&["status"]);
+    assert_eq!(j["active"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_input_and_tokens_change_nothing() {
+    // This head starts and owns its etcd (no --etcd-endpoints).
+    let root = common::TempDir::new("badinput");
+    let cache = root.0.join("cache");
+    let port = 32210;
+    let mut head = common::Proc {
+        child: std::process::Command::new(common::BIN)
+            .args([
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                &port.to_string(),
+                "--node-ip-address",
+                "127.0.0.1",
+            ])
+            .args(["--num-gpus", "1", "--num-cpus", "2"])
+            .env("FLOTILLA_CACHE_ROOT", &cache)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(root.0.join("head.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        name: "head".into(),
+    };
+    common::wait_port(port, Duration::from_secs(30));
+    let addr = format!("127.0.0.1:{port}");
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.args(args)
+            .args(["--address", &addr])
+            .env("FLOTILLA_CACHE_ROOT", &cache);
+        cmd.env_remove("FLOTILLA_CLUSTER_TOKEN");
+        if let Some(t) = token {
+            cmd.env("FLOTILLA_CLUSTER_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let token_file = cache.join("cluster_token");
+    wait_until(Duration::from_secs(20), "token file", || {
+        token_file.exists()
+    });
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    wait_until(Duration::from_secs(20), "head node", || {
+        run(&["status"], None).status.success()
+    });
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "placement-group",
+                "create",
+                "--bundles",
+                "[{\"GPU\":1",
+                "--strategy",
+                "PACK",
+            ],
+            "malformed JSON",
+        ),
+        (
+            &[
+                "placement-group",
+                "create",
+                "--bundles",
+                "[{\"GPU\":1}]",
+                "--strategy",
+                "SIDEWAYS",
+            ],
+            "unknown strategy 'SIDEWAYS'",
+        ),
+        (
+            &[
+                "placement-group",
+                "create",
+                "--bundles",
+                "[{\"GPU\":-1}]",
+                "--strategy",
+                "PACK",
+            ],
+            "must be a finite number >= 0",
+        ),
+        (
+            &[
+                "placement-group",
+                "create",
+                "--bundles",
+                "[{\"GPU\":4}]",
+                "--strategy",
+                "PACK",
+            ],
+            "No available node types can fulfill resource request",
+        ),
+        (
+            &["placement-group", "remove", "nope"],
+            "placement group 'nope' not found",
+        ),
+        (&["actor", "kill", "ghost"], "actor 'ghost' not found"),
+        (&["actor", "logs", "ghost"], "actor 'ghost' not found"),
+        (
+            &[
+                "actor",
+                "create",
+                "--command",
+                "true",
+                "--resources",
+                "{\"GPU\": 8}",
+            ],
+            "No available node types",
+        ),
+        (
+            &[
+                "actor",
+                "create",
+                "--command",
+                "true",
+                "--placement-group",
+                "nope",
+            ],
+            "placement group 'nope' not found",
+        ),
+        (
+            &["list", "things"],
+            "expected nodes, placement-groups or actors",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = run(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let neg = std::process::Command::new(common::BIN)
+        .args([
+            "start",
+            "--address",
+            &addr,
+            "--block",
+            "--num-gpus",
+            "-1",
+            "--node-ip-address",
+            "127.0.0.2",
+        ])
+        .env("FLOTILLA_CACHE_ROOT", &cache)
+        .output()
+        .unwrap();
+    assert!(!neg.status.success());
+    assert!(
+        String::from_utf8_lossy(&neg.stderr).contains("--num-gpus"),
+        "{}",
+        String::from_utf8_lossy(&neg.stderr)
+    );
+
+    // Wrong token: refused, nothing created.
+    let out = run(
+        &["placement-group", "create", "--bundles", "[{\"CPU\":1}]"],
+        Some("wrong-token"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong cluster token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &[
+            "actor",
+            "create",
+            "--command",
+            "touch",
+            "--arg",
+            "/tmp/should-not-exist",
+        ],
+        Some("wrong-token"),
+    );
+    assert!(!out.status.success());
+
+    // Missing token on the wire: a raw gRPC call without metadata.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        let mut c = proto::orchestrator::orchestrator_client::OrchestratorClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await
+        .unwrap();
+        c.create_placement_group(proto::orchestrator::CreatePlacementGroupRequest {
+            bundles_json: "[{\"CPU\":1}]".into(),
+            strategy: "PACK".into(),
+            name: String::new(),
+            timeout_s: 1.0,
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    let pgs = run(&["list", "placement-groups", "--format", "json"], None);
+    assert!(pgs.status.success());
+    assert_eq!(String::from_utf8_lossy(&pgs.stdout).trim(), "[]");
+    let actors = run(&["list", "actors", "--format", "json"], None);
+    assert_eq!(String::from_utf8_lossy(&actors.stdout).trim(), "[]");
+    let log = std::fs::read_to_string(root.0.join("head.log")).unwrap();
+    assert!(log.contains("refused a Orchestrator call"), "{log}");
+
+    // `stop` ends the head, which stops the etcd it owns.
+    let out = std::process::Command::new(common::BIN)
+        .arg("stop")
+        .env("FLOTILLA_CACHE_ROOT", &cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_until(Duration::from_secs(20), "head exit", || {
+        matches!(head.child.try_wait(), Ok(Some(_)))
+    });
+    head.kill9();
+}
+
+#[test]
+fn node_failure_reschedules_and_restarts() {
+    let mut c = Cluster::new("failure", 32300);
+    c.start_head("head", c.head_port, 0);
+    let mut a = c.start_node("n2", "127.0.0.2", 1);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+
+    let pg = c.ok(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":1}]"#,
+        "--strategy",
+        "PACK",
+        "--name",
+        "g",
+    ]);
+    let pg = pg.trim().to_string();
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--placement-group",
+        "g",
+        "--bundle-index",
+        "0",
+        "--max-restarts",
+        "2",
+        "--name",
+        "keeper",
+    ]);
+    let actor = actor.trim().to_string();
+    let first = wait_actor_state(&c, &actor, "ALIVE", 15);
+    let old_pid = first["pid"].as_u64().unwrap();
+    assert_eq!(c.node_ip(first["node_id"].as_str().unwrap()), "127.0.0.2");
+
+    // An actor that exits is restarted in place, then recorded dead with its code.
+    let flaky = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "exit 3",
+        "--max-restarts",
+        "1",
+    ]);
+    let dead = wait_actor_state(&c, flaky.trim(), "DEAD", 15);
+    assert_eq!(dead["restarts"], 1);
+    assert_eq!(dead["exit_code"], 3);
+
+    // kill -9 the node agent: dead within 6 s, its actor process goes with it.
+    let t = std::time::Instant::now();
+    c.procs[a].kill9();
+    wait_until(Duration::from_secs(8), "node shown dead", || {
+        c.ok(&["status"]).contains("NodeTerminated (ip: 127.0.0.2)")
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(6) + Duration::from_millis(900),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_until(Duration::from_secs(5), "old actor process gone", || {
+        !pid_alive(old_pid)
+    });
+    wait_until(Duration::from_secs(5), "group rescheduling", || {
+        c.pg(&pg)["state"] == "RESCHEDULING"
+    });
+    let r = c.actor(&actor);
+    assert_eq!(r["state"], "RESTARTING");
+
+    // A new node joins: the group is placed there and the actor comes back.
+    a = c.start_node("n3", "127.0.0.3", 1);
+    let _ = a;
+    wait_until(Duration::from_secs(20), "group created again", || {
+        c.pg(&pg)["state"] == "CREATED"
+    });
+    let back = wait_actor_state(&c, &actor, "ALIVE", 15);
+    assert_eq!(back["restarts"], 1);
+    assert_eq!(c.node_ip(back["node_id"].as_str().unwrap()), "127.0.0.3");
+    assert_ne!(back["pid"].as_u64().unwrap(), old_pid);
+
+    c.ok(&["actor", "kill", "keeper"]);
+    let k = wait_actor_state(&c, &actor, "DEAD", 10);
+    wait_until(Duration::from_secs(10), "killed process gone", || {
+        !pid_alive(k["pid"].as_u64().unwrap_or(0))
+    });
+}
+
+#[test]
+fn standby_head_takes_over_without_killing_actors() {
+    let mut c = Cluster::new("failover", 32400);
+    let h1 = c.start_head("head1", c.head_port, 0);
+    c.start_head("head2", 32410, 0);
+    c.start_node("n2", "127.0.0.2", 1);
+    wait_until(Duration::from_secs(20), "three nodes", || {
+        c.alive_nodes() == 3
+    });
+    let st = c.json(&["status"]);
+    assert_eq!(st["leader"], c.head_addr());
+
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+    ]);
+    let actor = actor.trim().to_string();
+    let a = wait_actor_state(&c, &actor, "ALIVE", 15);
+    let pid = a["pid"].as_u64().unwrap();
+
+    c.procs[h1].kill9();
+    // The client follows: the first head's address fails, the standby answers.
+    let mut leader = String::new();
+    wait_until(Duration::from_secs(10), "standby leads", || {
+        let out = c.cli(&["status", "--format", "json"]);
+        if !out.status.success() {
+            return false;
+        }
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        leader = j["leader"].as_str().unwrap_or("").to_string();
+        leader == "127.0.0.1:32410"
+    });
+    let again = c.actor(&actor);
+    assert_eq!(again["state"], "ALIVE");
+    assert_eq!(again["pid"].as_u64().unwrap(), pid);
+    assert!(pid_alive(pid));
+    // The new leader schedules: a new actor still gets placed.
+    let n = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"CPU":1}"#,
+    ]);
+    wait_actor_state(&c, n.trim(), "ALIVE", 15);
+
+    // The old head comes back: it recovers from etcd as a standby and
+    // touches nothing that runs.
+    c.start_head("head1-again", c.head_port, 0);
+    let st = c.json(&["status"]);
+    assert_eq!(st["leader"], "127.0.0.1:32410");
+    assert_eq!(c.actor(&actor)["pid"].as_u64().unwrap(), pid);
+    assert!(pid_alive(pid));
+}
+
+#[test]
+fn agent_that_lost_its_lease_registers_again() {
+    let mut c = Cluster::new("lease", 32600);
+    c.start_head("head", c.head_port, 0);
+    let n = c.start_node("n2", "127.0.0.2", 1);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--max-restarts",
+        "-1",
+    ]);
+    let actor = actor.trim().to_string();
+    let first = wait_actor_state(&c, &actor, "ALIVE", 15);
+    let old_node = first["node_id"].as_str().unwrap().to_string();
+    let old_pid = first["pid"].as_u64().unwrap();
+
+    // Freeze the agent past its lease: the node is declared dead meanwhile.
+    let pid = c.procs[n].pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until(Duration::from_secs(10), "frozen node dead", || {
+        c.ok(&["status"])
+            .contains(&format!("{old_node}: NodeTerminated"))
+    });
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // On waking it stops its old actor and joins as a new node, where the
+    // restartable actor runs again: no zombie node, no twin process.
+    let back = wait_actor_state(&c, &actor, "ALIVE", 20);
+    let new_node = back["node_id"].as_str().unwrap().to_string();
+    assert_ne!(new_node, old_node);
+    assert_eq!(c.node_ip(&new_node), "127.0.0.2");
+    wait_until(Duration::from_secs(5), "old process gone", || {
+        !pid_alive(old_pid)
+    });
+    assert_eq!(c.alive_nodes(), 2);
+}
+
+#[test]
+fn etcd_outage_converges_without_double_booking() {
+    let mut c = Cluster::new("outage", 32500);
+    c.start_head("head", c.head_port, 0);
+    c.start_node("n2", "127.0.0.2", 2);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let pg = c.ok(&["placement-group", "create", "--bundles", r#"[{"GPU":1}]"#]);
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--placement-group",
+        pg.trim(),
+        "--resources",
+        r#"{"GPU":1}"#,
+    ]);
+    let actor = actor.trim().to_string();
+    let before = wait_actor_state(&c, &actor, "ALIVE", 15);
+
+    let mut etcd = c.etcd.take().unwrap();
+    etcd.kill9();
+    std::thread::sleep(Duration::from_secs(10));
+    let out = c.cli(&["status"]);
+    assert!(
+        !out.status.success(),
+        "status without etcd must fail clearly"
+    );
+    c.etcd = Some(common::start_etcd(&c.root.0, c.etcd_client, c.etcd_peer));
+
+    wait_until(Duration::from_secs(20), "cluster back", || {
+        c.cli(&["status"]).status.success() && c.alive_nodes() >= 2
+    });
+    let after = wait_actor_state(&c, &actor, "ALIVE", 20);
+    assert!(pid_alive(after["pid"].as_u64().unwrap()));
+    let _ = before;
+    // Two GPUs: one more whole GPU fits, a third never does.
+    c.ok(&["placement-group", "create", "--bundles", r#"[{"GPU":1}]"#]);
+    let err = c.fails(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":1}]"#,
+        "--timeout",
+        "0.5",
+    ]);
+    assert!(err.contains("still PENDING"), "{err}");
+    let mut per_gpu: std::collections::BTreeMap<(String, u64), u64> = Default::default();
+    for p in c.pgs().iter().filter(|p| p["state"] == "CREATED") {
+        for a in p["assignments"].as_array().unwrap() {
+            for g in a["gpus"].as_array().unwrap() {
+                *per_gpu
+                    .entry((
+                        a["node_id"].as_str().unwrap().to_string(),
+                        g["id"].as_u64().unwrap(),
+                    ))
+                    .or_default() += g["share"].as_u64().unwrap();
+            }
+        }
+    }
+    assert!(
+        per_gpu.values().all(|s| *s <= 10_000),
+        "double-booked: {per_gpu:?}"
+    );
+}

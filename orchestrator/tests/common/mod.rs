@@ -1,0 +1,319 @@
+//! Harness for tests that run the real `orchestrator` binary against a real
+//! etcd on 127.0.0.0/8. Everything started is killed on drop, also on panic.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "flotilla-orch-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn wait_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port} after {timeout:?}");
+}
+
+pub fn start_etcd(dir: &Path, client: u16, peer: u16) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(dir.join("etcd-data"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("t={peer_url}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("etcd on PATH (bash scripts/setup.sh installs it)");
+    wait_port(client, Duration::from_secs(20));
+    Proc {
+        child,
+        name: "etcd".into(),
+    }
+}
+
+/// One test's cluster: its own cache root, etcd and processes.
+pub struct Cluster {
+    pub procs: Vec<Proc>,
+    pub etcd: Option<Proc>,
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+    pub root: TempDir,
+    pub head_port: u16,
+}
+
+impl Cluster {
+    pub fn new(tag: &str, base_port: u16) -> Self {
+        let root = TempDir::new(tag);
+        let etcd = start_etcd(&root.0, base_port, base_port + 1);
+        Cluster {
+            procs: Vec::new(),
+            etcd: Some(etcd),
+            etcd_client: base_port,
+            etcd_peer: base_port + 1,
+            root,
+            head_port: base_port + 2,
+        }
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.root.0.join("cache")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_client)
+    }
+
+    pub fn head_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.head_port)
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        let log = std::fs::File::create(self.root.0.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_CACHE_ROOT", self.cache())
+            .env_remove("FLOTILLA_CLUSTER_TOKEN")
+            .env_remove("VLLM_HOST_IP")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc {
+            child,
+            name: name.into(),
+        });
+        self.procs.len() - 1
+    }
+
+    /// Starts a head on 127.0.0.1:`port` against this cluster's etcd.
+    pub fn start_head(&mut self, name: &str, port: u16, gpus: u32) -> usize {
+        let ep = self.endpoint();
+        let i = self.spawn(
+            name,
+            &[
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                &port.to_string(),
+                "--node-ip-address",
+                "127.0.0.1",
+                "--etcd-endpoints",
+                &ep,
+                "--num-gpus",
+                &gpus.to_string(),
+                "--num-cpus",
+                "4",
+            ],
+        );
+        wait_port(port, Duration::from_secs(30));
+        self.wait_file(&self.cache().join("cluster_token"));
+        i
+    }
+
+    pub fn start_node(&mut self, name: &str, ip: &str, gpus: u32) -> usize {
+        let addr = self.head_addr();
+        self.spawn(
+            name,
+            &[
+                "start",
+                "--address",
+                &addr,
+                "--block",
+                "--node-ip-address",
+                ip,
+                "--num-gpus",
+                &gpus.to_string(),
+                "--num-cpus",
+                "4",
+            ],
+        )
+    }
+
+    fn wait_file(&self, p: &Path) {
+        wait_until(Duration::from_secs(20), "file", || p.exists());
+    }
+
+    /// Runs a client command with `--address` of the head.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.push("--address".into());
+        a.push(self.head_addr());
+        self.cli_raw(&a)
+    }
+
+    pub fn cli_raw<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_CACHE_ROOT", self.cache())
+            .env_remove("FLOTILLA_CLUSTER_TOKEN")
+            .output()
+            .unwrap();
+        out
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "{args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    pub fn pgs(&self) -> Vec<serde_json::Value> {
+        self.json(&["list", "placement-groups"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn actors(&self) -> Vec<serde_json::Value> {
+        self.json(&["list", "actors"]).as_array().unwrap().clone()
+    }
+
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        self.json(&["list", "nodes"]).as_array().unwrap().clone()
+    }
+
+    pub fn alive_nodes(&self) -> usize {
+        self.nodes().iter().filter(|n| n["alive"] == true).count()
+    }
+
+    pub fn actor(&self, id: &str) -> serde_json::Value {
+        self.actors().into_iter().find(|a| a["id"] == id).unwrap()
+    }
+
+    pub fn pg(&self, id: &str) -> serde_json::Value {
+        self.pgs().into_iter().find(|p| p["id"] == id).unwrap()
+    }
+
+    pub fn node_ip(&self, node_id: &str) -> String {
+        let n = self
+            .nodes()
+            .into_iter()
+            .find(|n| n["id"] == node_id)
+            .unwrap();
+        n["ip"].as_str().unwrap().to_string()
+    }
+
+    pub fn dump_logs(&self) {
+        for p in &self.procs {
+            let s = std::fs::read_to_string(self.root.0.join(format!("{}.log", p.name)))
+                .unwrap_or_default();
+            eprintln!("----- {} -----\n{s}", p.name);
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn pid_alive(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+}

@@ -1,0 +1,19 @@
+//! Compiles every `.proto` file in this crate's root, so adding a service is
+//! adding a file (and one `pub mod` line in lib.rs).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut protos: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "proto"))
+        .collect();
+    protos.sort();
+    println!("cargo:rerun-if-changed={}", dir.display());
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    if protos.is_empty() {
+        return Ok(());
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &[dir.to_path_buf()])?;
+    Ok(())
+}

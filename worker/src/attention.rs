@@ -1,0 +1,185 @@
+//! Paged attention over the flat step batch: each sequence's new tokens
+//! attend causally to themselves and to its cached context, read through its
+//! block table. The CPU kernel runs sequences x heads in parallel.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::kv_cache::KvCacheSpec;
+
+/// The flat inputs of one step (ARCHITECTURE.md's step format).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttentionMetadata {
+    /// Per token.
+    pub positions: Vec<u32>,
+    /// Per token: cache slot (block_id * block_size + offset) its K/V go to.
+    pub slot_mapping: Vec<usize>,
+    /// Per sequence + 1: where each sequence's tokens start in the batch.
+    pub query_start_loc: Vec<usize>,
+    /// Per sequence: context length including this step's tokens.
+    pub seq_lens: Vec<usize>,
+    /// [num_seqs, max_blocks_per_seq], row-major, padded with 0.
+    pub block_tables: Vec<u32>,
+    pub max_blocks_per_seq: usize,
+}
+
+impl AttentionMetadata {
+    pub fn num_seqs(&self) -> usize {
+        self.seq_lens.len()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Clears for reuse without freeing capacity.
+    pub fn clear(&mut self) {
+        self.positions.clear();
+        self.slot_mapping.clear();
+        self.query_start_loc.clear();
+        self.seq_lens.clear();
+        self.block_tables.clear();
+        self.max_blocks_per_seq = 0;
+    }
+}
+
+/// Head counts on this rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvHeads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvHeads {
+    pub fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Row width of the fused q|k|v projection output.
+    pub fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every work item writes a disjoint (token, head) slice of the output.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method call makes closures capture the wrapper, not the bare pointer.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators let the compiler vectorize without reassociation flags.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o += w * v;
+    }
+}
+
+/// Attention for every token of the batch. `qkv` rows are `stride` wide with
+/// the query heads first; `out` is [num_tokens, num_heads * head_dim].
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_cpu(
+    qkv: &[f32],
+    stride: usize,
+    heads: QkvHeads,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    spec: &KvCacheSpec,
+    meta: &AttentionMetadata,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (nh, hd) = (heads.num_heads, heads.head_dim);
+    let group = nh / heads.num_kv_heads;
+    let bs = spec.block_size;
+    let out_w = nh * hd;
+    debug_assert_eq!(out.len(), meta.num_tokens() * out_w);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let num_seqs = meta.num_seqs();
+    (0..num_seqs * nh).into_par_iter().for_each(|item| {
+        let (s, h) = (item / nh, item % nh);
+        let kvh = h / group;
+        let (q0, q1) = (meta.query_start_loc[s], meta.query_start_loc[s + 1]);
+        let seq_len = meta.seq_lens[s];
+        let table =
+            &meta.block_tables[s * meta.max_blocks_per_seq..(s + 1) * meta.max_blocks_per_seq];
+        SCORES.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            if scores.len() < seq_len {
+                scores.resize(seq_len, 0.0);
+            }
+            for t in q0..q1 {
+                // Causal: token t sees keys up to its own position.
+                let n_keys = seq_len - (q1 - t) + 1;
+                let q = &qkv[t * stride + h * hd..t * stride + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (b, &block) in table.iter().enumerate().take(n_keys.div_ceil(bs)) {
+                    let base = (block as usize * spec.num_kv_heads + kvh) * bs * hd;
+                    let n = bs.min(n_keys - b * bs);
+                    for j in 0..n {
+                        let sc = dot(q, &k_cache[base + j * hd..base + (j + 1) * hd]) * scale;
+                        scores[b * bs + j] = sc;
+                        max = max.max(sc);
+                    }
+                }
+                let mut sum = 0f32;
+                for x in scores[..n_keys].iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                // SAFETY: (t, h) is written by this item only; the slice is in bounds.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_w + h * hd), hd)
+                };
+                o.fill(0.0);
+                for (b, &block) in table.iter().enumerate().take(n_keys.div_ceil(bs)) {
+                    let base = (block as usize * spec.num_kv_heads + kvh) * bs * hd;
+                    let n = bs.min(n_keys - b * bs);
+                    for j in 0..n {
+                        axpy(
+                            o,
+                            scores[b * bs + j],
+                            &v_cache[base + j * hd..base + (j + 1) * hd],
+                        );
+                    }
+                }
+                let inv = 1.0 / sum;
+                for x in o.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        });
+    });
+}

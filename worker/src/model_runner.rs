@@ -1,0 +1,397 @@
+//! The API the engine core calls: load a model, size and allocate the KV
+//! cache, run one scheduler step. Keeps the persistent batch between steps.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+
+use crate::attention::AttentionMetadata;
+use crate::backend::{Backend, CpuBackend};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCacheSpec;
+use crate::loader::{self, LoadFormat};
+use crate::models::{self, CausalLm};
+use crate::parallel::ParallelConfig;
+use crate::sampler::{self, SamplerState};
+use crate::sampling_params::SamplingParams;
+use crate::step::{ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs};
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub model: PathBuf,
+    pub load_format: LoadFormat,
+    /// vLLM's --dtype: "auto", "float32", "bfloat16", "float16".
+    pub dtype: String,
+    pub hf_overrides: serde_json::Value,
+    pub block_size: usize,
+    pub parallel: ParallelConfig,
+    pub seed: u64,
+    /// 0: the config's max_position_embeddings.
+    pub max_model_len: usize,
+}
+
+/// One request of the persistent batch.
+struct CachedRequest {
+    /// prompt ++ output.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    block_table: Vec<u32>,
+    num_computed: usize,
+    params: SamplingParams,
+    sampler: SamplerState,
+}
+
+/// Where one scheduled request's rows sit in this step's batch.
+struct Scheduled {
+    req_idx: usize,
+    start: usize,
+    end: usize,
+    /// First logits row for this request's prompt logprobs, and how many.
+    prompt_rows: (usize, usize),
+    /// Logits row to sample from.
+    sample_row: Option<usize>,
+}
+
+pub struct ModelRunner {
+    cfg: ModelConfig,
+    backend: CpuBackend,
+    model: Box<dyn CausalLm<CpuBackend>>,
+    spec: KvCacheSpec,
+    kv: Option<<CpuBackend as Backend>::KvCache>,
+    num_blocks: usize,
+    max_model_len: usize,
+    requests: HashMap<RequestId, CachedRequest>,
+    rng: rand::rngs::StdRng,
+    // Step buffers, reused so a step does not reallocate them.
+    meta: AttentionMetadata,
+    input_ids: Vec<u32>,
+    logits_rows: Vec<usize>,
+}
+
+const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
+
+impl ModelRunner {
+    /// Loads the weights; the KV cache comes later (`initialize_kv_cache`).
+    pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
+        cfg.parallel.validate()?;
+        if cfg.parallel.tp_size > 1 || cfg.parallel.pp_size > 1 {
+            return Err(Error::NotImplemented {
+                feature: format!(
+                    "tensor/pipeline parallel execution (tp={}, pp={}): weights can be sliced but the CPU collectives are not built yet",
+                    cfg.parallel.tp_size, cfg.parallel.pp_size
+                ),
+            });
+        }
+        if !BLOCK_SIZES.contains(&cfg.block_size) {
+            return Err(Error::Unsupported {
+                what: "block size",
+                value: cfg.block_size.to_string(),
+                supported: "8, 16, 32, 64, 128".into(),
+            });
+        }
+        let backend = CpuBackend::new(&cfg.dtype)?;
+        let format = cfg.load_format.resolve(&cfg.model)?;
+        let mcfg = ModelConfig::load(&cfg.model, format, &cfg.hf_overrides)?;
+        let max_model_len = if cfg.max_model_len == 0 {
+            mcfg.max_position_embeddings
+        } else {
+            cfg.max_model_len
+        };
+        let mut src = loader::open(&cfg.model, format, &mcfg, cfg.seed)?;
+        let progress = if std::io::stderr().is_terminal() {
+            let pb = ProgressBar::new(models::num_weights(&mcfg) as u64);
+            if let Ok(style) =
+                ProgressStyle::with_template("Loading weights {bar:40} {pos}/{len} [{elapsed}]")
+            {
+                pb.set_style(style);
+            }
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let started = std::time::Instant::now();
+        let model = models::load_model(
+            &backend,
+            &mcfg,
+            src.as_mut(),
+            &cfg.parallel,
+            max_model_len,
+            &progress,
+        )?;
+        progress.finish_and_clear();
+        tracing::info!(
+            "Loaded {} ({:?}) from {} in {:.2}s",
+            mcfg.architecture,
+            format,
+            cfg.model.display(),
+            started.elapsed().as_secs_f64()
+        );
+        let spec = model.kv_cache_spec(cfg.block_size);
+        Ok(ModelRunner {
+            cfg: mcfg,
+            backend,
+            model,
+            spec,
+            kv: None,
+            num_blocks: 0,
+            max_model_len,
+            requests: HashMap::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+            meta: AttentionMetadata::default(),
+            input_ids: Vec::new(),
+            logits_rows: Vec::new(),
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of one KV block over all layers, K and V.
+    pub fn kv_cache_bytes_per_block(&self) -> usize {
+        self.spec.bytes_per_block()
+    }
+
+    pub fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        if num_blocks == 0 {
+            return Err(Error::config("the KV cache needs at least one block"));
+        }
+        self.kv = None; // free the old cache before allocating the new one
+        self.kv = Some(self.backend.alloc_kv_cache(self.spec, num_blocks)?);
+        self.num_blocks = num_blocks;
+        self.requests.clear();
+        Ok(())
+    }
+
+    fn check_blocks(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&b| b as usize >= self.num_blocks) {
+            Some(&block_id) => Err(Error::BlockOutOfRange {
+                block_id,
+                num_blocks: self.num_blocks,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_tokens(&self, req_id: &str, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            Some(&token_id) => Err(Error::bad_step(
+                req_id,
+                Error::TokenOutOfRange {
+                    token_id,
+                    vocab_size: self.cfg.vocab_size,
+                }
+                .to_string(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies the step's request changes to the persistent batch.
+    fn update_batch(&mut self, step: &SchedulerOutput) -> Result<()> {
+        for id in &step.finished_req_ids {
+            self.requests.remove(id);
+        }
+        for r in &step.new_requests {
+            if self.requests.contains_key(&r.req_id) {
+                return Err(Error::DuplicateRequest {
+                    req_id: r.req_id.clone(),
+                });
+            }
+            self.check_blocks(&r.block_ids)?;
+            self.check_tokens(&r.req_id, &r.prompt_token_ids)?;
+            self.check_tokens(&r.req_id, &r.output_token_ids)?;
+            if r.prompt_token_ids.is_empty() {
+                return Err(Error::bad_step(&r.req_id, "empty prompt"));
+            }
+            let mut tokens = r.prompt_token_ids.clone();
+            tokens.extend_from_slice(&r.output_token_ids);
+            if r.num_computed_tokens > tokens.len() {
+                return Err(Error::ComputedTokensMismatch {
+                    req_id: r.req_id.clone(),
+                    expected: r.num_computed_tokens,
+                    actual: tokens.len(),
+                });
+            }
+            self.requests.insert(
+                r.req_id.clone(),
+                CachedRequest {
+                    sampler: SamplerState::new(
+                        &r.sampling_params,
+                        &r.prompt_token_ids,
+                        &r.output_token_ids,
+                    ),
+                    tokens,
+                    prompt_len: r.prompt_token_ids.len(),
+                    block_table: r.block_ids.clone(),
+                    num_computed: r.num_computed_tokens,
+                    params: r.sampling_params.clone(),
+                },
+            );
+        }
+        for c in &step.cached_requests {
+            self.check_blocks(&c.new_block_ids)?;
+            let r = self
+                .requests
+                .get_mut(&c.req_id)
+                .ok_or_else(|| Error::UnknownRequest {
+                    req_id: c.req_id.clone(),
+                })?;
+            if c.num_computed_tokens != r.num_computed {
+                return Err(Error::ComputedTokensMismatch {
+                    req_id: c.req_id.clone(),
+                    expected: c.num_computed_tokens,
+                    actual: r.num_computed,
+                });
+            }
+            r.block_table.extend_from_slice(&c.new_block_ids);
+        }
+        Ok(())
+    }
+
+    pub fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        if self.kv.is_none() {
+            return Err(Error::KvCacheNotInitialized);
+        }
+        self.update_batch(step)?;
+        let bs = self.spec.block_size;
+        let mut order: Vec<(&RequestId, &CachedRequest)> =
+            Vec::with_capacity(step.num_scheduled_tokens.len());
+        let mut max_blocks = 0;
+        for (id, n) in &step.num_scheduled_tokens {
+            let r = self
+                .requests
+                .get(id)
+                .ok_or_else(|| Error::UnknownRequest { req_id: id.clone() })?;
+            let end = r.num_computed + n;
+            if *n == 0 || end > r.tokens.len() {
+                return Err(Error::bad_step(
+                    id,
+                    format!(
+                        "{n} tokens scheduled after {} computed, but only {} are known",
+                        r.num_computed,
+                        r.tokens.len()
+                    ),
+                ));
+            }
+            if end > self.max_model_len {
+                return Err(Error::PositionOutOfRange {
+                    position: end - 1,
+                    max_len: self.max_model_len,
+                });
+            }
+            if r.block_table.len() * bs < end {
+                return Err(Error::bad_step(
+                    id,
+                    format!(
+                        "{} blocks of {bs} cannot hold {end} tokens",
+                        r.block_table.len()
+                    ),
+                ));
+            }
+            max_blocks = max_blocks.max(end.div_ceil(bs));
+            order.push((id, r));
+        }
+
+        // Flat inputs.
+        let meta = &mut self.meta;
+        meta.clear();
+        self.input_ids.clear();
+        self.logits_rows.clear();
+        meta.max_blocks_per_seq = max_blocks;
+        meta.query_start_loc.push(0);
+        let mut sched = Vec::with_capacity(order.len());
+        for (i, ((_, r), (_, n))) in order.iter().zip(&step.num_scheduled_tokens).enumerate() {
+            let (start, end) = (r.num_computed, r.num_computed + n);
+            let row0 = self.input_ids.len();
+            self.input_ids.extend_from_slice(&r.tokens[start..end]);
+            for pos in start..end {
+                meta.positions.push(pos as u32);
+                meta.slot_mapping
+                    .push(r.block_table[pos / bs] as usize * bs + pos % bs);
+            }
+            meta.query_start_loc.push(self.input_ids.len());
+            meta.seq_lens.push(end);
+            let nb = end.div_ceil(bs);
+            meta.block_tables.extend_from_slice(&r.block_table[..nb]);
+            meta.block_tables.resize((i + 1) * max_blocks, 0);
+            // Prompt logprobs: positions p in [start, end) predicting prompt token p + 1.
+            let mut prompt_rows = (self.logits_rows.len(), 0);
+            if r.params.prompt_logprobs.is_some() {
+                let last = end.min(r.prompt_len.saturating_sub(1));
+                for p in start..last {
+                    self.logits_rows.push(row0 + p - start);
+                }
+                prompt_rows.1 = last.saturating_sub(start);
+            }
+            let sample_row = (end == r.tokens.len()).then(|| {
+                self.logits_rows.push(row0 + n - 1);
+                self.logits_rows.len() - 1
+            });
+            sched.push(Scheduled {
+                req_idx: i,
+                start,
+                end,
+                prompt_rows,
+                sample_row,
+            });
+        }
+
+        let kv = self.kv.as_mut().expect("checked above");
+        let logits = if step.is_empty() {
+            Vec::new()
+        } else {
+            self.model.forward(
+                &self.backend,
+                &self.input_ids,
+                &self.meta,
+                kv,
+                &self.logits_rows,
+            )?
+        };
+        let vocab = self.cfg.vocab_size;
+
+        let mut out = ModelRunnerOutput::default();
+        let mut logits = logits;
+        for s in &sched {
+            let id = &step.num_scheduled_tokens[s.req_idx].0;
+            let r = self.requests.get_mut(id).expect("looked up above");
+            let mut prompt_lps: Vec<TokenLogprobs> = Vec::new();
+            if let Some(k) = r.params.prompt_logprobs {
+                for j in 0..s.prompt_rows.1 {
+                    let row =
+                        &logits[(s.prompt_rows.0 + j) * vocab..(s.prompt_rows.0 + j + 1) * vocab];
+                    prompt_lps.push(sampler::token_logprobs(row, r.tokens[s.start + j + 1], k));
+                }
+            }
+            let (mut token, mut lps) = (None, None);
+            if let Some(row) = s.sample_row {
+                let sampled = sampler::sample(
+                    &mut logits[row * vocab..(row + 1) * vocab],
+                    &r.params,
+                    &r.sampler,
+                    &mut self.rng,
+                );
+                r.tokens.push(sampled.token);
+                r.sampler.push_output(sampled.token);
+                token = Some(sampled.token);
+                lps = sampled.logprobs;
+            }
+            r.num_computed = s.end;
+            out.req_ids.push(id.clone());
+            out.sampled_token_ids.push(token);
+            out.logprobs.push(lps);
+            out.prompt_logprobs.push(prompt_lps);
+        }
+        Ok(out)
+    }
+
+    /// Requests in the persistent batch.
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+}

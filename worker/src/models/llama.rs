@@ -1,0 +1,243 @@
+//! The Llama graph: LlamaForCausalLM (Llama 2/3, SmolLM2, TinyLlama),
+//! MistralForCausalLM (same graph) and Qwen2ForCausalLM (q/k/v bias).
+//! Column-parallel q/k/v and gate/up, row-parallel o and down,
+//! vocab-parallel embedding and LM head.
+
+use indicatif::ProgressBar;
+
+use super::CausalLm;
+use crate::attention::{AttentionMetadata, QkvHeads};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCacheSpec;
+use crate::loader::{HostLinear, WeightSource};
+use crate::parallel::{ParallelConfig, Shard};
+use crate::rope::RopeTable;
+
+struct Layer<B: Backend> {
+    input_norm: B::Vector,
+    /// q | k | v heads of this rank, side by side.
+    qkv: B::Linear,
+    o: B::Linear,
+    post_norm: B::Vector,
+    /// gate | up columns of this rank.
+    gate_up: B::Linear,
+    down: B::Linear,
+}
+
+pub struct Llama<B: Backend> {
+    heads: QkvHeads,
+    embed: B::Embedding,
+    layers: Vec<Layer<B>>,
+    norm: B::Vector,
+    lm_head: B::Linear,
+    rope: RopeTable,
+    eps: f32,
+    scale: f32,
+    vocab_size: usize,
+    parallel: ParallelConfig,
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn load(
+        backend: &B,
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        parallel: &ParallelConfig,
+        max_positions: usize,
+        progress: &ProgressBar,
+    ) -> Result<Self> {
+        if let Some(w) = cfg.sliding_window {
+            if w < max_positions {
+                return Err(Error::NotImplemented {
+                    feature: format!("sliding-window attention (window {w} < max model length {max_positions}); lower --max-model-len to {w}"),
+                });
+            }
+        }
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let q_heads = parallel.even_shard("attention heads", cfg.num_attention_heads)?;
+        let kv_heads = parallel.kv_head_shard(cfg.num_key_value_heads)?;
+        let ffn = parallel.even_shard("intermediate size", cfg.intermediate_size)?;
+        let vocab = parallel.vocab_shard(cfg.vocab_size);
+        let heads = QkvHeads {
+            num_heads: q_heads.len(),
+            num_kv_heads: kv_heads.len(),
+            head_dim: hd,
+        };
+        let rows = |r: &std::ops::Range<usize>| Shard::Rows(r.start * hd..r.end * hd);
+        let column = |src: &mut dyn WeightSource,
+                      name: &str,
+                      out: usize,
+                      shard: Shard,
+                      bias: bool|
+         -> Result<HostLinear> {
+            let weight = src.matrix(&format!("{name}.weight"), (out, h), &shard)?;
+            let bias = if bias {
+                Some(src.vector(&format!("{name}.bias"), out, &shard)?)
+            } else {
+                None
+            };
+            progress.inc(1);
+            Ok(HostLinear { weight, bias })
+        };
+
+        let embed_w = src.matrix(
+            "model.embed_tokens.weight",
+            (cfg.vocab_size, h),
+            &Shard::Rows(vocab.clone()),
+        )?;
+        progress.inc(1);
+        let embed = backend.upload_embedding(&embed_w, vocab.start)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let b = cfg.attention_bias;
+            let q = column(
+                src,
+                &format!("{p}.self_attn.q_proj"),
+                cfg.q_size(),
+                rows(&q_heads),
+                b,
+            )?;
+            let k = column(
+                src,
+                &format!("{p}.self_attn.k_proj"),
+                cfg.kv_size(),
+                rows(&kv_heads),
+                b,
+            )?;
+            let v = column(
+                src,
+                &format!("{p}.self_attn.v_proj"),
+                cfg.kv_size(),
+                rows(&kv_heads),
+                b,
+            )?;
+            let o = src.matrix(
+                &format!("{p}.self_attn.o_proj.weight"),
+                (h, cfg.q_size()),
+                &Shard::Cols(q_heads.start * hd..q_heads.end * hd),
+            )?;
+            let gate = column(
+                src,
+                &format!("{p}.mlp.gate_proj"),
+                cfg.intermediate_size,
+                Shard::Rows(ffn.clone()),
+                false,
+            )?;
+            let up = column(
+                src,
+                &format!("{p}.mlp.up_proj"),
+                cfg.intermediate_size,
+                Shard::Rows(ffn.clone()),
+                false,
+            )?;
+            let down = src.matrix(
+                &format!("{p}.mlp.down_proj.weight"),
+                (h, cfg.intermediate_size),
+                &Shard::Cols(ffn.clone()),
+            )?;
+            let input_norm = src.vector(&format!("{p}.input_layernorm.weight"), h, &Shard::Full)?;
+            let post_norm = src.vector(
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                &Shard::Full,
+            )?;
+            progress.inc(4);
+            layers.push(Layer {
+                input_norm: backend.upload_vector(input_norm)?,
+                qkv: backend.upload_linear(vec![q, k, v])?,
+                o: backend.upload_linear(vec![HostLinear {
+                    weight: o,
+                    bias: None,
+                }])?,
+                post_norm: backend.upload_vector(post_norm)?,
+                gate_up: backend.upload_linear(vec![gate, up])?,
+                down: backend.upload_linear(vec![HostLinear {
+                    weight: down,
+                    bias: None,
+                }])?,
+            });
+        }
+        let norm = backend.upload_vector(src.vector("model.norm.weight", h, &Shard::Full)?)?;
+        let head_w = if cfg.tie_word_embeddings {
+            embed_w
+        } else {
+            src.matrix("lm_head.weight", (cfg.vocab_size, h), &Shard::Rows(vocab))?
+        };
+        progress.inc(2);
+        let lm_head = backend.upload_linear(vec![HostLinear {
+            weight: head_w,
+            bias: None,
+        }])?;
+        Ok(Self {
+            heads,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: RopeTable::new(cfg, max_positions),
+            eps: cfg.rms_norm_eps as f32,
+            scale: 1.0 / (hd as f32).sqrt(),
+            vocab_size: cfg.vocab_size,
+            parallel: *parallel,
+        })
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Llama<B> {
+    fn kv_cache_spec(&self, block_size: usize) -> KvCacheSpec {
+        KvCacheSpec {
+            num_layers: self.layers.len(),
+            num_kv_heads: self.heads.num_kv_heads,
+            head_dim: self.heads.head_dim,
+            block_size,
+            dtype_bytes: 4,
+        }
+    }
+
+    fn forward(
+        &self,
+        b: &B,
+        input_ids: &[u32],
+        meta: &AttentionMetadata,
+        kv: &mut B::KvCache,
+        logits_rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let mut residual = b.embed(&self.embed, input_ids)?;
+        b.all_reduce(&mut residual, &self.parallel)?;
+        let mut x = b.rms_norm(&residual, &self.layers[0].input_norm, self.eps)?;
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut qkv = b.linear(&x, &l.qkv)?;
+            b.rotary(&mut qkv, self.heads, &meta.positions, &self.rope)?;
+            b.write_kv(kv, i, &qkv, self.heads, meta)?;
+            if i == last && logits_rows.is_empty() {
+                // A prefill chunk that samples nothing only needs its KV.
+                return Ok(Vec::new());
+            }
+            let mut attn = b.attention(kv, i, &qkv, self.heads, meta, self.scale)?;
+            if i == last {
+                // Only the rows that need logits go through the rest.
+                attn = b.gather_rows(&attn, logits_rows)?;
+                residual = b.gather_rows(&residual, logits_rows)?;
+            }
+            let mut o = b.linear(&attn, &l.o)?;
+            b.all_reduce(&mut o, &self.parallel)?;
+            x = b.add_rms_norm(&mut residual, &o, &l.post_norm, self.eps)?;
+            let act = b.silu_mul(&b.linear(&x, &l.gate_up)?)?;
+            let mut down = b.linear(&act, &l.down)?;
+            b.all_reduce(&mut down, &self.parallel)?;
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
+            x = b.add_rms_norm(&mut residual, &down, next_norm, self.eps)?;
+        }
+        let logits = b.linear(&x, &self.lm_head)?;
+        let logits = b.all_gather_cols(logits, &self.parallel)?;
+        b.to_host(&logits)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}

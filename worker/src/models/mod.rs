@@ -1,0 +1,61 @@
+//! Model architectures, each written once against `backend::Backend`.
+
+pub mod llama;
+
+use indicatif::ProgressBar;
+
+use crate::attention::AttentionMetadata;
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCacheSpec;
+use crate::loader::WeightSource;
+use crate::parallel::ParallelConfig;
+
+/// HF architecture names this build can run.
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// A decoder-only language model on backend `B`.
+pub trait CausalLm<B: Backend>: Send + Sync {
+    /// KV cache shape on this rank, for `block_size`.
+    fn kv_cache_spec(&self, block_size: usize) -> KvCacheSpec;
+
+    /// Runs the flat batch `input_ids` (with `meta`) and returns logits for the
+    /// batch rows `logits_rows`, row-major [logits_rows.len(), vocab_size].
+    fn forward(
+        &self,
+        backend: &B,
+        input_ids: &[u32],
+        meta: &AttentionMetadata,
+        kv: &mut B::KvCache,
+        logits_rows: &[usize],
+    ) -> Result<Vec<f32>>;
+
+    fn vocab_size(&self) -> usize;
+}
+
+/// Tensors `load_model` reads, to size the progress bar.
+pub fn num_weights(cfg: &ModelConfig) -> usize {
+    3 + 9 * cfg.num_hidden_layers
+}
+
+pub fn load_model<B: Backend>(
+    backend: &B,
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    parallel: &ParallelConfig,
+    max_positions: usize,
+    progress: &ProgressBar,
+) -> Result<Box<dyn CausalLm<B>>> {
+    match cfg.architecture.as_str() {
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => Ok(Box::new(
+            llama::Llama::load(backend, cfg, src, parallel, max_positions, progress)?,
+        )),
+        other => Err(Error::Unsupported {
+            what: "model architecture",
+            value: other.to_string(),
+            supported: SUPPORTED_ARCHITECTURES.join(", "),
+        }),
+    }
+}

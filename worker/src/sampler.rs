@@ -1,0 +1,530 @@
+//! Token sampling with vLLM's semantics. Order: raw logprobs (before any
+//! processing), allowed_token_ids, min_tokens stop masking, logit_bias,
+//! penalties, then greedy argmax or temperature -> min_p -> top_k -> top_p
+//! -> draw. A seeded request draws from a counter-based generator keyed by
+//! (seed, output index), so its tokens do not depend on the batch around it
+//! or on preemption.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::Rng;
+
+use crate::sampling_params::SamplingParams;
+use crate::step::TokenLogprobs;
+
+/// What the sampler remembers about one request.
+#[derive(Clone, Debug, Default)]
+pub struct SamplerState {
+    /// Output token counts (frequency/presence penalties).
+    output_counts: HashMap<u32, u32>,
+    /// Distinct prompt tokens, kept only when repetition_penalty != 1.
+    prompt_tokens: Option<HashSet<u32>>,
+    num_output: usize,
+}
+
+impl SamplerState {
+    pub fn new(params: &SamplingParams, prompt: &[u32], output: &[u32]) -> Self {
+        let mut s = Self {
+            prompt_tokens: (params.repetition_penalty != 1.0)
+                .then(|| prompt.iter().copied().collect()),
+            ..Default::default()
+        };
+        for &t in output {
+            s.push_output(t);
+        }
+        s
+    }
+
+    pub fn push_output(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_default() += 1;
+        self.num_output += 1;
+    }
+
+    pub fn num_output(&self) -> usize {
+        self.num_output
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Uniform in [0, 1) for output index `index` of a request seeded `seed`.
+pub fn seeded_uniform(seed: u64, index: u64) -> f64 {
+    let bits = splitmix64(splitmix64(seed) ^ splitmix64(index.wrapping_add(0x5851_F42D_4C95_7F2D)));
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+}
+
+/// Logprob, 1-based rank and top-`k` of `token` under `logits` (unprocessed).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let lse = log_sum_exp(logits);
+    let chosen = logits[token as usize];
+    let rank = 1 + logits.iter().filter(|&&x| x > chosen).count();
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k);
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(idx.len());
+        let by_logit_desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_logit_desc);
+        }
+        idx.truncate(k);
+        idx.sort_unstable_by(by_logit_desc);
+        top = idx
+            .into_iter()
+            .map(|t| (t, logits[t as usize] - lse))
+            .collect();
+    }
+    TokenLogprobs {
+        token_id: token,
+        logprob: chosen - lse,
+        rank,
+        top,
+    }
+}
+
+/// The processed logits (masks, bias, penalties) in place.
+fn process(logits: &mut [f32], p: &SamplingParams, st: &SamplerState) {
+    if let Some(allowed) = &p.allowed_token_ids {
+        let mut keep = vec![false; logits.len()];
+        for &t in allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (x, k) in logits.iter_mut().zip(keep) {
+            if !k {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if st.num_output < p.min_tokens {
+        for &t in &p.all_stop_token_ids {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for &(t, b) in &p.logit_bias {
+        if let Some(x) = logits.get_mut(t as usize) {
+            *x += b;
+        }
+    }
+    if p.repetition_penalty != 1.0 {
+        let rp = p.repetition_penalty;
+        let seen = st
+            .prompt_tokens
+            .iter()
+            .flatten()
+            .chain(st.output_counts.keys());
+        let mut done = HashSet::new();
+        for &t in seen {
+            if done.insert(t) {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
+                }
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        for (&t, &c) in &st.output_counts {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The chosen token and, if asked, its logprobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Samples one token from `logits` (modified in place). `rng` is used for
+/// requests without a seed.
+pub fn sample(
+    logits: &mut [f32],
+    p: &SamplingParams,
+    st: &SamplerState,
+    rng: &mut impl Rng,
+) -> Sampled {
+    let raw = p.logprobs.map(|_| logits.to_vec());
+    process(logits, p, st);
+    let token = if p.is_greedy() {
+        argmax(logits)
+    } else {
+        let u = match p.seed {
+            Some(seed) => seeded_uniform(seed, st.num_output as u64),
+            None => rng.random::<f64>(),
+        };
+        draw(logits, p, u)
+    };
+    Sampled {
+        token,
+        logprobs: raw.map(|raw| token_logprobs(&raw, token, p.logprobs.unwrap_or(0))),
+    }
+}
+
+/// temperature -> min_p -> top_k -> top_p, then the token at cumulative
+/// probability `u`. `logits` becomes the probabilities.
+fn draw(logits: &mut [f32], p: &SamplingParams, u: f64) -> u32 {
+    let inv_t = 1.0 / p.temperature;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        // Everything masked: nothing better than token 0 exists.
+        return 0;
+    }
+    let mut sum = 0f32;
+    for x in logits.iter_mut() {
+        *x = ((*x - max) * inv_t).exp();
+        sum += *x;
+    }
+    // Relative to the max prob (which is exp(0) = 1 before normalizing).
+    if p.min_p > 0.0 {
+        let floor = p.min_p;
+        sum = 0.0;
+        for x in logits.iter_mut() {
+            if *x < floor {
+                *x = 0.0;
+            }
+            sum += *x;
+        }
+    }
+    let top_k = if p.top_k > 0 {
+        p.top_k as usize
+    } else {
+        usize::MAX
+    };
+    if top_k < logits.len() || p.top_p < 1.0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] > 0.0)
+            .collect();
+        let desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if top_k < idx.len() {
+            idx.select_nth_unstable_by(top_k - 1, desc);
+            idx.truncate(top_k);
+        }
+        idx.sort_unstable_by(desc);
+        let total: f32 = idx.iter().map(|&i| logits[i as usize]).sum();
+        let mut keep = idx.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0f32;
+            for (n, &i) in idx.iter().enumerate() {
+                cum += logits[i as usize] / total;
+                if cum >= p.top_p {
+                    keep = n + 1;
+                    break;
+                }
+            }
+        }
+        idx.truncate(keep.max(1));
+        let total: f64 = idx.iter().map(|&i| logits[i as usize] as f64).sum();
+        let target = u * total;
+        let mut cum = 0f64;
+        for &i in &idx {
+            cum += logits[i as usize] as f64;
+            if cum > target {
+                return i;
+            }
+        }
+        return *idx.last().expect("at least one token kept");
+    }
+    let target = u * sum as f64;
+    let mut cum = 0f64;
+    let mut last = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > 0.0 {
+            cum += x as f64;
+            last = i;
+            if cum > target {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(0)
+    }
+
+    fn run(logits: &[f32], p: &SamplingParams, st: &SamplerState) -> u32 {
+        sample(&mut logits.to_vec(), p, st, &mut rng()).token
+    }
+
+    fn greedy() -> SamplingParams {
+        SamplingParams::greedy()
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &greedy(), &SamplerState::default()),
+            1
+        );
+        let p = SamplingParams {
+            temperature: 1e-6,
+            ..Default::default()
+        };
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &SamplerState::default()), 1);
+    }
+
+    #[test]
+    fn allowed_tokens_and_logit_bias() {
+        let p = SamplingParams {
+            allowed_token_ids: Some(vec![0, 2]),
+            ..greedy()
+        };
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &SamplerState::default()), 2);
+        let p = SamplingParams {
+            logit_bias: vec![(0, 10.0)],
+            ..greedy()
+        };
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &SamplerState::default()), 0);
+    }
+
+    #[test]
+    fn min_tokens_masks_stop_tokens() {
+        let p = SamplingParams {
+            min_tokens: 2,
+            all_stop_token_ids: vec![1],
+            ..greedy()
+        };
+        let mut st = SamplerState::new(&p, &[], &[0]);
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &st), 2);
+        st.push_output(2);
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &st), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..greedy()
+        };
+        // Token 1 seen in the prompt: 3.0 -> 1.5 < 2.0.
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[1], &[])),
+            2
+        );
+        // Negative logits are multiplied: -1 -> -2 < -1.5.
+        assert_eq!(
+            run(&[-1.0, -1.5, -3.0], &p, &SamplerState::new(&p, &[], &[0])),
+            1
+        );
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[], &[])),
+            1
+        );
+    }
+
+    #[test]
+    fn presence_and_frequency_count_output_only() {
+        let p = SamplingParams {
+            presence_penalty: 1.5,
+            ..greedy()
+        };
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[], &[1])),
+            2
+        );
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[1], &[])),
+            1,
+            "prompt tokens are not penalized"
+        );
+        let p = SamplingParams {
+            frequency_penalty: 0.4,
+            ..greedy()
+        };
+        assert_eq!(
+            run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[], &[1, 1])),
+            1,
+            "3.0 - 0.8 = 2.2 > 2.0"
+        );
+        assert_eq!(
+            run(
+                &[0.1, 3.0, 2.0],
+                &p,
+                &SamplerState::new(&p, &[], &[1, 1, 1])
+            ),
+            2,
+            "3.0 - 1.2 < 2.0"
+        );
+    }
+
+    fn histogram(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<usize> {
+        let mut h = vec![0; logits.len()];
+        let mut r = rng();
+        for _ in 0..n {
+            h[sample(&mut logits.to_vec(), p, &SamplerState::default(), &mut r).token as usize] +=
+                1;
+        }
+        h
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_support() {
+        let logits = [2.0, 1.9, 1.8, 0.0, -1.0];
+        let h = histogram(
+            &logits,
+            &SamplingParams {
+                top_k: 2,
+                ..Default::default()
+            },
+            400,
+        );
+        assert!(
+            h[0] > 0 && h[1] > 0 && h[2..].iter().all(|&c| c == 0),
+            "{h:?}"
+        );
+        // probs ~ [.33,.30,.27,.06,.02]: top_p 0.5 keeps the first two.
+        let h = histogram(
+            &logits,
+            &SamplingParams {
+                top_p: 0.5,
+                ..Default::default()
+            },
+            400,
+        );
+        assert!(
+            h[0] > 0 && h[1] > 0 && h[2..].iter().all(|&c| c == 0),
+            "{h:?}"
+        );
+        // min_p 0.5 keeps tokens with p >= 0.5 * p_max: the first three.
+        let h = histogram(
+            &logits,
+            &SamplingParams {
+                min_p: 0.5,
+                ..Default::default()
+            },
+            400,
+        );
+        assert!(
+            h[..3].iter().all(|&c| c > 0) && h[3..].iter().all(|&c| c == 0),
+            "{h:?}"
+        );
+        // Temperature: a low one concentrates on the argmax.
+        // At T=0.05 token 0 has p ~ 0.87.
+        let h = histogram(
+            &logits,
+            &SamplingParams {
+                temperature: 0.05,
+                ..Default::default()
+            },
+            200,
+        );
+        assert!(h[0] > 150 && h[3..].iter().all(|&c| c == 0), "{h:?}");
+        let h = histogram(
+            &logits,
+            &SamplingParams {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            400,
+        );
+        assert!(h[3] > 0, "{h:?}");
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_by_output_index() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams {
+            seed: Some(42),
+            ..Default::default()
+        };
+        let seq = |p: &SamplingParams| {
+            let mut st = SamplerState::new(p, &[], &[]);
+            let mut r = rand::rngs::StdRng::seed_from_u64(rand::random());
+            (0..20)
+                .map(|_| {
+                    let t = sample(&mut logits.clone(), p, &st, &mut r).token;
+                    st.push_output(t);
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = seq(&p);
+        assert_eq!(a, seq(&p));
+        assert_ne!(
+            a,
+            seq(&SamplingParams {
+                seed: Some(43),
+                ..p.clone()
+            })
+        );
+        // Resuming after a preemption at index 7 continues the same stream.
+        let mut st = SamplerState::new(&p, &[], &a[..7]);
+        let t = sample(&mut logits.clone(), &p, &st, &mut rng()).token;
+        assert_eq!(t, a[7]);
+        st.push_output(t);
+    }
+
+    #[test]
+    fn logprobs_are_raw_with_ranks() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let lse = log_sum_exp(&logits);
+        // Temperature and top_k do not change the reported logprobs.
+        let p = SamplingParams {
+            temperature: 0.5,
+            top_k: 1,
+            logprobs: Some(2),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let s = sample(
+            &mut logits.to_vec(),
+            &p,
+            &SamplerState::default(),
+            &mut rng(),
+        );
+        assert_eq!(s.token, 1);
+        let lp = s.logprobs.unwrap();
+        assert!((lp.logprob - (3.0 - lse)).abs() < 1e-6);
+        assert_eq!(lp.rank, 1);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        let lp = token_logprobs(&logits, 3, 0);
+        assert_eq!(lp.rank, 4);
+        assert!(lp.top.is_empty());
+        let total: f32 = logits.iter().map(|&x| (x - lse).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        // Ties share the best rank.
+        assert_eq!(token_logprobs(&[1.0, 1.0, 0.0], 1, 0).rank, 1);
+    }
+}

@@ -1,0 +1,93 @@
+//! `--load-format dummy` at SmolLM2-135M's real shapes: loads, runs a step,
+//! and gives the same weights for the same seed.
+
+use serde_json::json;
+use worker::{
+    LoadFormat, ModelRunner, NewRequestData, ParallelConfig, SamplingParams, SchedulerOutput,
+    WorkerConfig,
+};
+
+#[test]
+fn dummy_weights_at_real_shapes_run_a_step() {
+    let dir = std::env::temp_dir().join(format!("flotilla-dummy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cfg = WorkerConfig {
+        model: dir.clone(),
+        load_format: LoadFormat::Dummy,
+        dtype: "float32".into(),
+        hf_overrides: serde_json::Value::Null,
+        block_size: 16,
+        parallel: ParallelConfig::default(),
+        seed: 3,
+        max_model_len: 512,
+    };
+    let mut runner = ModelRunner::load(&cfg).unwrap();
+    // 30 layers x (K + V) x 3 heads x 16 slots x 64 dims x 4 bytes.
+    assert_eq!(runner.kv_cache_bytes_per_block(), 30 * 2 * 3 * 16 * 64 * 4);
+    runner.initialize_kv_cache(4).unwrap();
+    let step = |id: &str| SchedulerOutput {
+        new_requests: vec![NewRequestData {
+            req_id: id.into(),
+            prompt_token_ids: vec![1, 100, 2000, 30000],
+            output_token_ids: vec![],
+            sampling_params: SamplingParams {
+                logprobs: Some(1),
+                ..SamplingParams::greedy()
+            },
+            block_ids: vec![0],
+            num_computed_tokens: 0,
+        }],
+        num_scheduled_tokens: vec![(id.into(), 4)],
+        ..Default::default()
+    };
+    let out = runner.execute_model(&step("a")).unwrap();
+    let t = out.sampled_token_ids[0].unwrap();
+    let lp = out.logprobs[0].as_ref().unwrap().logprob;
+    assert!((t as usize) < 49152 && lp.is_finite() && lp <= 0.0);
+    // Same seed, same weights, same answer.
+    let mut again = ModelRunner::load(&cfg).unwrap();
+    again.initialize_kv_cache(4).unwrap();
+    let out2 = again.execute_model(&step("a")).unwrap();
+    assert_eq!(out2.sampled_token_ids[0], Some(t));
+    assert_eq!(out2.logprobs[0].as_ref().unwrap().logprob, lp);
+
+    // Unknown architectures and unsupported dtypes are clear errors.
+    let e = ModelRunner::load(&WorkerConfig {
+        hf_overrides: json!({"architectures": ["GPT2LMHeadModel"]}),
+        ..cfg.clone()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
+        "{e}"
+    );
+    let e = ModelRunner::load(&WorkerConfig {
+        dtype: "float16".into(),
+        ..cfg.clone()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("f16"), "{e}");
+    let e = ModelRunner::load(&WorkerConfig {
+        parallel: ParallelConfig {
+            tp_size: 2,
+            ..Default::default()
+        },
+        ..cfg
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("not implemented"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
