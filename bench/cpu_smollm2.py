@@ -106,7 +106,7 @@ def bench_hf(model, new_tokens, batch, threads):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
 
     def gen(ps):
         enc = tok(ps, return_tensors="pt", padding=True)

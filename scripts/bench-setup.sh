@@ -8,5 +8,5 @@ bash scripts/setup.sh
 venv=${FLOTILLA_BENCH_VENV:-${FLOTILLA_CACHE_ROOT:-$HOME/.cache/flotilla}/bench-venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-  torch transformers gguf numpy requests openai llama-cpp-python
+  torch transformers accelerate gguf numpy requests openai llama-cpp-python
 echo "$venv"

@@ -324,6 +324,8 @@ async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
         .map(|s| s.split(',').next().unwrap_or(s).to_string());
     let (ip, why) = detect::node_ip(a.node_ip_address.as_deref(), toward.as_deref());
     let spec = node_spec(&a, &ip)?;
+    // Refuse unsupported etcd options before starting anything.
+    etcd_config(&a, Vec::new()).options()?;
     root.ensure()?;
     if !a.block {
         return daemonize(root);
@@ -520,7 +522,10 @@ async fn run_head(
     // Graceful shutdown waits for clients to hang up; don't let one keep
     // the head (and its etcd) alive.
     let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
         server.abort();
     }
     if read_trimmed(&root.head_address_file()).as_deref() == Some(address.as_str()) {

@@ -29,8 +29,7 @@ impl OwnedEtcd {
         let endpoint = format!("http://{ip}:{client}");
         let peer_url = format!("http://{ip}:{peer}");
         let mut cmd = Command::new("etcd");
-        cmd
-            .arg("--name")
+        cmd.arg("--name")
             .arg("flotilla-head")
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -55,13 +54,11 @@ impl OwnedEtcd {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| {
-                Error::Other(format!(
-                    "cannot start etcd from PATH: {e} (install etcd or pass --etcd-endpoints)"
-                ))
-            })?;
+        let child = cmd.spawn().map_err(|e| {
+            Error::Other(format!(
+                "cannot start etcd from PATH: {e} (install etcd or pass --etcd-endpoints)"
+            ))
+        })?;
         let mut me = OwnedEtcd { child, endpoint };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -328,13 +328,12 @@ impl HeadService {
             kind: "actor",
             name: name_or_id.to_string(),
         })?;
-        let node_id = a
-            .node_id
-            .clone()
-            .or_else(|| a.log_path.as_ref().and(None))
-            .ok_or_else(|| {
-                Error::Other(format!("actor {} has not been placed on a node yet", a.id))
-            })?;
+        let node_id = a.node_id.clone().ok_or_else(|| {
+            Error::Other(format!(
+                "actor {} is {:?} and on no node now; its last log stays on the node that ran it",
+                a.id, a.state
+            ))
+        })?;
         let node = snap.nodes.get(&node_id).ok_or_else(|| Error::NotFound {
             kind: "node",
             name: node_id.clone(),

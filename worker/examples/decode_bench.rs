@@ -76,11 +76,22 @@ fn run(runner: &mut ModelRunner, n: usize, prompt_len: usize) -> worker::Result<
     Ok((prefill, decode))
 }
 
-fn main() -> worker::Result<()> {
+fn main() {
+    if let Err(e) = run_bench() {
+        eprintln!("decode_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run_bench() -> worker::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = match args.next() {
-        Some(m) => PathBuf::from(m),
-        None => default_model().expect("no model given and SmolLM2 not found (scripts/setup.sh)"),
+    let model = match args.next().map(PathBuf::from).or_else(default_model) {
+        Some(m) => m,
+        None => {
+            return Err(worker::Error::Config {
+                msg: "no model given and SmolLM2 not found (run scripts/setup.sh)".into(),
+            })
+        }
     };
     let conc: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);
     let prompt_len = 16;

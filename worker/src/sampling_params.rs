@@ -95,20 +95,32 @@ impl SamplingParams {
         if self.temperature < 0.0 || !self.temperature.is_finite() {
             return bad(
                 "temperature",
-                format!("temperature must be non-negative, got {}.", self.temperature),
+                format!(
+                    "temperature must be non-negative, got {}.",
+                    self.temperature
+                ),
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", format!("top_p must be in (0, 1], got {}.", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}.", self.top_p),
+            );
         }
         if self.top_k < -1 {
             return bad(
                 "top_k",
-                format!("top_k must be 0 or -1 (disable), or at least 1, got {}.", self.top_k),
+                format!(
+                    "top_k must be 0 or -1 (disable), or at least 1, got {}.",
+                    self.top_k
+                ),
             );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", format!("min_p must be in [0, 1], got {}.", self.min_p));
+            return bad(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}.", self.min_p),
+            );
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad(
@@ -122,18 +134,27 @@ impl SamplingParams {
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return bad(
                 "presence_penalty",
-                format!("presence_penalty must be in [-2, 2], got {}.", self.presence_penalty),
+                format!(
+                    "presence_penalty must be in [-2, 2], got {}.",
+                    self.presence_penalty
+                ),
             );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
             return bad(
                 "frequency_penalty",
-                format!("frequency_penalty must be in [-2, 2], got {}.", self.frequency_penalty),
+                format!(
+                    "frequency_penalty must be in [-2, 2], got {}.",
+                    self.frequency_penalty
+                ),
             );
         }
         if let Some(m) = self.max_tokens {
             if m < 1 {
-                return bad("max_tokens", format!("max_tokens must be at least 1, got {m}."));
+                return bad(
+                    "max_tokens",
+                    format!("max_tokens must be at least 1, got {m}."),
+                );
             }
             if self.min_tokens > m {
                 return bad(
@@ -169,16 +190,27 @@ impl SamplingParams {
                 );
             }
         }
-        let out_of_vocab = |mut ids: &mut dyn Iterator<Item = u32>| Iterator::find(&mut ids, |&t| t as usize >= vocab_size);
+        let out_of_vocab = |mut ids: &mut dyn Iterator<Item = u32>| {
+            Iterator::find(&mut ids, |&t| t as usize >= vocab_size)
+        };
         if let Some(t) = out_of_vocab(&mut self.logit_bias.iter().map(|(t, _)| *t)) {
-            return bad("logit_bias", format!("token_id {t} in logit_bias is out of vocabulary (size {vocab_size})."));
+            return bad(
+                "logit_bias",
+                format!("token_id {t} in logit_bias is out of vocabulary (size {vocab_size})."),
+            );
         }
         if let Some(ids) = &self.allowed_token_ids {
             if ids.is_empty() {
-                return bad("allowed_token_ids", "allowed_token_ids is not allowed to be empty.".into());
+                return bad(
+                    "allowed_token_ids",
+                    "allowed_token_ids is not allowed to be empty.".into(),
+                );
             }
             if let Some(t) = out_of_vocab(&mut ids.iter().copied()) {
-                return bad("allowed_token_ids", format!("allowed_token_ids contains out-of-vocab token id {t}."));
+                return bad(
+                    "allowed_token_ids",
+                    format!("allowed_token_ids contains out-of-vocab token id {t}."),
+                );
             }
         }
         if self.stop.iter().any(|s| s.is_empty()) {
@@ -211,13 +243,55 @@ mod tests {
     #[test]
     fn bad_values_name_their_param() {
         let cases: Vec<(SamplingParams, &str)> = vec![
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { top_k: -2, ..Default::default() }, "top_k"),
-            (SamplingParams { max_tokens: Some(0), ..Default::default() }, "max_tokens"),
-            (SamplingParams { logprobs: Some(21), ..Default::default() }, "logprobs"),
-            (SamplingParams { logit_bias: vec![(100, 1.0)], ..Default::default() }, "logit_bias"),
-            (SamplingParams { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_k: -2,
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..Default::default()
+                },
+                "logprobs",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(100, 1.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+            (
+                SamplingParams {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop",
+            ),
         ];
         for (p, param) in cases {
             assert_eq!(p.validate(100).unwrap_err().param, param);

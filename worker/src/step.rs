@@ -85,8 +85,10 @@ pub struct ModelRunnerOutput {
     /// For requests with `logprobs` set and a sampled token.
     pub logprobs: Vec<Option<TokenLogprobs>>,
     /// For requests with `prompt_logprobs` set: entries for the prompt tokens
-    /// at indices `max(1, start) ..= min(end, prompt_len - 1)` where this step
+    /// at indices `start + 1 ..= min(end, prompt_len - 1)` where this step
     /// covered positions `start .. end` (the logprob of prompt token i given
-    /// tokens before i). Empty for requests without prompt logprobs.
+    /// tokens before i, from the logits at position i - 1, so each prompt
+    /// token appears in exactly one step). Empty for requests without prompt
+    /// logprobs.
     pub prompt_logprobs: Vec<Vec<TokenLogprobs>>,
 }

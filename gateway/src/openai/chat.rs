@@ -252,18 +252,12 @@ struct Ctx {
     state: SharedState,
 }
 
-fn engine_failure(choice: &ChoiceState) -> Option<ApiError> {
-    choice.error.as_ref().map(|e| ApiError::Internal {
-        message: format!("The engine failed the request: {e}"),
-    })
-}
-
 async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCompletionResponse>> {
     let mut choices = vec![ChoiceState::default(); ctx.n];
     while let Some((idx, out)) = merged.next().await {
         if let Some(c) = choices.get_mut(idx) {
             c.apply(&out);
-            if let Some(err) = engine_failure(c) {
+            if let Some(err) = c.failure() {
                 return Err(err);
             }
         }
@@ -357,7 +351,7 @@ impl ChunkEncoder for StreamEncoder {
             return Vec::new();
         };
         choice.apply(&out);
-        if let Some(err) = engine_failure(choice) {
+        if let Some(err) = choice.failure() {
             return vec![json_event(&err.body())];
         }
         let finished = out.finished.is_some();

@@ -228,18 +228,12 @@ impl Ctx {
     }
 }
 
-fn engine_failure(choice: &ChoiceState) -> Option<ApiError> {
-    choice.error.as_ref().map(|e| ApiError::Internal {
-        message: format!("The engine failed the request: {e}"),
-    })
-}
-
 async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<CompletionResponse>> {
     let mut choices = vec![ChoiceState::default(); ctx.num_choices];
     while let Some((idx, out)) = merged.next().await {
         if let Some(c) = choices.get_mut(idx) {
             c.apply(&out);
-            if let Some(err) = engine_failure(c) {
+            if let Some(err) = c.failure() {
                 return Err(err);
             }
         }
@@ -317,7 +311,7 @@ impl ChunkEncoder for StreamEncoder {
         };
         let first = !choice.started;
         choice.apply(&out);
-        if let Some(err) = engine_failure(choice) {
+        if let Some(err) = choice.failure() {
             return vec![json_event(&err.body())];
         }
         let echo = if first { self.ctx.echo_for(idx) } else { None };

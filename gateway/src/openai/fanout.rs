@@ -4,7 +4,7 @@
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use worker::TokenLogprobs;
 
-use super::error::Result;
+use super::error::{ApiError, Result};
 use super::protocol::Usage;
 use crate::engine::{EngineClient, EngineRequest, FinishReason, RequestOutput, StopMatch};
 
@@ -41,6 +41,13 @@ pub struct ChoiceState {
 }
 
 impl ChoiceState {
+    /// The API error for a request the engine failed (not a client abort).
+    pub fn failure(&self) -> Option<ApiError> {
+        self.error.as_ref().map(|e| ApiError::Internal {
+            message: format!("The engine failed the request: {e}"),
+        })
+    }
+
     pub fn apply(&mut self, out: &RequestOutput) {
         self.started = true;
         self.text.push_str(&out.new_text);

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Tensor};
 use rayon::prelude::*;
 
+use super::q8_matmul::{self, Q8Matrix};
 use super::{Backend, ComputeDtype};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};
@@ -81,6 +82,8 @@ impl CpuTensor {
 }
 
 enum Matrix {
+    /// Q8_0 run by our AVX2 kernel.
+    Q8(Q8Matrix),
     Quantized(Arc<QTensor>),
     /// [out, in] f32.
     Dense(Tensor),
@@ -175,6 +178,7 @@ fn dense_matmul(x: &CpuTensor, w: &Tensor) -> Result<Vec<f32>> {
 
 fn matmul_part(x: &CpuTensor, p: &Part) -> Result<Vec<f32>> {
     let mut y = match &p.w {
+        Matrix::Q8(w) => q8_matmul::matmul(x.data(), x.rows, w),
         Matrix::Quantized(q) if x.rows >= GEMM_MIN_ROWS => {
             dense_matmul(x, &q.dequantize(&Device::Cpu)?)?
         }
@@ -222,6 +226,13 @@ impl Backend for CpuBackend {
             .map(|p| {
                 let out = p.weight.dims().0;
                 let w = match p.weight {
+                    HostMatrix::Quantized(q) if q.dtype() == GgmlDType::Q8_0 => {
+                        let (n, k) = q.shape().dims2()?;
+                        match Q8Matrix::new(q.data()?.into_owned(), n, k) {
+                            Some(m) => Matrix::Q8(m),
+                            None => Matrix::Quantized(q),
+                        }
+                    }
                     HostMatrix::Quantized(q) => Matrix::Quantized(q),
                     HostMatrix::Dense(t) => Matrix::Dense(t.contiguous()?),
                 };
@@ -456,7 +467,6 @@ fn rms_row(o: &mut [f32], r: &[f32], w: &[f32], eps: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
 
     #[test]
     fn fused_parts_match_separate_ones() {

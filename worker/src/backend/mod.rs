@@ -3,6 +3,7 @@
 //! CUDA backend fits behind the same trait without touching `models/`.
 
 pub mod cpu;
+pub mod q8_matmul;
 
 use crate::attention::{AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};

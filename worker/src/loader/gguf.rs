@@ -66,6 +66,15 @@ impl GgufSource {
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
             Error::config(format!("{}: not a readable GGUF file: {e}", path.display()))
         })?;
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            // Llama 3.1-style GGUFs carry their RoPE scaling as per-frequency factors.
+            return Err(Error::NotImplemented {
+                feature: format!(
+                    "{}: GGUF rope_freqs (Llama 3.1 RoPE scaling) factors",
+                    path.display()
+                ),
+            });
+        }
         let arch = content
             .metadata
             .get("general.architecture")
