@@ -41,7 +41,8 @@ def prompts(n):
 
 
 def gguf_path():
-    return subprocess.check_output([sys.executable, os.path.join(ROOT, "scripts", "smollm2-path")], text=True).strip()
+    # The model package lives in the test environment (scripts/setup.sh), not the bench venv.
+    return subprocess.check_output(["python3", os.path.join(ROOT, "scripts", "smollm2-path")], text=True).strip()
 
 
 def free_port():

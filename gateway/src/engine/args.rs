@@ -240,6 +240,14 @@ impl EngineArgs {
     /// engine loop. Blocking (weights load here).
     pub fn build(&self, model: &Path) -> Result<LoadedEngine> {
         self.validate()?;
+        // Checked here so a mistyped model path is reported as the model's,
+        // not as the tokenizer's (which loads first and defaults to it).
+        if !model.exists() {
+            return Err(EngineError::InvalidArgs {
+                arg: "model",
+                message: format!("model path {} does not exist", model.display()),
+            });
+        }
         let tokenizer = Arc::new(Tokenizer::load(model, self.tokenizer.as_deref())?);
         let load_format: LoadFormat = self.load_format.parse()?;
         let worker_config = WorkerConfig {
