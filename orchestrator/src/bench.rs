@@ -73,10 +73,7 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
 
     // 3. Placement with simulated nodes registered in etcd, in a cluster
     // prefix of its own so the real cluster is untouched.
-    let etcd = EtcdConfig {
-        endpoints: hello.etcd_endpoints.clone(),
-        ..Default::default()
-    };
+    let etcd = EtcdConfig::new(hello.etcd_endpoints.clone(), &a.etcd);
     let sim = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let store = Store::connect(&etcd, &sim).await?;
     let mut ec = store.client();

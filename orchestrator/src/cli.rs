@@ -23,6 +23,24 @@ pub struct Conn {
     pub token: Option<String>,
 }
 
+/// TLS and auth for etcd; every process that talks to etcd takes them.
+#[derive(Debug, Args, Clone, Default)]
+pub struct EtcdArgs {
+    #[arg(long, env = "FLOTILLA_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "FLOTILLA_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long)]
+    pub etcd_cacert: Option<String>,
+    /// Client certificate (PEM), for an etcd with --client-cert-auth.
+    #[arg(long)]
+    pub etcd_cert: Option<String>,
+    /// The client certificate's private key (PEM).
+    #[arg(long)]
+    pub etcd_key: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
@@ -79,22 +97,18 @@ pub struct StartArgs {
     /// Head to join as a node agent, HEAD_IP:PORT.
     #[arg(long)]
     pub address: Option<String>,
+    /// Internal: this agent is the head's own node, started by `start --head`
+    /// as a process of its own so actors outlive a crashed head.
+    #[arg(long, hide = true, requires = "address")]
+    pub head_node: bool,
     /// The head's gRPC port.
     #[arg(long, default_value_t = 6379)]
     pub port: u16,
     /// etcd to use; without it the head starts its own etcd from PATH.
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
-    #[arg(long, env = "FLOTILLA_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    #[arg(long, env = "FLOTILLA_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
-    #[arg(long)]
-    pub etcd_cacert: Option<String>,
-    #[arg(long)]
-    pub etcd_cert: Option<String>,
-    #[arg(long)]
-    pub etcd_key: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Cluster name: its keys live under /flotilla/NAME/ in etcd.
     #[arg(long, default_value = "default")]
     pub cluster_name: String,
@@ -185,6 +199,8 @@ pub enum ActorCmd {
 pub struct BenchArgs {
     #[command(flatten)]
     pub conn: Conn,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Placement groups to create and remove.
     #[arg(long, default_value_t = 100)]
     pub iterations: usize,

@@ -19,6 +19,7 @@ use crate::detect;
 use crate::error::{Error, Result};
 use crate::etcd_proc::OwnedEtcd;
 use crate::head::{self, HeadService};
+use crate::head_node;
 use crate::paths::{read_trimmed, write_file, CacheRoot, PidFile};
 use crate::resources::{to_fixed, Resources, CPU, GPU, MEMORY};
 use crate::state::{ActorRecord, PgRecord};
@@ -297,7 +298,7 @@ fn node_spec(a: &StartArgs, ip: &str) -> Result<NodeSpec> {
     }
     Ok(NodeSpec {
         ip: ip.to_string(),
-        is_head: a.head,
+        is_head: a.head || a.head_node,
         total,
         gpu_ids,
         gpu_model: model,
@@ -324,8 +325,18 @@ async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
         .map(|s| s.split(',').next().unwrap_or(s).to_string());
     let (ip, why) = detect::node_ip(a.node_ip_address.as_deref(), toward.as_deref());
     let spec = node_spec(&a, &ip)?;
-    // Refuse unsupported etcd options before starting anything.
-    etcd_config(&a, Vec::new()).options()?;
+    // Refuse contradicting etcd options before starting anything.
+    let etcd = etcd_config(&a, a.etcd_endpoints.clone());
+    etcd.validate()?;
+    if a.head && !a.etcd_endpoints.is_empty() {
+        etcd.urls()?;
+    }
+    if a.head && a.etcd_endpoints.is_empty() && etcd.tls() {
+        return Err(Error::invalid(
+            "etcd TLS options",
+            "they need --etcd-endpoints: the etcd a head starts itself serves plain HTTP",
+        ));
+    }
     root.ensure()?;
     if !a.block {
         return daemonize(root);
@@ -406,14 +417,7 @@ fn daemonize(root: &CacheRoot) -> Result<()> {
 }
 
 fn etcd_config(a: &StartArgs, endpoints: Vec<String>) -> EtcdConfig {
-    EtcdConfig {
-        endpoints,
-        user: a.etcd_user.clone(),
-        password: a.etcd_password.clone(),
-        cacert: a.etcd_cacert.clone(),
-        cert: a.etcd_cert.clone(),
-        key: a.etcd_key.clone(),
-    }
+    EtcdConfig::new(endpoints, &a.etcd)
 }
 
 /// The head's token: the one given, else the local file, else the one in
@@ -508,16 +512,55 @@ async fn run_head(
     }
     client::remember_heads(root, std::slice::from_ref(&address));
 
-    let agent_cancel = cancel.child_token();
-    let (node_id, agent) = start_agent(&etcd, &a, spec, root, &token, agent_cancel.clone())?;
-    let pid = PidFile::create(root, &format!("head {address} node {node_id} ready"))?;
-    eprintln!(
-        "head listening on {address} (node {node_id}); join with `orchestrator start --address {address}`; token in {}",
-        root.token_file().display()
-    );
-    cancel.cancelled().await;
-    agent_cancel.cancel();
-    join(agent).await;
+    let agent = match head_node::find(root, &address) {
+        Some(found) => {
+            eprintln!(
+                "the head's node agent (pid {}, node {}) is still running: adopting it",
+                found.pid, found.node_id
+            );
+            Ok(found)
+        }
+        None => {
+            let args = head_node::agent_args(&a, &spec.ip, &address);
+            let (root, head, token, etcd) =
+                (root.clone(), address.clone(), token.clone(), a.etcd.clone());
+            tokio::task::spawn_blocking(move || {
+                head_node::spawn(&root, &head, &args, &token, &etcd)
+            })
+            .await
+            .map_err(|e| Error::Other(format!("head node agent: {e}")))
+            .and_then(|r| r)
+        }
+    };
+    let result = match agent {
+        Ok(agent) => {
+            let node_id = agent.node_id.clone();
+            let pid = match PidFile::create(root, &format!("head {address} node {node_id} ready")) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+                    cancel.cancel();
+                    let _ = leader.await;
+                    return Err(e);
+                }
+            };
+            eprintln!(
+                "head listening on {address} (node {node_id}, agent pid {}); join with `orchestrator start --address {address}`; token in {}",
+                agent.pid,
+                root.token_file().display()
+            );
+            cancel.cancelled().await;
+            // A graceful stop takes the head's node along; only a crash
+            // leaves it running.
+            let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+            drop(pid);
+            Ok(())
+        }
+        Err(e) => {
+            cancel.cancel();
+            Err(e)
+        }
+    };
     let _ = leader.await;
     // Graceful shutdown waits for clients to hang up; don't let one keep
     // the head (and its etcd) alive.
@@ -531,9 +574,8 @@ async fn run_head(
     if read_trimmed(&root.head_address_file()).as_deref() == Some(address.as_str()) {
         let _ = std::fs::remove_file(root.head_address_file());
     }
-    drop(pid);
     drop(owned);
-    Ok(())
+    result
 }
 
 fn start_agent(
@@ -587,7 +629,12 @@ async fn run_node(
     let etcd = etcd_config(&a, hello.etcd_endpoints.clone());
     let agent_cancel = cancel.child_token();
     let (node_id, agent) = start_agent(&etcd, &args, spec, root, &token, agent_cancel.clone())?;
-    let pid = PidFile::create(root, &format!("node {node_id} head {addr} ready"))?;
+    let role = if a.head_node {
+        head_node::role(&node_id, &addr)
+    } else {
+        format!("node {node_id} head {addr} ready")
+    };
+    let pid = PidFile::create(root, &role)?;
     eprintln!("node {node_id} joined the cluster of head {addr}");
     cancel.cancelled().await;
     agent_cancel.cancel();
@@ -640,7 +687,7 @@ fn stop(root: &CacheRoot) -> Result<()> {
     Ok(())
 }
 
-fn is_zombie(pid: i32) -> bool {
+pub(crate) fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')

@@ -31,6 +31,13 @@ pub enum Error {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 
+    #[error("cannot reach etcd at {endpoints} ({transport}): {reason}")]
+    EtcdConnect {
+        endpoints: String,
+        transport: String,
+        reason: String,
+    },
+
     #[error("etcd transaction kept conflicting after {attempts} attempts")]
     Contention { attempts: u32 },
 
@@ -83,7 +90,9 @@ impl From<Error> for tonic::Status {
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(msg),
             Error::NotImplemented(_) => tonic::Status::unimplemented(msg),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
-            Error::Etcd(_) | Error::Contention { .. } => tonic::Status::unavailable(msg),
+            Error::Etcd(_) | Error::EtcdConnect { .. } | Error::Contention { .. } => {
+                tonic::Status::unavailable(msg)
+            }
             _ => tonic::Status::internal(msg),
         }
     }

@@ -63,8 +63,10 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
             continue;
         }
         if client.is_none() {
-            let Ok(opts) = cfg.options() else { return };
-            match Client::connect(&cfg.endpoints, Some(opts)).await {
+            let (Ok(urls), Ok(opts)) = (cfg.urls(), cfg.options()) else {
+                return;
+            };
+            match Client::connect(&urls, Some(opts)).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::debug!("keep-alive: etcd unreachable: {e}");

@@ -11,6 +11,7 @@ pub mod detect;
 pub mod error;
 pub mod etcd_proc;
 pub mod head;
+pub mod head_node;
 pub mod lease;
 pub mod paths;
 pub mod placement;

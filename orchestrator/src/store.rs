@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
 
 use crate::error::{Error, Result};
 use crate::state::{ActorRecord, NodeRecord, PgRecord, Snapshot};
@@ -20,22 +23,155 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    pub fn options(&self) -> Result<ConnectOptions> {
-        if self.cacert.is_some() || self.cert.is_some() || self.key.is_some() {
-            return Err(Error::NotImplemented(
-                "etcd TLS (--etcd-cacert/--etcd-cert/--etcd-key): this build has no TLS stack"
-                    .into(),
+    pub fn new(endpoints: Vec<String>, a: &crate::cli::EtcdArgs) -> Self {
+        EtcdConfig {
+            endpoints,
+            user: a.etcd_user.clone(),
+            password: a.etcd_password.clone(),
+            cacert: a.etcd_cacert.clone(),
+            cert: a.etcd_cert.clone(),
+            key: a.etcd_key.clone(),
+        }
+    }
+
+    pub fn tls(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Checks the TLS/auth flags agree with each other, without reading files.
+    pub fn validate(&self) -> Result<()> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(Error::invalid(
+                "etcd TLS options",
+                "--etcd-cert and --etcd-key go together (client certificate and its key)",
             ));
         }
+        if self.tls() && self.cacert.is_none() {
+            // This build trusts no system roots: etcd's CA must be named.
+            return Err(Error::invalid(
+                "etcd TLS options",
+                "--etcd-cacert is required with --etcd-cert/--etcd-key (the CA that signed etcd's server certificate)",
+            ));
+        }
+        if self.password.is_some() && self.user.is_none() {
+            return Err(Error::invalid(
+                "etcd auth options",
+                "--etcd-password given without --etcd-user",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The endpoints as URLs: https:// when TLS options are given, http://
+    /// otherwise; a scheme that contradicts the options is an error.
+    pub fn urls(&self) -> Result<Vec<String>> {
+        self.validate()?;
+        if self.endpoints.is_empty() {
+            return Err(Error::invalid("--etcd-endpoints", "no etcd endpoint given"));
+        }
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let e = e.trim();
+                let (scheme, rest) = match e.split_once("://") {
+                    Some((s, r)) => (Some(s), r),
+                    None => (None, e),
+                };
+                if rest.is_empty() {
+                    return Err(Error::invalid("etcd endpoint", format!("'{e}' has no host")));
+                }
+                match (scheme, self.tls()) {
+                    (None, true) | (Some("https"), true) => Ok(format!("https://{rest}")),
+                    (None, false) | (Some("http"), false) => Ok(format!("http://{rest}")),
+                    (Some("http"), true) => Err(Error::invalid(
+                        "etcd endpoint",
+                        format!("'{e}' is plain http:// but etcd TLS options were given; use https://{rest}"),
+                    )),
+                    (Some("https"), false) => Err(Error::invalid(
+                        "etcd endpoint",
+                        format!("'{e}' is https:// (TLS): pass --etcd-cacert (and --etcd-cert/--etcd-key if etcd checks client certificates)"),
+                    )),
+                    (Some(s), _) => Err(Error::invalid(
+                        "etcd endpoint",
+                        format!("'{e}' has scheme '{s}' (expected http:// or https://)"),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// How this config talks to etcd, for error messages.
+    pub fn transport(&self) -> String {
+        let mut t = match (&self.cacert, &self.cert) {
+            (None, _) => "plain HTTP, no TLS".to_string(),
+            (Some(ca), None) => format!("TLS with CA {ca}, no client certificate"),
+            (Some(ca), Some(cert)) => format!("TLS with CA {ca}, client certificate {cert}"),
+        };
+        match &self.user {
+            Some(u) => t += &format!(", etcd user '{u}'"),
+            None => t += ", no etcd user",
+        }
+        t
+    }
+
+    pub fn options(&self) -> Result<ConnectOptions> {
+        self.validate()?;
         let mut o = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(ca) = &self.cacert {
+            let read = |p: &str| std::fs::read(p).map_err(|e| Error::io(p, e));
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            o = o.with_tls(tls);
+        }
         if let Some(u) = &self.user {
             o = o.with_user(u.clone(), self.password.clone().unwrap_or_default());
         }
         Ok(o)
     }
+
+    /// Connects and makes one read, so that TLS and auth failures surface
+    /// here with the options named rather than on some later call.
+    pub async fn connect(&self, probe_key: &str) -> Result<Client> {
+        let urls = self.urls()?;
+        let opts = self.options()?;
+        let fail = |e: etcd_client::Error| {
+            let mut reason = error_chain(&e);
+            if self.tls() && self.cert.is_none() {
+                reason += " (an etcd with --client-cert-auth also needs --etcd-cert/--etcd-key)";
+            }
+            Error::EtcdConnect {
+                endpoints: urls.join(","),
+                transport: self.transport(),
+                reason,
+            }
+        };
+        let mut c = Client::connect(&urls, Some(opts)).await.map_err(fail)?;
+        c.get(probe_key, Some(GetOptions::new().with_keys_only()))
+            .await
+            .map_err(fail)?;
+        Ok(c)
+    }
+}
+
+/// An error and its sources on one line: etcd-client's own message often
+/// hides the TLS or socket cause underneath.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s += ": ";
+            s += &m;
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// A record write guarded by the record's mod_revision (0 = must not exist).
@@ -54,11 +190,9 @@ pub struct Store {
 
 impl Store {
     pub async fn connect(cfg: &EtcdConfig, cluster: &str) -> Result<Self> {
-        let client = Client::connect(&cfg.endpoints, Some(cfg.options()?)).await?;
-        Ok(Store {
-            client,
-            prefix: format!("/flotilla/{cluster}/"),
-        })
+        let prefix = format!("/flotilla/{cluster}/");
+        let client = cfg.connect(&prefix).await?;
+        Ok(Store { client, prefix })
     }
 
     pub fn client(&self) -> Client {
@@ -252,5 +386,72 @@ impl Store {
         let mut c = self.client.clone();
         c.delete(key, None).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(eps: &[&str], ca: bool, cert: bool, key: bool) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: eps.iter().map(|s| s.to_string()).collect(),
+            cacert: ca.then(|| "ca.pem".into()),
+            cert: cert.then(|| "c.pem".into()),
+            key: key.then(|| "k.pem".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn endpoint_schemes_follow_tls_options() {
+        let plain = cfg(&["127.0.0.1:2379", "http://h:1"], false, false, false);
+        assert_eq!(
+            plain.urls().unwrap(),
+            ["http://127.0.0.1:2379", "http://h:1"]
+        );
+        let tls = cfg(&["127.0.0.1:2379", "https://h:1"], true, true, true);
+        assert_eq!(
+            tls.urls().unwrap(),
+            ["https://127.0.0.1:2379", "https://h:1"]
+        );
+        let cases: &[(EtcdConfig, &str)] = &[
+            (cfg(&["http://h:1"], true, false, false), "plain http://"),
+            (cfg(&["https://h:1"], false, false, false), "--etcd-cacert"),
+            (cfg(&["unix://x"], false, false, false), "scheme 'unix'"),
+            (cfg(&["http://"], false, false, false), "no host"),
+            (cfg(&[], false, false, false), "no etcd endpoint"),
+            (cfg(&["h:1"], true, true, false), "go together"),
+            (
+                cfg(&["h:1"], false, true, true),
+                "--etcd-cacert is required",
+            ),
+        ];
+        for (c, want) in cases {
+            let e = c.urls().unwrap_err().to_string();
+            assert!(e.contains(want), "{c:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn transport_names_tls_and_user() {
+        let mut c = cfg(&["h:1"], true, false, false);
+        assert_eq!(
+            c.transport(),
+            "TLS with CA ca.pem, no client certificate, no etcd user"
+        );
+        c.user = Some("root".into());
+        c.cacert = None;
+        assert_eq!(c.transport(), "plain HTTP, no TLS, etcd user 'root'");
+        c.user = None;
+        c.password = Some("x".into());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn missing_certificate_file_is_named() {
+        let c = cfg(&["h:1"], true, false, false);
+        let e = c.options().unwrap_err().to_string();
+        assert!(e.contains("ca.pem"), "{e}");
     }
 }

@@ -194,6 +194,7 @@ fn bad_input_and_tokens_change_nothing() {
     // This head starts and owns its etcd (no --etcd-endpoints).
     let root = common::TempDir::new("badinput");
     let cache = root.0.join("cache");
+    let _reaper = common::KillListed(cache.clone());
     let port = 32210;
     let mut head = common::Proc {
         child: std::process::Command::new(common::BIN)
@@ -573,6 +574,77 @@ fn standby_head_takes_over_without_killing_actors() {
     assert_eq!(st["leader"], "127.0.0.1:32410");
     assert_eq!(c.actor(&actor)["pid"].as_u64().unwrap(), pid);
     assert!(pid_alive(pid));
+}
+
+#[test]
+fn head_crash_leaves_its_node_and_actors_running() {
+    let mut c = Cluster::new("headcrash", 31900);
+    let h = c.start_head_with("head", c.head_port, 0, &["--resources", r#"{"on_head":1}"#]);
+    c.start_node("n2", "127.0.0.2", 1);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"on_head":1}"#,
+    ]);
+    let actor = actor.trim().to_string();
+    let a = wait_actor_state(&c, &actor, "ALIVE", 15);
+    assert_eq!(c.node_ip(a["node_id"].as_str().unwrap()), "127.0.0.1");
+    let pid = a["pid"].as_u64().unwrap();
+    let head_node = a["node_id"].as_str().unwrap().to_string();
+
+    c.procs[h].kill9();
+    // Longer than the node TTL: the head's node keeps its lease on its own.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        pid_alive(pid),
+        "the actor on the head's node died with the head"
+    );
+
+    // The restarted head recovers from etcd and adopts its running agent:
+    // same node, same actor process, no second node for 127.0.0.1.
+    c.start_head_with(
+        "head-again",
+        c.head_port,
+        0,
+        &["--resources", r#"{"on_head":1}"#],
+    );
+    wait_until(Duration::from_secs(15), "restarted head leads", || {
+        let out = c.cli(&["status", "--format", "json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["leader"]
+                == c.head_addr()
+    });
+    let nodes = c.nodes();
+    let alive: Vec<_> = nodes.iter().filter(|n| n["alive"] == true).collect();
+    assert_eq!(alive.len(), 2, "{nodes:?}");
+    assert!(
+        alive.iter().any(|n| n["id"] == head_node.as_str()),
+        "{nodes:?}"
+    );
+    let again = c.actor(&actor);
+    assert_eq!(again["state"], "ALIVE");
+    assert_eq!(again["pid"].as_u64().unwrap(), pid);
+    assert_eq!(again["restarts"], 0);
+    assert!(pid_alive(pid));
+    let log = std::fs::read_to_string(c.root.0.join("head-again.log")).unwrap();
+    assert!(log.contains("adopting it"), "{log}");
+
+    // `stop` still ends the head, its node agent and the actor.
+    let out = c.cli_raw(&["stop"]);
+    assert!(out.status.success());
+    wait_until(
+        Duration::from_secs(20),
+        "actor stopped with its node",
+        || !pid_alive(pid),
+    );
 }
 
 #[test]

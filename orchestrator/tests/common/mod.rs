@@ -31,6 +31,32 @@ impl Drop for Proc {
     }
 }
 
+/// SIGKILLs every orchestrator process a cache root lists: the head's node
+/// agent runs detached from the head, so killing the head leaves it.
+pub fn kill_listed(cache: &Path) {
+    let Ok(rd) = std::fs::read_dir(cache.join("pids")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("orchestrator") {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Calls [`kill_listed`] on drop, also on panic.
+pub struct KillListed(pub PathBuf);
+
+impl Drop for KillListed {
+    fn drop(&mut self) {
+        kill_listed(&self.0);
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -51,6 +77,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // FLOTILLA_KEEP_TEST_DIRS=1 keeps logs for a post-mortem.
+        if std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -67,12 +98,122 @@ pub fn wait_port(port: u16, timeout: Duration) {
 }
 
 pub fn start_etcd(dir: &Path, client: u16, peer: u16) -> Proc {
+    start_etcd_with(dir, client, peer, None)
+}
+
+/// Files of a throwaway PKI made with the `openssl` CLI: a CA, a server
+/// certificate for 127.0.0.1 (IP SAN) and a client certificate.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI on PATH");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=flotilla-test-ca",
+        ];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(dir, &ca);
+        for (name, cn, ext) in [
+            (
+                "server",
+                "127.0.0.1",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "flotilla-head", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let subj = format!("/CN={cn}");
+            let (key, csr, crt, extf) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+                format!("{name}.ext"),
+            );
+            let mut req = vec!["req", "-subj", subj.as_str()];
+            req.extend(ec);
+            req.extend(["-keyout", key.as_str(), "-out", csr.as_str()]);
+            openssl(dir, &req);
+            std::fs::write(dir.join(&extf), ext).unwrap();
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-days",
+                    "1",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-extfile",
+                    &extf,
+                ],
+            );
+        }
+        Pki {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}
+
+/// etcd on 127.0.0.1:`client`; with `pki`, clients must speak TLS and show a
+/// certificate the CA signed (--client-cert-auth).
+pub fn start_etcd_with(dir: &Path, client: u16, peer: u16, pki: Option<&Pki>) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("etcd.log"))
         .unwrap();
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Command::new("etcd")
         .args(["--name", "t", "--data-dir"])
@@ -90,6 +231,17 @@ pub fn start_etcd(dir: &Path, client: u16, peer: u16) -> Proc {
             &peer_url,
         ])
         .args(["--initial-cluster", &format!("t={peer_url}")])
+        .args(pki.map_or_else(Vec::new, |p| {
+            vec![
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                p.ca.clone().into_os_string(),
+                "--cert-file".into(),
+                p.server_cert.clone().into_os_string(),
+                "--key-file".into(),
+                p.server_key.clone().into_os_string(),
+            ]
+        }))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -102,7 +254,8 @@ pub fn start_etcd(dir: &Path, client: u16, peer: u16) -> Proc {
     }
 }
 
-/// One test's cluster: its own cache root, etcd and processes.
+/// One test's cluster: its own cache root, etcd and processes. Base ports
+/// stay below 32768, where Linux hands out ephemeral ports.
 pub struct Cluster {
     pub procs: Vec<Proc>,
     pub etcd: Option<Proc>,
@@ -110,6 +263,10 @@ pub struct Cluster {
     pub etcd_peer: u16,
     pub root: TempDir,
     pub head_port: u16,
+    /// "http" or "https" for the etcd endpoint.
+    pub scheme: &'static str,
+    /// etcd TLS/auth flags added to every head and node agent started.
+    pub etcd_args: Vec<String>,
 }
 
 impl Cluster {
@@ -123,7 +280,38 @@ impl Cluster {
             etcd_peer: base_port + 1,
             root,
             head_port: base_port + 2,
+            scheme: "http",
+            etcd_args: Vec::new(),
         }
+    }
+
+    /// A cluster whose etcd requires TLS with client certificates; heads
+    /// and agents get the client certificate flags.
+    pub fn new_tls(tag: &str, base_port: u16) -> (Self, Pki) {
+        let root = TempDir::new(tag);
+        let pki_dir = root.0.join("pki");
+        std::fs::create_dir_all(&pki_dir).unwrap();
+        let pki = Pki::generate(&pki_dir);
+        let etcd = start_etcd_with(&root.0, base_port, base_port + 1, Some(&pki));
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        let c = Cluster {
+            procs: Vec::new(),
+            etcd: Some(etcd),
+            etcd_client: base_port,
+            etcd_peer: base_port + 1,
+            root,
+            head_port: base_port + 2,
+            scheme: "https",
+            etcd_args: vec![
+                "--etcd-cacert".into(),
+                path(&pki.ca),
+                "--etcd-cert".into(),
+                path(&pki.client_cert),
+                "--etcd-key".into(),
+                path(&pki.client_key),
+            ],
+        };
+        (c, pki)
     }
 
     pub fn cache(&self) -> PathBuf {
@@ -131,7 +319,7 @@ impl Cluster {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.etcd_client)
+        format!("{}://127.0.0.1:{}", self.scheme, self.etcd_client)
     }
 
     pub fn head_addr(&self) -> String {
@@ -142,6 +330,7 @@ impl Cluster {
         let log = std::fs::File::create(self.root.0.join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
             .args(args)
+            .args(&self.etcd_args)
             .env("FLOTILLA_CACHE_ROOT", self.cache())
             .env_remove("FLOTILLA_CLUSTER_TOKEN")
             .env_remove("VLLM_HOST_IP")
@@ -159,25 +348,30 @@ impl Cluster {
 
     /// Starts a head on 127.0.0.1:`port` against this cluster's etcd.
     pub fn start_head(&mut self, name: &str, port: u16, gpus: u32) -> usize {
+        self.start_head_with(name, port, gpus, &[])
+    }
+
+    pub fn start_head_with(&mut self, name: &str, port: u16, gpus: u32, extra: &[&str]) -> usize {
         let ep = self.endpoint();
-        let i = self.spawn(
-            name,
-            &[
-                "start",
-                "--head",
-                "--block",
-                "--port",
-                &port.to_string(),
-                "--node-ip-address",
-                "127.0.0.1",
-                "--etcd-endpoints",
-                &ep,
-                "--num-gpus",
-                &gpus.to_string(),
-                "--num-cpus",
-                "4",
-            ],
-        );
+        let gpus = gpus.to_string();
+        let port_s = port.to_string();
+        let mut args = vec![
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            &port_s,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--etcd-endpoints",
+            &ep,
+            "--num-gpus",
+            &gpus,
+            "--num-cpus",
+            "4",
+        ];
+        args.extend(extra);
+        let i = self.spawn(name, &args);
         wait_port(port, Duration::from_secs(30));
         self.wait_file(&self.cache().join("cluster_token"));
         i
@@ -293,6 +487,12 @@ impl Cluster {
                 .unwrap_or_default();
             eprintln!("----- {} -----\n{s}", p.name);
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        kill_listed(&self.cache());
     }
 }
 
