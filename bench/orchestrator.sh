@@ -13,7 +13,8 @@ iters=${2:-200}
 work=$(mktemp -d)
 export FLOTILLA_CACHE_ROOT=$work/cache
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pkill -9 -f "$work" 2>/dev/null || true; rm -rf "$work"; }
+# `stop` first: the head's node agent is its own process and outlives a kill -9 of the head.
+cleanup() { "$bin" stop >/dev/null 2>&1 || true; for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pkill -9 -f "$work" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 port=$((20000 + RANDOM % 20000))
 "$bin" start --head --block --port "$port" --node-ip-address 127.0.0.1 --num-gpus 2 --num-cpus 4 >"$work/head.log" 2>&1 &
