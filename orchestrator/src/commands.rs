@@ -15,6 +15,7 @@ use crate::agent::{self, AgentConfig, NodeSpec};
 use crate::auth;
 use crate::cli::{ActorCmd, Cmd, Conn, Format, PgCmd, StartArgs};
 use crate::client;
+use crate::detach;
 use crate::detect;
 use crate::error::{Error, Result};
 use crate::etcd_proc::OwnedEtcd;
@@ -363,29 +364,9 @@ async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
 /// Without --block: run the same command in the background and return once
 /// it is up, as `ray start` does.
 fn daemonize(root: &CacheRoot) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--block".into());
-    std::fs::create_dir_all(root.logs_dir()).map_err(|e| Error::io(root.logs_dir(), e))?;
-    let log_path = root.logs_dir().join(format!(
-        "orchestrator-{}.log",
-        chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f")
-    ));
-    let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(err);
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    let (mut cmd, log_path) = detach::self_command(root, "orchestrator", &args)?;
     let mut child = cmd.spawn().map_err(|e| Error::io("orchestrator", e))?;
     let pid_file = root.pids_dir().join(child.id().to_string());
     let deadline = Instant::now() + Duration::from_secs(60);

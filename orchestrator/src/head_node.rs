@@ -3,12 +3,11 @@
 //! crashed head leaves the node and its actors running, and a restarted
 //! head adopts the agent it finds instead of starting a second one.
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cli::{EtcdArgs, StartArgs};
 use crate::commands::is_zombie;
+use crate::detach;
 use crate::error::{Error, Result};
 use crate::paths::{read_trimmed, CacheRoot};
 
@@ -98,32 +97,13 @@ pub fn spawn(
     token: &str,
     etcd: &EtcdArgs,
 ) -> Result<HeadNodeAgent> {
-    let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;
-    std::fs::create_dir_all(root.logs_dir()).map_err(|e| Error::io(root.logs_dir(), e))?;
-    let log_path = root.logs_dir().join(format!(
-        "head-node-agent-{}.log",
-        chrono::Utc::now().format("%Y%m%d-%H%M%S%.3f")
-    ));
-    let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let err = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .env("FLOTILLA_CLUSTER_TOKEN", token)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err);
+    let (mut cmd, log_path) = detach::self_command(root, "head-node-agent", args)?;
+    cmd.env("FLOTILLA_CLUSTER_TOKEN", token);
     if let Some(u) = &etcd.etcd_user {
         cmd.env("FLOTILLA_ETCD_USER", u);
     }
     if let Some(p) = &etcd.etcd_password {
         cmd.env("FLOTILLA_ETCD_PASSWORD", p);
-    }
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
     }
     let mut child = cmd
         .spawn()

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod detach;
 pub mod detect;
 pub mod error;
 pub mod etcd_proc;
