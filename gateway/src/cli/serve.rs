@@ -74,7 +74,8 @@ pub struct ServerArgs {
     /// Do not log the periodic engine stats line.
     #[arg(long)]
     pub disable_log_stats: bool,
-    /// Accepted for compatibility with vLLM's command lines.
+    /// Accepted so vLLM command lines run unchanged; Flotilla's HTTP layer
+    /// has no log of its own (set VLLM_LOGGING_LEVEL instead).
     #[arg(long, default_value = "info",
           value_parser = ["critical", "error", "warning", "info", "debug", "trace"])]
     pub uvicorn_log_level: String,
@@ -160,6 +161,13 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
     let mut shown = args.server.clone();
     shown.api_key = shown.api_key.map(|_| "(set)".into());
     tracing::info!("args: model={model:?}, {shown:?}, {:?}", args.engine);
+    if args.server.uvicorn_log_level != "info" {
+        tracing::warn!(
+            "--uvicorn-log-level {} has no effect: the HTTP layer logs through the main \
+             logger; set VLLM_LOGGING_LEVEL instead",
+            args.server.uvicorn_log_level
+        );
+    }
     // Fail on bad server flags before spending time loading weights.
     let config = args.server.server_config()?;
     let loaded = args.engine.build(Path::new(&model))?;
