@@ -103,10 +103,25 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 
 #[test]
 fn concurrent_greedy_matches_alone_also_with_preemption() {
+    concurrent_matches_alone("float32");
+}
+
+/// bf16 weights, activations and KV: each row's bits must still not depend
+/// on what else is in the step.
+#[test]
+fn concurrent_greedy_matches_alone_in_bfloat16() {
+    concurrent_matches_alone("bfloat16");
+}
+
+fn concurrent_matches_alone(dtype: &str) {
     let Some(gguf) = smollm2_gguf() else { return };
-    let model = TinyModel::new("batching");
+    let model = TinyModel::new(&format!("batching-{dtype}"));
     let params = greedy(16);
     let prompts = prompts();
+    let args = |gguf: &Path| EngineArgs {
+        dtype: dtype.into(),
+        ..args(gguf)
+    };
 
     let llm = LLM::new(&model.0, args(&gguf)).unwrap();
     let alone: Vec<Vec<u32>> = prompts

@@ -6,6 +6,7 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
+use crate::backend::elem::Elem;
 use crate::kv_cache::KvCacheSpec;
 
 /// The flat inputs of one step (ARCHITECTURE.md's step format).
@@ -82,40 +83,40 @@ thread_local! {
     static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     // Eight accumulators let the compiler vectorize without reassociation flags.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.to_f32();
     }
     s
 }
 
-#[inline]
-fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+#[inline(always)]
+fn axpy<E: Elem>(out: &mut [f32], w: f32, x: &[E]) {
     for (o, v) in out.iter_mut().zip(x) {
-        *o += w * v;
+        *o += w * v.to_f32();
     }
 }
 
 /// Attention for every token of the batch. `qkv` rows are `stride` wide with
 /// the query heads first; `out` is [num_tokens, num_heads * head_dim].
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_cpu(
+pub fn paged_attention_cpu<E: Elem>(
     qkv: &[f32],
     stride: usize,
     heads: QkvHeads,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     spec: &KvCacheSpec,
     meta: &AttentionMetadata,
     scale: f32,
@@ -160,12 +161,12 @@ fn simd_available() -> bool {
 }
 
 /// Inputs shared by every (sequence, head) work item.
-struct ItemCtx<'a> {
+struct ItemCtx<'a, E> {
     qkv: &'a [f32],
     stride: usize,
     heads: QkvHeads,
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [E],
+    v_cache: &'a [E],
     spec: &'a KvCacheSpec,
     meta: &'a AttentionMetadata,
     scale: f32,
@@ -176,13 +177,13 @@ struct ItemCtx<'a> {
 /// multiply-adds are formed, so the results equal the portable build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(c: &ItemCtx, item: usize) {
+unsafe fn attend_avx2<E: Elem>(c: &ItemCtx<E>, item: usize) {
     attend(c, item)
 }
 
 /// One (sequence, head) item: every query token of the sequence for head `h`.
 #[inline(always)]
-fn attend(c: &ItemCtx, item: usize) {
+fn attend<E: Elem>(c: &ItemCtx<E>, item: usize) {
     let ItemCtx {
         qkv,
         stride,

@@ -3,6 +3,10 @@
 //! block are contiguous, which is what the attention inner loop reads.
 //! Blocks are allocated by the engine; the worker only writes slots.
 
+use half::{bf16, f16};
+
+use crate::backend::elem::Elem;
+use crate::backend::ComputeDtype;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,25 +38,48 @@ impl KvCacheSpec {
     }
 }
 
+/// One element type's K and V planes, one `Vec` per layer.
+pub struct KvPlanes<E> {
+    pub k: Vec<Vec<E>>,
+    pub v: Vec<Vec<E>>,
+}
+
+/// KV is stored in the compute dtype, as vLLM's `kv_cache_dtype=auto` does:
+/// 16-bit dtypes halve its memory, so twice the blocks fit.
+pub enum KvStorage {
+    F32(KvPlanes<f32>),
+    Bf16(KvPlanes<bf16>),
+    F16(KvPlanes<f16>),
+}
+
 /// Host-memory KV cache (CPU backend).
 pub struct CpuKvCache {
     pub spec: KvCacheSpec,
     pub num_blocks: usize,
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub storage: KvStorage,
 }
 
 impl CpuKvCache {
-    pub fn new(spec: KvCacheSpec, num_blocks: usize) -> Result<Self> {
+    pub fn new(spec: KvCacheSpec, num_blocks: usize, dtype: ComputeDtype) -> Result<Self> {
         let n = num_blocks
             .checked_mul(spec.block_elems())
             .ok_or_else(|| Error::config(format!("{num_blocks} KV blocks overflow memory")))?;
-        let layer = || vec![0f32; n];
+        fn planes<E: Elem>(layers: usize, n: usize) -> KvPlanes<E> {
+            KvPlanes {
+                k: (0..layers).map(|_| vec![E::default(); n]).collect(),
+                v: (0..layers).map(|_| vec![E::default(); n]).collect(),
+            }
+        }
+        let l = spec.num_layers;
+        let storage = match dtype {
+            ComputeDtype::F32 => KvStorage::F32(planes(l, n)),
+            ComputeDtype::Bf16 => KvStorage::Bf16(planes(l, n)),
+            ComputeDtype::F16 => KvStorage::F16(planes(l, n)),
+        };
         Ok(Self {
             spec,
             num_blocks,
-            k: (0..spec.num_layers).map(|_| layer()).collect(),
-            v: (0..spec.num_layers).map(|_| layer()).collect(),
+            storage,
         })
     }
 
@@ -67,25 +94,45 @@ impl CpuKvCache {
         v_col: usize,
         slots: &[usize],
     ) -> Result<()> {
-        let spec = self.spec;
-        let capacity = self.num_blocks * spec.block_size;
-        let hd = spec.head_dim;
-        let (k, v) = (&mut self.k[layer], &mut self.v[layer]);
-        for (t, &slot) in slots.iter().enumerate() {
-            if slot >= capacity {
-                return Err(Error::BlockOutOfRange {
-                    block_id: (slot / spec.block_size) as u32,
-                    num_blocks: self.num_blocks,
-                });
-            }
-            let row = &src[t * stride..(t + 1) * stride];
-            for h in 0..spec.num_kv_heads {
-                let dst = spec.offset(slot, h);
-                k[dst..dst + hd].copy_from_slice(&row[k_col + h * hd..k_col + (h + 1) * hd]);
-                v[dst..dst + hd].copy_from_slice(&row[v_col + h * hd..v_col + (h + 1) * hd]);
-            }
+        let capacity = self.num_blocks * self.spec.block_size;
+        if let Some(&slot) = slots.iter().find(|&&s| s >= capacity) {
+            return Err(Error::BlockOutOfRange {
+                block_id: (slot / self.spec.block_size) as u32,
+                num_blocks: self.num_blocks,
+            });
+        }
+        let cols = (stride, k_col, v_col);
+        match &mut self.storage {
+            KvStorage::F32(p) => write_planes(p, &self.spec, layer, src, cols, slots),
+            KvStorage::Bf16(p) => write_planes(p, &self.spec, layer, src, cols, slots),
+            KvStorage::F16(p) => write_planes(p, &self.spec, layer, src, cols, slots),
         }
         Ok(())
+    }
+}
+
+fn write_planes<E: Elem>(
+    p: &mut KvPlanes<E>,
+    spec: &KvCacheSpec,
+    layer: usize,
+    src: &[f32],
+    (stride, k_col, v_col): (usize, usize, usize),
+    slots: &[usize],
+) {
+    let hd = spec.head_dim;
+    let (k, v) = (&mut p.k[layer], &mut p.v[layer]);
+    for (t, &slot) in slots.iter().enumerate() {
+        let row = &src[t * stride..(t + 1) * stride];
+        for h in 0..spec.num_kv_heads {
+            let dst = spec.offset(slot, h);
+            let (ks, vs) = (k_col + h * hd, v_col + h * hd);
+            for (d, s) in k[dst..dst + hd].iter_mut().zip(&row[ks..ks + hd]) {
+                *d = E::from_f32(*s);
+            }
+            for (d, s) in v[dst..dst + hd].iter_mut().zip(&row[vs..vs + hd]) {
+                *d = E::from_f32(*s);
+            }
+        }
     }
 }
 
@@ -103,13 +150,23 @@ mod tests {
             dtype_bytes: 4,
         };
         assert_eq!(spec.bytes_per_block(), 2 * 16 * 4);
-        let mut c = CpuKvCache::new(spec, 3).unwrap();
         // One token row: q (ignored) | k heads | v heads.
         let row = [9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
-        c.write(0, &row, 10, 2, 6, &[9]).unwrap();
         let o = spec.offset(9, 1);
-        assert_eq!(&c.k[0][o..o + 2], &[3.0, 4.0]);
-        assert_eq!(&c.v[0][o..o + 2], &[7.0, 8.0]);
+        let mut c = CpuKvCache::new(spec, 3, ComputeDtype::F32).unwrap();
+        c.write(0, &row, 10, 2, 6, &[9]).unwrap();
+        let KvStorage::F32(p) = &c.storage else {
+            panic!("f32 storage expected")
+        };
+        assert_eq!(&p.k[0][o..o + 2], &[3.0, 4.0]);
+        assert_eq!(&p.v[0][o..o + 2], &[7.0, 8.0]);
         assert!(c.write(0, &row, 10, 2, 6, &[12]).is_err());
+
+        let mut h = CpuKvCache::new(spec, 3, ComputeDtype::Bf16).unwrap();
+        h.write(0, &row, 10, 2, 6, &[9]).unwrap();
+        let KvStorage::Bf16(p) = &h.storage else {
+            panic!("bf16 storage expected")
+        };
+        assert_eq!(p.v[0][o + 1].to_f32(), 8.0);
     }
 }

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 
 use crate::attention::AttentionMetadata;
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::{Backend, ComputeDtype, CpuBackend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
@@ -93,9 +93,18 @@ impl ModelRunner {
                 supported: "8, 16, 32, 64, 128".into(),
             });
         }
-        let backend = CpuBackend::new(&cfg.dtype)?;
+        ComputeDtype::parse(&cfg.dtype)?;
         let format = cfg.load_format.resolve(&cfg.model)?;
         let mcfg = ModelConfig::load(&cfg.model, format, &cfg.hf_overrides)?;
+        let dtype = ComputeDtype::resolve(&cfg.dtype, mcfg.torch_dtype.as_deref())?;
+        if cfg.dtype == "auto" {
+            tracing::info!(
+                "dtype auto: computing in {} (checkpoint torch_dtype: {})",
+                dtype.name(),
+                mcfg.torch_dtype.as_deref().unwrap_or("none")
+            );
+        }
+        let backend = CpuBackend::new(dtype);
         let max_model_len = if cfg.max_model_len == 0 {
             mcfg.max_position_embeddings
         } else {
@@ -124,13 +133,14 @@ impl ModelRunner {
         )?;
         progress.finish_and_clear();
         tracing::info!(
-            "Loaded {} ({:?}) from {} in {:.2}s",
+            "Loaded {} ({:?}, {}) from {} in {:.2}s",
             mcfg.architecture,
             format,
+            dtype.name(),
             cfg.model.display(),
             started.elapsed().as_secs_f64()
         );
-        let spec = model.kv_cache_spec(cfg.block_size);
+        let spec = model.kv_cache_spec(cfg.block_size, backend.kv_dtype_bytes());
         Ok(ModelRunner {
             cfg: mcfg,
             backend,
@@ -149,6 +159,11 @@ impl ModelRunner {
 
     pub fn model_config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The resolved `--dtype`.
+    pub fn dtype(&self) -> ComputeDtype {
+        self.backend.dtype()
     }
 
     /// Bytes of one KV block over all layers, K and V.

@@ -58,7 +58,7 @@ fn dummy_weights_at_real_shapes_run_a_step() {
     assert_eq!(out2.sampled_token_ids[0], Some(t));
     assert_eq!(out2.logprobs[0].as_ref().unwrap().logprob, lp);
 
-    // Unknown architectures and unsupported dtypes are clear errors.
+    // Unknown architectures and dtypes are clear errors.
     let e = ModelRunner::load(&WorkerConfig {
         hf_overrides: json!({"architectures": ["GPT2LMHeadModel"]}),
         ..cfg.clone()
@@ -71,13 +71,26 @@ fn dummy_weights_at_real_shapes_run_a_step() {
         "{e}"
     );
     let e = ModelRunner::load(&WorkerConfig {
-        dtype: "float16".into(),
+        dtype: "float8".into(),
         ..cfg.clone()
     })
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("f16"), "{e}");
+    assert!(e.contains("float8") && e.contains("bfloat16"), "{e}");
+
+    // 16-bit dtypes halve the KV cache and still run the step.
+    let mut half = ModelRunner::load(&WorkerConfig {
+        dtype: "float16".into(),
+        ..cfg.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        2 * half.kv_cache_bytes_per_block(),
+        runner.kv_cache_bytes_per_block()
+    );
+    half.initialize_kv_cache(4).unwrap();
+    assert!(half.execute_model(&step("a")).unwrap().sampled_token_ids[0].is_some());
     let e = ModelRunner::load(&WorkerConfig {
         parallel: ParallelConfig {
             tp_size: 2,

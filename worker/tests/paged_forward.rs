@@ -352,6 +352,8 @@ struct Checker {
     prompt_len: HashMap<String, usize>,
     max_diff: f32,
     checked: usize,
+    /// Allowed |logprob diff| against the f32 reference.
+    tol: f32,
 }
 
 impl Checker {
@@ -361,7 +363,7 @@ impl Checker {
             let d = (lp - want[t as usize]).abs();
             self.max_diff = self.max_diff.max(d);
             assert!(
-                d < 1e-4,
+                d < self.tol,
                 "{what}: token {t}: runner {lp} vs reference {} (diff {d})",
                 want[t as usize]
             );
@@ -391,10 +393,12 @@ impl Checker {
             if end == toks.len() {
                 let sampled = out.sampled_token_ids[i].expect("reached the end: must sample");
                 let want = log_softmax(&reference[end - 1]);
-                let argmax = (0..VOCAB)
-                    .max_by(|&a, &b| want[a].total_cmp(&want[b]))
-                    .unwrap() as u32;
-                assert_eq!(sampled, argmax, "{id}: greedy token at {end}");
+                let mut order: Vec<usize> = (0..VOCAB).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                // A 16-bit run may pick the other token of a near tie.
+                if want[order[0]] - want[order[1]] > 2.0 * self.tol {
+                    assert_eq!(sampled, order[0] as u32, "{id}: greedy token at {end}");
+                }
                 self.compare(
                     &out.logprobs[i].as_ref().unwrap().top,
                     &want,
@@ -431,13 +435,17 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn run_scenario(v: Variant, bs: usize, tag: &str) {
+    run_scenario_dtype(v, bs, tag, "auto", 1e-4);
+}
+
+fn run_scenario_dtype(v: Variant, bs: usize, tag: &str, dtype: &str, tol: f32) {
     let dir = temp_dir(tag);
     let w = make_weights(v, 7);
     write_model(&dir, v, &w);
     let mut runner = ModelRunner::load(&WorkerConfig {
         model: dir.clone(),
         load_format: LoadFormat::Auto,
-        dtype: "auto".into(),
+        dtype: dtype.into(),
         hf_overrides: serde_json::Value::Null,
         block_size: bs,
         parallel: ParallelConfig::default(),
@@ -471,6 +479,7 @@ fn run_scenario(v: Variant, bs: usize, tag: &str) {
         ]),
         max_diff: 0.0,
         checked: 0,
+        tol,
     };
     // Blocks: A 0,1,2 (+3 later), B 10,11 (+12), C shares 0,1 and owns 20.
     let chunk = bs + 3;
@@ -590,4 +599,19 @@ fn qwen2_with_qkv_bias_matches_reference() {
         sharded: false,
     };
     run_scenario(v, 16, "qwen2");
+}
+
+/// bf16/f16 storage and per-op rounding: the same scenario stays within
+/// 16-bit error of the f32 reference (the reference cannot be matched to
+/// 1e-4 once every activation is rounded to 8 or 11 mantissa bits).
+#[test]
+fn llama_bf16_and_f16_stay_close_to_reference() {
+    let v = Variant {
+        arch: "LlamaForCausalLM",
+        bias: false,
+        tie: false,
+        sharded: false,
+    };
+    run_scenario_dtype(v, 16, "llama-bf16", "bfloat16", 0.1);
+    run_scenario_dtype(v, 16, "llama-f16", "float16", 0.02);
 }

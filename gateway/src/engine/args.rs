@@ -32,7 +32,9 @@ pub struct EngineArgs {
     #[arg(long, default_value = "auto")]
     pub load_format: String,
 
-    /// auto, half, float16, bfloat16, float, float32.
+    /// auto, half, float16, bfloat16, float, float32. "auto" takes a 16-bit
+    /// checkpoint's torch_dtype and runs f32 checkpoints and GGUF files in
+    /// float32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
 

@@ -1,5 +1,11 @@
-//! CPU backend: quantized matmuls through candle's GGML kernels, dense ones
-//! through candle's gemm, and the rest as rayon loops over f32 rows.
+//! CPU backend: quantized matmuls through our Q8_0 kernel (or candle's GGML
+//! kernels), dense f32 ones through candle's gemm, bf16/f16 ones through our
+//! dense kernel, and the rest as rayon loops over f32 rows.
+//!
+//! `--dtype bfloat16|float16`: weights, embeddings and the KV cache are
+//! stored in that type, and every op rounds its output to it, so activations
+//! carry exactly the values a bf16/f16 tensor would; arithmetic inside an op
+//! is f32 (as vLLM's CPU kernels accumulate in f32).
 
 use std::sync::Arc;
 
@@ -7,11 +13,15 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Tensor};
 use rayon::prelude::*;
 
+use half::{bf16, f16};
+
+use super::elem::{self, Elem};
+use super::half_matmul::{self, DenseMatrix};
 use super::q8_matmul::{self, Q8Matrix};
 use super::{Backend, ComputeDtype};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};
-use crate::kv_cache::{CpuKvCache, KvCacheSpec};
+use crate::kv_cache::{CpuKvCache, KvCacheSpec, KvStorage};
 use crate::loader::shard::qtensor_from_bytes;
 use crate::loader::{HostLinear, HostMatrix};
 use crate::parallel::ParallelConfig;
@@ -20,24 +30,32 @@ use crate::rope::RopeTable;
 /// Below this many rows, elementwise ops stay on one thread.
 const PAR_ROWS: usize = 4;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBackend {
+    dtype: ComputeDtype,
+}
 
 impl CpuBackend {
-    /// CPU kernels compute in f32; "auto" picks it.
-    pub fn new(dtype: &str) -> Result<Self> {
-        match ComputeDtype::parse(dtype)? {
-            None => {
-                tracing::info!("dtype auto: computing in float32 on CPU");
-                Ok(Self)
-            }
-            Some(ComputeDtype::F32) => Ok(Self),
-            Some(other) => Err(Error::Unsupported {
-                what: "dtype on the CPU backend",
-                value: format!("{other:?}").to_lowercase(),
-                supported: "auto, float32".into(),
-            }),
+    pub fn new(dtype: ComputeDtype) -> Self {
+        Self { dtype }
+    }
+
+    pub fn dtype(&self) -> ComputeDtype {
+        self.dtype
+    }
+
+    /// Rounds an op's output to the dtype's values.
+    fn round(&self, v: &mut [f32]) {
+        match self.dtype {
+            ComputeDtype::F32 => {}
+            ComputeDtype::Bf16 => elem::round_slice::<bf16>(v),
+            ComputeDtype::F16 => elem::round_slice::<f16>(v),
         }
+    }
+
+    fn rounded(&self, mut t: CpuTensor) -> CpuTensor {
+        self.round(t.data_mut());
+        t
     }
 }
 
@@ -87,6 +105,8 @@ enum Matrix {
     Quantized(Arc<QTensor>),
     /// [out, in] f32.
     Dense(Tensor),
+    Bf16(DenseMatrix<bf16>),
+    F16(DenseMatrix<f16>),
 }
 
 struct Part {
@@ -148,15 +168,23 @@ fn fuse(parts: Vec<HostLinear>) -> Result<Vec<HostLinear>> {
     Ok(out)
 }
 
-/// candle has no SIMD x86 kernel for these GGML types (only a scalar
-/// fallback, ~20x slower), so on x86 they are requantized to Q8_0 at load:
-/// 8-bit steps are far finer than the 4/5-bit ones, so the values barely move.
+/// On x86 every sub-8-bit GGML type is requantized to Q8_0 at load, for two
+/// reasons: candle's kernels for Q4_1/Q5_x are scalar there (~20x slower),
+/// and its K-quant kernels do one dot per (row, output), so a batch would
+/// need a different (dequantize + GEMM) path whose rounding depends on the
+/// batch size. Our Q8_0 kernel is fast at every batch size and gives each
+/// row the same bits whatever else is in the batch. 8-bit steps are several
+/// times finer than the 4/5/6-bit ones, so the values barely move.
 fn to_fast_type(p: HostLinear) -> Result<HostLinear> {
     use candle_core::quantized::GgmlDType as G;
     let HostMatrix::Quantized(q) = &p.weight else {
         return Ok(p);
     };
-    if !cfg!(target_arch = "x86_64") || !matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1) {
+    let repack = matches!(
+        q.dtype(),
+        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K
+    );
+    if !cfg!(target_arch = "x86_64") || !repack || q.shape().dims()[1] % 32 != 0 {
         return Ok(p);
     }
     let q8 = QTensor::quantize(&q.dequantize(&Device::Cpu)?, G::Q8_0)?;
@@ -190,6 +218,8 @@ fn matmul_part(x: &CpuTensor, p: &Part) -> Result<Vec<f32>> {
             }
         }
         Matrix::Dense(w) => dense_matmul(x, w)?,
+        Matrix::Bf16(w) => half_matmul::matmul(x.data(), x.rows, w),
+        Matrix::F16(w) => half_matmul::matmul(x.data(), x.rows, w),
     };
     if let Some(b) = &p.bias {
         for row in y.chunks_exact_mut(p.out) {
@@ -201,12 +231,37 @@ fn matmul_part(x: &CpuTensor, p: &Part) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+enum Table {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+fn copy_row<E: Elem>(dst: &mut [f32], src: &[E]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 pub struct CpuEmbedding {
-    /// [rows, hidden] f32.
-    table: Vec<f32>,
+    /// [rows, hidden] in the compute dtype.
+    table: Table,
     rows: usize,
     hidden: usize,
     vocab_start: usize,
+}
+
+impl CpuBackend {
+    /// A dense weight in the compute dtype.
+    fn dense(&self, t: Tensor) -> Result<Matrix> {
+        let (n, k) = t.dims2()?;
+        let v = || -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        Ok(match self.dtype {
+            ComputeDtype::F32 => Matrix::Dense(t.contiguous()?),
+            ComputeDtype::Bf16 => Matrix::Bf16(DenseMatrix::from_f32(&v()?, n, k)),
+            ComputeDtype::F16 => Matrix::F16(DenseMatrix::from_f32(&v()?, n, k)),
+        })
+    }
 }
 
 impl Backend for CpuBackend {
@@ -234,36 +289,47 @@ impl Backend for CpuBackend {
                         }
                     }
                     HostMatrix::Quantized(q) => Matrix::Quantized(q),
-                    HostMatrix::Dense(t) => Matrix::Dense(t.contiguous()?),
+                    HostMatrix::Dense(t) => self.dense(t)?,
                 };
-                Ok(Part {
-                    w,
-                    bias: p.bias,
-                    out,
-                })
+                let mut bias = p.bias;
+                if let Some(b) = &mut bias {
+                    self.round(b);
+                }
+                Ok(Part { w, bias, out })
             })
             .collect::<Result<_>>()?;
         let out = parts.iter().map(|p| p.out).sum();
         Ok(CpuLinear { parts, out })
     }
 
-    fn upload_vector(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+    fn upload_vector(&self, mut v: Vec<f32>) -> Result<Vec<f32>> {
+        self.round(&mut v);
         Ok(v)
     }
 
     fn upload_embedding(&self, table: &HostMatrix, vocab_start: usize) -> Result<CpuEmbedding> {
         let t = table.to_dense()?;
         let (rows, hidden) = t.dims2()?;
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let table = match self.dtype {
+            ComputeDtype::F32 => Table::F32(v),
+            ComputeDtype::Bf16 => Table::Bf16(elem::convert(&v)),
+            ComputeDtype::F16 => Table::F16(elem::convert(&v)),
+        };
         Ok(CpuEmbedding {
-            table: t.flatten_all()?.to_vec1()?,
+            table,
             rows,
             hidden,
             vocab_start,
         })
     }
 
+    fn kv_dtype_bytes(&self) -> usize {
+        self.dtype.bytes()
+    }
+
     fn alloc_kv_cache(&self, spec: KvCacheSpec, num_blocks: usize) -> Result<CpuKvCache> {
-        CpuKvCache::new(spec, num_blocks)
+        CpuKvCache::new(spec, num_blocks, self.dtype)
     }
 
     fn embed(&self, e: &CpuEmbedding, ids: &[u32]) -> Result<CpuTensor> {
@@ -272,7 +338,12 @@ impl Backend for CpuBackend {
         for (row, &id) in out.chunks_exact_mut(h).zip(ids) {
             let local = (id as usize).wrapping_sub(e.vocab_start);
             if local < e.rows {
-                row.copy_from_slice(&e.table[local * h..(local + 1) * h]);
+                let r = local * h..(local + 1) * h;
+                match &e.table {
+                    Table::F32(t) => row.copy_from_slice(&t[r]),
+                    Table::Bf16(t) => copy_row(row, &t[r]),
+                    Table::F16(t) => copy_row(row, &t[r]),
+                }
             }
         }
         Ok(CpuTensor::new(out, ids.len(), h))
@@ -280,7 +351,7 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> Result<CpuTensor> {
         if let [p] = w.parts.as_slice() {
-            return Ok(CpuTensor::new(matmul_part(x, p)?, x.rows, w.out));
+            return Ok(self.rounded(CpuTensor::new(matmul_part(x, p)?, x.rows, w.out)));
         }
         let mut out = vec![0f32; x.rows * w.out];
         let mut col = 0;
@@ -291,7 +362,7 @@ impl Backend for CpuBackend {
             }
             col += p.out;
         }
-        Ok(CpuTensor::new(out, x.rows, w.out))
+        Ok(self.rounded(CpuTensor::new(out, x.rows, w.out)))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &Vec<f32>, eps: f32) -> Result<CpuTensor> {
@@ -306,7 +377,7 @@ impl Backend for CpuBackend {
                 .zip(x.data().chunks_exact(x.cols))
                 .for_each(f);
         }
-        Ok(CpuTensor::new(out, x.rows, x.cols))
+        Ok(self.rounded(CpuTensor::new(out, x.rows, x.cols)))
     }
 
     fn add_rms_norm(
@@ -319,6 +390,7 @@ impl Backend for CpuBackend {
         for (r, v) in residual.data_mut().iter_mut().zip(x.data()) {
             *r += v;
         }
+        self.round(residual.data_mut());
         self.rms_norm(residual, w, eps)
     }
 
@@ -340,7 +412,7 @@ impl Backend for CpuBackend {
                 .zip(gate_up.data().chunks_exact(gate_up.cols))
                 .for_each(f);
         }
-        Ok(CpuTensor::new(out, gate_up.rows, n))
+        Ok(self.rounded(CpuTensor::new(out, gate_up.rows, n)))
     }
 
     fn rotary(
@@ -378,6 +450,7 @@ impl Backend for CpuBackend {
                 .zip(positions.iter())
                 .for_each(f);
         }
+        self.round(qkv.data_mut());
         Ok(())
     }
 
@@ -410,18 +483,43 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> Result<CpuTensor> {
         let mut out = vec![0f32; qkv.rows * heads.q_width()];
-        paged_attention_cpu(
-            qkv.data(),
-            qkv.cols,
-            heads,
-            &cache.k[layer],
-            &cache.v[layer],
-            &cache.spec,
-            meta,
-            scale,
-            &mut out,
-        );
-        Ok(CpuTensor::new(out, qkv.rows, heads.q_width()))
+        let (q, stride, spec) = (qkv.data(), qkv.cols, &cache.spec);
+        match &cache.storage {
+            KvStorage::F32(p) => paged_attention_cpu(
+                q,
+                stride,
+                heads,
+                &p.k[layer],
+                &p.v[layer],
+                spec,
+                meta,
+                scale,
+                &mut out,
+            ),
+            KvStorage::Bf16(p) => paged_attention_cpu(
+                q,
+                stride,
+                heads,
+                &p.k[layer],
+                &p.v[layer],
+                spec,
+                meta,
+                scale,
+                &mut out,
+            ),
+            KvStorage::F16(p) => paged_attention_cpu(
+                q,
+                stride,
+                heads,
+                &p.k[layer],
+                &p.v[layer],
+                spec,
+                meta,
+                scale,
+                &mut out,
+            ),
+        }
+        Ok(self.rounded(CpuTensor::new(out, qkv.rows, heads.q_width())))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
@@ -470,7 +568,7 @@ mod tests {
 
     #[test]
     fn fused_parts_match_separate_ones() {
-        let b = CpuBackend;
+        let b = CpuBackend::new(ComputeDtype::F32);
         let mk = |rows: usize, seed: usize| {
             let v: Vec<f32> = (0..rows * 64)
                 .map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
@@ -524,10 +622,56 @@ mod tests {
     }
 
     #[test]
-    fn bf16_is_a_clear_error_on_cpu() {
-        assert!(CpuBackend::new("auto").is_ok());
-        let e = CpuBackend::new("bfloat16").err().unwrap().to_string();
-        assert!(e.contains("bf16") && e.contains("float32"), "{e}");
-        assert!(CpuBackend::new("int3").is_err());
+    fn dtype_resolution() {
+        let r = |a, c| ComputeDtype::resolve(a, c).unwrap();
+        assert_eq!(r("auto", Some("bfloat16")), ComputeDtype::Bf16);
+        assert_eq!(r("auto", Some("torch.float16")), ComputeDtype::F16);
+        assert_eq!(r("auto", Some("float32")), ComputeDtype::F32);
+        assert_eq!(r("auto", None), ComputeDtype::F32);
+        assert_eq!(r("float32", Some("bfloat16")), ComputeDtype::F32);
+        assert_eq!(r("half", None), ComputeDtype::F16);
+        let e = ComputeDtype::resolve("int3", None).unwrap_err().to_string();
+        assert!(e.contains("bfloat16"), "{e}");
+    }
+
+    #[test]
+    fn bf16_ops_round_to_bf16_values() {
+        let b = CpuBackend::new(ComputeDtype::Bf16);
+        let w = Tensor::from_vec(
+            (0..64 * 3)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect::<Vec<f32>>(),
+            (3, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let lin = b
+            .upload_linear(vec![HostLinear {
+                weight: HostMatrix::Dense(w.clone()),
+                bias: Some(vec![0.1, 0.2, 0.3]),
+            }])
+            .unwrap();
+        assert!(matches!(lin.parts[0].w, Matrix::Bf16(_)));
+        let x = CpuTensor::new((0..128).map(|i| (i as f32 * 0.11).cos()).collect(), 2, 64);
+        let y = b.linear(&x, &lin).unwrap();
+        let f = CpuBackend::new(ComputeDtype::F32);
+        let yf = f
+            .linear(
+                &x,
+                &f.upload_linear(vec![HostLinear {
+                    weight: HostMatrix::Dense(w),
+                    bias: Some(vec![0.1, 0.2, 0.3]),
+                }])
+                .unwrap(),
+            )
+            .unwrap();
+        for (a, e) in y.data().iter().zip(yf.data()) {
+            assert_eq!(*a, bf16::from_f32(*a).to_f32(), "{a} is not a bf16 value");
+            assert!((a - e).abs() <= 0.02 * (1.0 + e.abs()), "{a} vs {e}");
+        }
+        let n = b.rms_norm(&x, &vec![1.0; 64], 1e-5).unwrap();
+        assert!(n.data().iter().all(|v| *v == bf16::from_f32(*v).to_f32()));
+        assert_eq!(b.kv_dtype_bytes(), 2);
+        assert_eq!(f.kv_dtype_bytes(), 4);
     }
 }

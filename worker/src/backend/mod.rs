@@ -3,6 +3,8 @@
 //! CUDA backend fits behind the same trait without touching `models/`.
 
 pub mod cpu;
+pub mod elem;
+pub mod half_matmul;
 pub mod q8_matmul;
 
 use crate::attention::{AttentionMetadata, QkvHeads};
@@ -23,7 +25,7 @@ pub enum ComputeDtype {
 }
 
 impl ComputeDtype {
-    /// Parses vLLM's `--dtype` ("auto" is resolved by the backend).
+    /// Parses vLLM's `--dtype` ("auto" is resolved by `resolve`).
     pub fn parse(s: &str) -> Result<Option<ComputeDtype>> {
         match s {
             "auto" => Ok(None),
@@ -35,6 +37,41 @@ impl ComputeDtype {
                 value: other.to_string(),
                 supported: "auto, float32, bfloat16, float16".into(),
             }),
+        }
+    }
+
+    /// `--dtype` with "auto" resolved against the checkpoint's `torch_dtype`,
+    /// as vLLM does for 16-bit checkpoints. vLLM would also downcast an f32
+    /// checkpoint to 16 bits; here f32 checkpoints and GGUF files (whose
+    /// quantized matmuls take f32 activations) stay in f32, the fastest and
+    /// most exact CPU path.
+    pub fn resolve(arg: &str, config_dtype: Option<&str>) -> Result<ComputeDtype> {
+        if let Some(d) = Self::parse(arg)? {
+            return Ok(d);
+        }
+        let from_config = config_dtype
+            .map(|d| d.strip_prefix("torch.").unwrap_or(d))
+            .and_then(|d| match d {
+                "bfloat16" => Some(Self::Bf16),
+                "float16" => Some(Self::F16),
+                _ => None,
+            });
+        Ok(from_config.unwrap_or(Self::F32))
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
+    /// vLLM's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
         }
     }
 }
@@ -52,6 +89,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
     /// `vocab_start`: first token id of this rank's rows (vocab-parallel).
     fn upload_embedding(&self, table: &HostMatrix, vocab_start: usize) -> Result<Self::Embedding>;
+    /// Bytes per KV cache element.
+    fn kv_dtype_bytes(&self) -> usize;
     fn alloc_kv_cache(&self, spec: KvCacheSpec, num_blocks: usize) -> Result<Self::KvCache>;
 
     /// Rows of the table; ids outside this rank's vocab range give zeros.

@@ -187,13 +187,13 @@ impl<B: Backend> Llama<B> {
 }
 
 impl<B: Backend> CausalLm<B> for Llama<B> {
-    fn kv_cache_spec(&self, block_size: usize) -> KvCacheSpec {
+    fn kv_cache_spec(&self, block_size: usize, dtype_bytes: usize) -> KvCacheSpec {
         KvCacheSpec {
             num_layers: self.layers.len(),
             num_kv_heads: self.heads.num_kv_heads,
             head_dim: self.heads.head_dim,
             block_size,
-            dtype_bytes: 4,
+            dtype_bytes,
         }
     }
 

@@ -18,8 +18,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] =
 
 /// A decoder-only language model on backend `B`.
 pub trait CausalLm<B: Backend>: Send + Sync {
-    /// KV cache shape on this rank, for `block_size`.
-    fn kv_cache_spec(&self, block_size: usize) -> KvCacheSpec;
+    /// KV cache shape on this rank, for `block_size` and the backend's
+    /// element size.
+    fn kv_cache_spec(&self, block_size: usize, dtype_bytes: usize) -> KvCacheSpec;
 
     /// Runs the flat batch `input_ids` (with `meta`) and returns logits for the
     /// batch rows `logits_rows`, row-major [logits_rows.len(), vocab_size].
