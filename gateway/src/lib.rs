@@ -6,10 +6,11 @@ pub mod chat_template;
 pub mod cli;
 pub mod detokenizer;
 pub mod engine;
-pub mod envs;
 pub mod executor;
 pub mod llm;
-pub mod logging;
 pub mod metrics;
 pub mod openai;
 pub mod tokenizer;
+
+// Shared with the orchestrator; re-exported so `gateway::envs` stays the path.
+pub use runtime::{envs, logging};

@@ -15,6 +15,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::punctuation::Punctuation;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -50,7 +51,7 @@ pub enum TokenizerError {
     },
     #[error("GGUF file {path}: tokenizer model `{model}` (tokenizer.ggml.model) is not supported; supported: gpt2, llama")]
     UnsupportedModel { path: PathBuf, model: String },
-    #[error("GGUF file {path}: pre-tokenizer `{pre}` (tokenizer.ggml.pre) is not supported; supported: smollm, llama-bpe, llama3, qwen2, default, gpt2")]
+    #[error("GGUF file {path}: pre-tokenizer `{pre}` (tokenizer.ggml.pre) is not supported; supported: {}", SUPPORTED_PRES.join(", "))]
     UnsupportedPre { path: PathBuf, pre: String },
     #[error("tokenization failed: {message}")]
     Encode { message: String },
@@ -209,12 +210,12 @@ impl Tokenizer {
         let model = meta.string("tokenizer.ggml.model")?;
         let tokens = meta.string_array("tokenizer.ggml.tokens")?;
         let token_types = meta.opt_i32_array("tokenizer.ggml.token_type")?;
+        let pre = meta
+            .opt_string("tokenizer.ggml.pre")?
+            .unwrap_or_else(|| "default".to_string());
         let built = match model.as_str() {
             "gpt2" => {
                 let merges = meta.string_array("tokenizer.ggml.merges")?;
-                let pre = meta
-                    .opt_string("tokenizer.ggml.pre")?
-                    .unwrap_or_else(|| "default".to_string());
                 build_byte_level_bpe(path, &tokens, &merges, &pre)?
             }
             "llama" => {
@@ -271,10 +272,11 @@ impl Tokenizer {
         };
         let bos = token_at("tokenizer.ggml.bos_token_id")?;
         let eos = token_at("tokenizer.ggml.eos_token_id")?;
-        // llama.cpp's defaults: SentencePiece adds BOS, byte-level BPE does not.
+        // llama.cpp's defaults: SentencePiece and Llama 3's BPE add BOS, other
+        // byte-level BPEs do not.
         let add_bos = meta
             .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(model == "llama");
+            .unwrap_or(model == "llama" || (model == "gpt2" && is_llama3_pre(&pre)));
         let add_eos = meta
             .opt_bool("tokenizer.ggml.add_eos_token")?
             .unwrap_or(false);
@@ -758,6 +760,34 @@ const GPT2_WORDS: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3_WORDS: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_WORDS: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Qwen3.5 keeps combining marks (\p{M}) inside words.
+const QWEN35_WORDS: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// DeepSeek Coder isolates CJK and Hangul runs before byte-level BPE.
+const DEEPSEEK_CJK: &str = "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+";
+
+/// Every `tokenizer.ggml.pre` that `byte_level_pre_tokenizer` knows.
+pub const SUPPORTED_PRES: &[&str] = &[
+    "default",
+    "gpt2",
+    "gpt-2",
+    "mpt",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "qwen2",
+    "qwen35",
+    "deepseek-coder",
+    "falcon",
+];
+
+/// Llama 3's family of pre-tokenizer names (llama.cpp's LLAMA3 type).
+fn is_llama3_pre(pre: &str) -> bool {
+    matches!(pre, "llama-bpe" | "llama3" | "llama-v3")
+}
 
 /// The pre-tokenizer for a GGUF `tokenizer.ggml.pre` name, or None when unknown.
 pub fn byte_level_pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
@@ -775,11 +805,29 @@ pub fn byte_level_pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
     let seq = |parts: Vec<PreTokenizerWrapper>| Some(PreTokenizerSequence::new(parts).into());
     match pre {
         // SmolLM: each digit on its own, then GPT-2's byte-level regex.
-        "smollm" => seq(vec![Digits::new(true).into(), byte_level(true)]),
-        "default" | "gpt2" => Some(byte_level(true)),
-        "llama-bpe" | "llama3" | "llama-v3" => seq(vec![split(LLAMA3_WORDS), byte_level(false)]),
+        // StarCoder, Refact and Command-R split digits the same way.
+        "smollm" | "starcoder" | "refact" | "command-r" => {
+            seq(vec![Digits::new(true).into(), byte_level(true)])
+        }
+        "default" | "gpt2" | "mpt" => Some(byte_level(true)),
+        p if is_llama3_pre(p) => seq(vec![split(LLAMA3_WORDS), byte_level(false)]),
         "qwen2" => seq(vec![split(QWEN2_WORDS), byte_level(false)]),
+        "qwen35" => seq(vec![split(QWEN35_WORDS), byte_level(false)]),
         "gpt-2" => seq(vec![split(GPT2_WORDS), byte_level(false)]),
+        "deepseek-coder" => seq(vec![
+            split(r"[\r\n]"),
+            split(r"\s?\p{L}+"),
+            split(r"\s?\p{P}+"),
+            split(DEEPSEEK_CJK),
+            Digits::new(true).into(),
+            byte_level(false),
+        ]),
+        // Falcon: punctuation runs, GPT-2 words, then digits in threes.
+        "falcon" => seq(vec![
+            Punctuation::new(SplitDelimiterBehavior::Contiguous).into(),
+            byte_level(true),
+            split("[0-9][0-9][0-9]"),
+        ]),
         _ => None,
     }
 }
@@ -812,8 +860,11 @@ fn build_byte_level_bpe(
                 })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Llama 3's tokenizer.json sets ignore_merges: a pre-token that is itself
+    // in the vocab is one token even when no merge path reaches it.
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(is_llama3_pre(pre))
         .build()
         .map_err(|e| TokenizerError::Load {
             path: path.to_path_buf(),
@@ -821,7 +872,8 @@ fn build_byte_level_bpe(
         })?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     if pre == "qwen2" {
-        // Qwen2's HF tokenizer NFC-normalises before splitting.
+        // Qwen2's HF tokenizer NFC-normalises before splitting (Qwen3.5's
+        // does not: its words keep combining marks instead).
         tok.with_normalizer(Some(tokenizers::normalizers::NFC))
             .map_err(|e| TokenizerError::Load {
                 path: path.to_path_buf(),
@@ -991,6 +1043,11 @@ mod tests {
         assert_eq!(split("qwen2", "ab 123"), ["ab", "Ġ", "1", "2", "3"]);
         assert_eq!(split("gpt2", "ab 123 I'M"), ["ab", "Ġ123", "ĠI", "'", "M"]);
         assert_eq!(split("llama3", "I'M\n\nx"), ["I", "'M", "ĊĊ", "x"]);
+        assert_eq!(split("falcon", "a+=1234"), ["a", "+=", "123", "4"]);
+        assert_eq!(
+            split("deepseek-coder", "ab 12\n"),
+            ["ab", "Ġ", "1", "2", "Ċ"]
+        );
     }
 
     #[test]
@@ -999,6 +1056,9 @@ mod tests {
         assert!(byte_level_pre_tokenizer("llama-bpe").is_some());
         assert!(byte_level_pre_tokenizer("qwen2").is_some());
         assert!(byte_level_pre_tokenizer("no-such-pre").is_none());
+        for pre in SUPPORTED_PRES {
+            assert!(byte_level_pre_tokenizer(pre).is_some(), "{pre}");
+        }
     }
 
     #[test]

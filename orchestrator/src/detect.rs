@@ -1,6 +1,7 @@
 //! What this machine has: GPUs through NVML (loaded at run time), CPUs,
 //! memory, and which IP address to announce.
 
+use runtime::envs;
 use std::net::{IpAddr, UdpSocket};
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -152,10 +153,8 @@ pub fn node_ip(flag: Option<&str>, toward: Option<&str>) -> (String, String) {
     if let Some(ip) = flag.filter(|s| !s.is_empty()) {
         return (ip.to_string(), "from --node-ip-address".into());
     }
-    if let Ok(ip) = std::env::var("VLLM_HOST_IP") {
-        if !ip.is_empty() {
-            return (ip, "from VLLM_HOST_IP".into());
-        }
+    if let Some(ip) = envs::raw(envs::VLLM_HOST_IP) {
+        return (ip, "from VLLM_HOST_IP".into());
     }
     let target = toward.unwrap_or("8.8.8.8:80");
     if let Some(ip) = route_source(target) {

@@ -3,12 +3,12 @@
 use clap::Parser;
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Same variables and line shape as the gateway; stderr because stdout
+    // carries command output such as `status`.
+    if let Err(e) = runtime::logging::init_to(runtime::logging::LogOutput::Stderr) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use runtime::envs;
+
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -9,7 +11,7 @@ pub struct CacheRoot(pub PathBuf);
 
 impl CacheRoot {
     pub fn from_env() -> Self {
-        if let Some(p) = std::env::var_os("FLOTILLA_CACHE_ROOT").filter(|p| !p.is_empty()) {
+        if let Some(p) = envs::raw(envs::FLOTILLA_CACHE_ROOT) {
             return CacheRoot(PathBuf::from(p));
         }
         let home = std::env::var_os("HOME")

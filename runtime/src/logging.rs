@@ -3,7 +3,7 @@
 //! Configured from `VLLM_CONFIGURE_LOGGING`, `VLLM_LOGGING_LEVEL` and
 //! `VLLM_LOGGING_CONFIG_PATH` (a JSON file in Python's `dictConfig` shape, as
 //! vLLM takes; its level and its formatter's `format`/`datefmt` are honoured).
-//! Nothing here ever sends logs anywhere but stdout.
+//! Nothing here ever sends logs anywhere but stdout/stderr.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -412,31 +412,48 @@ where
     }
 }
 
-/// Installs the global subscriber as the environment asks. Call once, first
-/// thing in `run()`.
+/// Where log lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogOutput {
+    /// As vLLM's server logs.
+    Stdout,
+    /// For CLIs whose stdout is their answer (`orchestrator status`).
+    Stderr,
+}
+
+/// Installs the global subscriber as the environment asks, logging to
+/// stdout. Call once, first thing in `run()`.
 pub fn init() -> Result<()> {
+    init_to(LogOutput::Stdout)
+}
+
+pub fn init_to(output: LogOutput) -> Result<()> {
     let Some(config) = config_from_env()? else {
         return Ok(());
     };
-    install(config)
+    install(config, output)
 }
 
-pub fn install(config: LoggingConfig) -> Result<()> {
+pub fn install(config: LoggingConfig, output: LogOutput) -> Result<()> {
     let mut targets = Targets::new().with_default(LevelFilter::WARN.min(config.level));
     for t in OWN_TARGETS {
         targets = targets.with_target(*t, config.level);
     }
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stdout)
-        .event_format(VllmFormatter {
-            format: config.format,
-        });
-    tracing_subscriber::registry()
-        .with(layer.with_filter(targets))
-        .try_init()
-        .map_err(|e| LoggingError::AlreadyInstalled {
-            reason: e.to_string(),
-        })
+    let formatter = VllmFormatter {
+        format: config.format,
+    };
+    let layer = tracing_subscriber::fmt::layer().event_format(formatter);
+    let installed = match output {
+        LogOutput::Stdout => tracing_subscriber::registry()
+            .with(layer.with_writer(std::io::stdout).with_filter(targets))
+            .try_init(),
+        LogOutput::Stderr => tracing_subscriber::registry()
+            .with(layer.with_writer(std::io::stderr).with_filter(targets))
+            .try_init(),
+    };
+    installed.map_err(|e| LoggingError::AlreadyInstalled {
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

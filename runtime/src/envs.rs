@@ -1,4 +1,4 @@
-//! Every `VLLM_*` (and `FLOTILLA_*`) environment variable the gateway honours,
+//! Every `VLLM_*` (and `FLOTILLA_*`) environment variable Flotilla honours,
 //! declared once with its default and doc. `gateway env` prints this table;
 //! code reads variables only through the accessors here so the list stays true.
 
@@ -39,11 +39,9 @@ env_vars! {
     VLLM_LOGGING_CONFIG_PATH = "VLLM_LOGGING_CONFIG_PATH", "",
         "JSON logging config file (vLLM's dictConfig shape; level and format are honoured).";
     VLLM_HOST_IP = "VLLM_HOST_IP", "",
-        "IP address of this node for the cluster; picked automatically when unset.";
-    VLLM_RAY_PER_WORKER_GPUS = "VLLM_RAY_PER_WORKER_GPUS", "1.0",
-        "GPUs each worker actor reserves (fractions let several workers share one GPU).";
-    VLLM_RAY_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES", "",
-        "Comma-separated placement-group bundle indices for the workers, in rank order.";
+        "IP address of this node for the cluster (orchestrator); picked automatically when unset.";
+    FLOTILLA_CACHE_ROOT = "FLOTILLA_CACHE_ROOT", "",
+        "Directory for cluster state files (head address, token, logs); default ~/.cache/flotilla.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
 }
