@@ -9,8 +9,13 @@ Measures, in one run and on the same GGUF file:
     after another, as its Python API has no concurrent batch).
 Every run generates exactly --new-tokens tokens per request (EOS ignored).
 
+With `--model hf-bf16` both sides instead load the HF directory that
+scripts/make-hf-smollm2.py writes (bf16 safetensors): Flotilla with
+`--dtype auto` (which follows the checkpoint to bfloat16), HF transformers in
+bfloat16; llama.cpp has no part in that run.
+
 Run with the bench venv (scripts/bench-setup.sh prints its path):
-  VENV/bin/python bench/cpu_smollm2.py [--threads 2] [--json out.json]
+  VENV/bin/python bench/cpu_smollm2.py [--model gguf|hf-bf16] [--threads 2] [--json out.json]
 """
 import argparse
 import concurrent.futures as cf
@@ -43,6 +48,14 @@ def prompts(n):
 def gguf_path():
     # The model package lives in the test environment (scripts/setup.sh), not the bench venv.
     return subprocess.check_output(["python3", os.path.join(ROOT, "scripts", "smollm2-path")], text=True).strip()
+
+
+def hf_dir():
+    root = os.environ.get("FLOTILLA_FIXTURES") or os.path.expanduser("~/.cache/flotilla/fixtures")
+    d = os.path.join(root, "smollm2-hf")
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        sys.exit(f"{d} is missing: run scripts/setup.sh")
+    return d
 
 
 def free_port():
@@ -102,12 +115,16 @@ def bench_hf(model, new_tokens, batch, threads):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
-    d, f = os.path.dirname(model), os.path.basename(model)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    if os.path.isdir(model):
+        tok = AutoTokenizer.from_pretrained(model)
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    else:
+        d, f = os.path.dirname(model), os.path.basename(model)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
 
     def gen(ps):
         enc = tok(ps, return_tensors="pt", padding=True)
@@ -151,6 +168,7 @@ def bench_llama_cpp(model, new_tokens, batch, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["gguf", "hf-bf16"], default="gguf")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -158,7 +176,9 @@ def main():
     ap.add_argument("--skip", action="append", default=[], choices=["flotilla", "hf", "llama.cpp"])
     ap.add_argument("--json")
     a = ap.parse_args()
-    model = gguf_path()
+    model = gguf_path() if a.model == "gguf" else hf_dir()
+    if a.model == "hf-bf16" and "llama.cpp" not in a.skip:
+        a.skip.append("llama.cpp")
     res = {"machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}",
            "model": os.path.basename(model), "new_tokens": a.new_tokens, "threads": a.threads}
     if "flotilla" not in a.skip:

@@ -1,6 +1,7 @@
 //! The command line, as users and the test harness rely on it.
 
 use clap::{Args, Parser, Subcommand};
+use runtime::envs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,16 +20,16 @@ pub struct Conn {
     #[arg(long)]
     pub address: Option<String>,
     /// Cluster token; defaults to the token file the head wrote on this machine.
-    #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = envs::FLOTILLA_CLUSTER_TOKEN.name, hide_env_values = true)]
     pub token: Option<String>,
 }
 
 /// TLS and auth for etcd; every process that talks to etcd takes them.
 #[derive(Debug, Args, Clone, Default)]
 pub struct EtcdArgs {
-    #[arg(long, env = "FLOTILLA_ETCD_USER")]
+    #[arg(long, env = envs::FLOTILLA_ETCD_USER.name)]
     pub etcd_user: Option<String>,
-    #[arg(long, env = "FLOTILLA_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = envs::FLOTILLA_ETCD_PASSWORD.name, hide_env_values = true)]
     pub etcd_password: Option<String>,
     /// CA certificate (PEM) that signed etcd's server certificate.
     #[arg(long)]
@@ -128,7 +129,7 @@ pub struct StartArgs {
     /// Seconds without keep-alive before a node is declared dead.
     #[arg(long, env = "FLOTILLA_NODE_TTL_S", default_value_t = 3)]
     pub node_ttl_s: u64,
-    #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = envs::FLOTILLA_CLUSTER_TOKEN.name, hide_env_values = true)]
     pub token: Option<String>,
 }
 

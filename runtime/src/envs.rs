@@ -42,6 +42,12 @@ env_vars! {
         "IP address of this node for the cluster (orchestrator); picked automatically when unset.";
     FLOTILLA_CACHE_ROOT = "FLOTILLA_CACHE_ROOT", "",
         "Directory for cluster state files (head address, token, logs); default ~/.cache/flotilla.";
+    FLOTILLA_CLUSTER_TOKEN = "FLOTILLA_CLUSTER_TOKEN", "",
+        "Cluster token for orchestrator agents and clients (same as --token); default: the head's token file.";
+    FLOTILLA_ETCD_USER = "FLOTILLA_ETCD_USER", "",
+        "etcd user name for the orchestrator (same as --etcd-user).";
+    FLOTILLA_ETCD_PASSWORD = "FLOTILLA_ETCD_PASSWORD", "",
+        "etcd password for the orchestrator (same as --etcd-password).";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
 }
@@ -96,7 +102,14 @@ pub fn cpu_kvcache_space_bytes() -> Result<usize, EnvError> {
 
 /// Keys are shown as "(set)", never printed.
 fn is_secret(v: &EnvVar) -> bool {
-    v.name == VLLM_API_KEY.name || v.name == OPENAI_API_KEY.name
+    [
+        VLLM_API_KEY,
+        OPENAI_API_KEY,
+        FLOTILLA_CLUSTER_TOKEN,
+        FLOTILLA_ETCD_PASSWORD,
+    ]
+    .iter()
+    .any(|s| s.name == v.name)
 }
 
 /// The table `gateway env` prints: name, current value (or default), doc.
