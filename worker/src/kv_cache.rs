@@ -64,10 +64,12 @@ impl CpuKvCache {
         let n = num_blocks
             .checked_mul(spec.block_elems())
             .ok_or_else(|| Error::config(format!("{num_blocks} KV blocks overflow memory")))?;
+        // Zeroed allocations: the OS hands out untouched pages lazily, so a
+        // 4 GiB cache costs nothing until blocks are written.
         fn planes<E: Elem>(layers: usize, n: usize) -> KvPlanes<E> {
             KvPlanes {
-                k: (0..layers).map(|_| vec![E::default(); n]).collect(),
-                v: (0..layers).map(|_| vec![E::default(); n]).collect(),
+                k: (0..layers).map(|_| bytemuck::zeroed_vec(n)).collect(),
+                v: (0..layers).map(|_| bytemuck::zeroed_vec(n)).collect(),
             }
         }
         let l = spec.num_layers;

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 
-pub trait Elem: Copy + Default + Send + Sync + 'static {
+pub trait Elem: Copy + Default + Send + Sync + bytemuck::Zeroable + 'static {
     /// Exact widening. Written with plain integer/float ops (no per-call CPU
     /// feature checks) so loops over it vectorize.
     fn to_f32(self) -> f32;
