@@ -91,17 +91,25 @@ fn simd_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
-    rows_impl(x, m, w, rows, k, dst)
+    rows_impl::<W, true>(x, m, w, rows, k, dst)
 }
 
 fn rows_portable<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
-    rows_impl(x, m, w, rows, k, dst)
+    rows_impl::<W, false>(x, m, w, rows, k, dst)
 }
 
 /// Weight rows `w` ([rows, k]) against every activation row; `dst` is
 /// [rows, m] (transposed output).
+/// `AVX2`: called from `rows_avx2`, so the paired-row kernel may be used.
 #[inline(always)]
-fn rows_impl<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
+fn rows_impl<W: Elem, const AVX2: bool>(
+    x: &[f32],
+    m: usize,
+    w: &[W],
+    rows: usize,
+    k: usize,
+    dst: &mut [f32],
+) {
     let mut scratch = SCRATCH.with(|c| c.take());
     scratch.resize(TILE * k, 0.0);
     let mut t = 0;
@@ -110,7 +118,21 @@ fn rows_impl<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: 
         for (s, v) in scratch.iter_mut().zip(&w[t * k..(t + tr) * k]) {
             *s = v.to_f32();
         }
-        for i in 0..m {
+        let mut first = 0;
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && tr == TILE {
+            // Two activation rows per pass share every weight load.
+            while first + 2 <= m {
+                // SAFETY: AVX2 is enabled in the caller (`rows_avx2`).
+                let d = unsafe { dot4x2_avx2(&x[first * k..(first + 2) * k], &scratch, k) };
+                for (r, pair) in d.into_iter().enumerate() {
+                    dst[(t + r) * m + first] = pair[0];
+                    dst[(t + r) * m + first + 1] = pair[1];
+                }
+                first += 2;
+            }
+        }
+        for i in first..m {
             let xi = &x[i * k..(i + 1) * k];
             if tr == TILE {
                 let d = dot4(xi, &scratch, k);
@@ -176,6 +198,40 @@ fn dot4(x: &[f32], w: &[f32], k: usize) -> [f32; 4] {
         reduce(&acc[2], &w2[body..], xt),
         reduce(&acc[3], &w3[body..], xt),
     ]
+}
+
+/// `dot4` for two activation rows (`x` is [2, k]) with the same per-lane
+/// multiply-then-add sequence and the same `reduce`, so pairing rows never
+/// changes a result's bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4x2_avx2(x: &[f32], w: &[f32], k: usize) -> [[f32; 2]; 4] {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= 2 * k && w.len() >= 4 * k);
+    let body = k / 8 * 8;
+    let (x0, x1, wp) = (x.as_ptr(), x.as_ptr().add(k), w.as_ptr());
+    let mut acc0 = [_mm256_setzero_ps(); 4];
+    let mut acc1 = [_mm256_setzero_ps(); 4];
+    let mut j = 0;
+    while j < body {
+        let (a0, a1) = (_mm256_loadu_ps(x0.add(j)), _mm256_loadu_ps(x1.add(j)));
+        for r in 0..4 {
+            let b = _mm256_loadu_ps(wp.add(r * k + j));
+            acc0[r] = _mm256_add_ps(acc0[r], _mm256_mul_ps(a0, b));
+            acc1[r] = _mm256_add_ps(acc1[r], _mm256_mul_ps(a1, b));
+        }
+        j += 8;
+    }
+    let mut out = [[0f32; 2]; 4];
+    for r in 0..4 {
+        let (mut l0, mut l1) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(l0.as_mut_ptr(), acc0[r]);
+        _mm256_storeu_ps(l1.as_mut_ptr(), acc1[r]);
+        let wt = &w[r * k + body..(r + 1) * k];
+        out[r][0] = reduce(&l0, wt, &x[body..k]);
+        out[r][1] = reduce(&l1, wt, &x[k + body..2 * k]);
+    }
+    out
 }
 
 #[cfg(test)]
