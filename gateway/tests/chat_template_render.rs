@@ -1,7 +1,8 @@
 //! Chat templates: our minijinja rendering against Python's jinja2 set up as
 //! transformers sets it up, plus the OpenAI-message handling around it.
 
-mod tokenizer_support;
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -87,7 +88,7 @@ fn conversation() -> Vec<Value> {
 fn smollm2() -> Option<&'static Tokenizer> {
     static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = tokenizer_support::smollm2_gguf()?;
+        let path = fixtures::smollm2_gguf()?;
         Some(Tokenizer::load(&path, None).unwrap())
     })
     .as_ref()

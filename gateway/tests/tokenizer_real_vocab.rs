@@ -4,6 +4,9 @@
 //! llama.cpp's convert_hf_to_gguf_update.py with `add_special_tokens=False`).
 //! Fixtures come from `scripts/fetch-vocab-fixtures.py`.
 
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,39 +17,23 @@ use worker::SamplingParams;
 /// Separates the test texts in a `.gguf.inp` file (each text is followed by it).
 const SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 
-fn fixture_dir() -> PathBuf {
-    let root = std::env::var_os("FLOTILLA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/flotilla/fixtures")
-        });
-    root.join("llama-vocab")
-}
-
 /// The vocab's three files, or None after a loud SKIP (a failure under CI=true).
 fn require_vocab(name: &str) -> Option<(PathBuf, String, String)> {
-    let dir = fixture_dir();
+    let dir = fixtures::fixture_path("llama-vocab");
     let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
     let inp = dir.join(format!("ggml-vocab-{name}.gguf.inp"));
     let out = dir.join(format!("ggml-vocab-{name}.gguf.out"));
-    if gguf.is_file() && inp.is_file() && out.is_file() {
+    let found = (gguf.is_file() && inp.is_file() && out.is_file()).then(|| {
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
         };
-        return Some((gguf, read(&inp), read(&out)));
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "vocab fixture {} missing (run python3 scripts/fetch-vocab-fixtures.py)",
-            gguf.display()
-        );
-    }
-    eprintln!(
-        "\n*** SKIP: vocab fixture {} missing; run python3 scripts/fetch-vocab-fixtures.py ***\n",
-        gguf.display()
-    );
-    None
+        (gguf.clone(), read(&inp), read(&out))
+    });
+    fixtures::require(
+        found,
+        &format!("vocab fixture {}", gguf.display()),
+        "run python3 scripts/fetch-vocab-fixtures.py",
+    )
 }
 
 /// (text, expected ids) pairs, parsed as llama.cpp's test-tokenizer-0 does.

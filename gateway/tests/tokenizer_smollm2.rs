@@ -2,8 +2,8 @@
 //! expectations reasoned from its vocabulary and against a naive reference
 //! BPE written here independently of the `tokenizers` crate.
 
-mod tokenizer_support;
-use tokenizer_support as common;
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -14,7 +14,7 @@ use gateway::tokenizer::{byte_level_table, Tokenizer};
 fn load() -> Option<Arc<Tokenizer>> {
     static TOK: OnceLock<Option<Arc<Tokenizer>>> = OnceLock::new();
     TOK.get_or_init(|| {
-        let path = common::smollm2_gguf()?;
+        let path = fixtures::smollm2_gguf()?;
         Some(Arc::new(
             Tokenizer::load(&path, None).expect("load SmolLM2 tokenizer"),
         ))
@@ -93,7 +93,7 @@ fn round_trips() {
 #[test]
 fn matches_reference_bpe() {
     let Some(tok) = load() else { return };
-    let Some(path) = common::smollm2_gguf() else {
+    let Some(path) = fixtures::smollm2_gguf() else {
         return;
     };
     let reference = ReferenceBpe::from_gguf(&path);

