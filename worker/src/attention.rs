@@ -6,7 +6,7 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use crate::backend::elem::Elem;
+use crate::backend::{elem::Elem, simd_available};
 use crate::kv_cache::KvCacheSpec;
 
 /// The flat inputs of one step (ARCHITECTURE.md's step format).
@@ -147,17 +147,6 @@ pub fn paged_attention_cpu<E: Elem>(
         let _ = simd;
         attend(&ctx, item);
     });
-}
-
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Inputs shared by every (sequence, head) work item.

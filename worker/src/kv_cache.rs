@@ -52,6 +52,19 @@ pub enum KvStorage {
     F16(KvPlanes<f16>),
 }
 
+/// Runs `$body` with `$p` bound to the storage's planes, whatever their
+/// element type (each arm is a separate monomorphization).
+macro_rules! with_planes {
+    ($storage:expr, $p:ident => $body:expr) => {
+        match $storage {
+            $crate::kv_cache::KvStorage::F32($p) => $body,
+            $crate::kv_cache::KvStorage::Bf16($p) => $body,
+            $crate::kv_cache::KvStorage::F16($p) => $body,
+        }
+    };
+}
+pub(crate) use with_planes;
+
 /// Host-memory KV cache (CPU backend).
 pub struct CpuKvCache {
     pub spec: KvCacheSpec,
@@ -104,11 +117,7 @@ impl CpuKvCache {
             });
         }
         let cols = (stride, k_col, v_col);
-        match &mut self.storage {
-            KvStorage::F32(p) => write_planes(p, &self.spec, layer, src, cols, slots),
-            KvStorage::Bf16(p) => write_planes(p, &self.spec, layer, src, cols, slots),
-            KvStorage::F16(p) => write_planes(p, &self.spec, layer, src, cols, slots),
-        }
+        with_planes!(&mut self.storage, p => write_planes(p, &self.spec, layer, src, cols, slots));
         Ok(())
     }
 }

@@ -93,7 +93,6 @@ impl ModelRunner {
                 supported: "8, 16, 32, 64, 128".into(),
             });
         }
-        ComputeDtype::parse(&cfg.dtype)?;
         let format = cfg.load_format.resolve(&cfg.model)?;
         let mcfg = ModelConfig::load(&cfg.model, format, &cfg.hf_overrides)?;
         let dtype = ComputeDtype::resolve(&cfg.dtype, mcfg.torch_dtype.as_deref())?;

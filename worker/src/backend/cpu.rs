@@ -21,7 +21,7 @@ use super::q8_matmul::{self, Q8Matrix};
 use super::{Backend, ComputeDtype};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};
-use crate::kv_cache::{CpuKvCache, KvCacheSpec, KvStorage};
+use crate::kv_cache::{with_planes, CpuKvCache, KvCacheSpec};
 use crate::loader::shard::qtensor_from_bytes;
 use crate::loader::{HostLinear, HostMatrix};
 use crate::parallel::ParallelConfig;
@@ -484,41 +484,9 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let mut out = vec![0f32; qkv.rows * heads.q_width()];
         let (q, stride, spec) = (qkv.data(), qkv.cols, &cache.spec);
-        match &cache.storage {
-            KvStorage::F32(p) => paged_attention_cpu(
-                q,
-                stride,
-                heads,
-                &p.k[layer],
-                &p.v[layer],
-                spec,
-                meta,
-                scale,
-                &mut out,
-            ),
-            KvStorage::Bf16(p) => paged_attention_cpu(
-                q,
-                stride,
-                heads,
-                &p.k[layer],
-                &p.v[layer],
-                spec,
-                meta,
-                scale,
-                &mut out,
-            ),
-            KvStorage::F16(p) => paged_attention_cpu(
-                q,
-                stride,
-                heads,
-                &p.k[layer],
-                &p.v[layer],
-                spec,
-                meta,
-                scale,
-                &mut out,
-            ),
-        }
+        with_planes!(&cache.storage, p => paged_attention_cpu(
+            q, stride, heads, &p.k[layer], &p.v[layer], spec, meta, scale, &mut out,
+        ));
         Ok(self.rounded(CpuTensor::new(out, qkv.rows, heads.q_width())))
     }
 

@@ -9,6 +9,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::elem::Elem;
+use super::simd_available;
 
 /// Weight rows widened to f32 together and reused across the batch.
 const TILE: usize = 4;
@@ -73,17 +74,6 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, w: &DenseMatrix<W>) -> Vec<f32> {
         }
     }
     out
-}
-
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// `rows` compiled for AVX2 so its loops use 8-wide vectors. Rust never

@@ -16,6 +16,20 @@ use crate::rope::RopeTable;
 
 pub use cpu::CpuBackend;
 
+/// Whether the AVX2 builds of the CPU kernels run. Each kernel's AVX2 and
+/// portable builds give the same results; the choice is per process, never
+/// per batch, so results stay batch-invariant either way.
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Floating-point type activations are computed in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ComputeDtype {

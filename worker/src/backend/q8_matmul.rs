@@ -16,6 +16,8 @@ use std::cell::RefCell;
 use half::f16;
 use rayon::prelude::*;
 
+use super::simd_available;
+
 const QK: usize = 32;
 /// f16 scale + 32 signed bytes, as GGML stores Q8_0.
 const BLOCK_BYTES: usize = 34;
@@ -61,18 +63,6 @@ impl Q8Matrix {
 
     fn blocks(&self) -> usize {
         self.k / QK
-    }
-}
-
-/// Whether the AVX2 kernel runs (else the portable one, same results).
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
