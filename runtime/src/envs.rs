@@ -48,8 +48,23 @@ env_vars! {
         "etcd user name for the orchestrator (same as --etcd-user).";
     FLOTILLA_ETCD_PASSWORD = "FLOTILLA_ETCD_PASSWORD", "",
         "etcd password for the orchestrator (same as --etcd-password).";
+    VLLM_CACHE_ROOT = "VLLM_CACHE_ROOT", "",
+        "Cache directory for compiled GPU kernels when FLOTILLA_CACHE_ROOT is unset (kernels go under <root>/kernels).";
+    VLLM_DISABLE_COMPILE_CACHE = "VLLM_DISABLE_COMPILE_CACHE", "0",
+        "1: compile the CUDA kernels at every start instead of reusing the on-disk cache.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
+}
+
+/// Flotilla's cache directory: `$FLOTILLA_CACHE_ROOT`, else
+/// `$VLLM_CACHE_ROOT`, else `~/.cache/flotilla`; `None` without any of them.
+pub fn cache_root() -> Option<std::path::PathBuf> {
+    raw(FLOTILLA_CACHE_ROOT)
+        .or_else(|| raw(VLLM_CACHE_ROOT))
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/flotilla"))
+        })
 }
 
 /// The raw value: the environment's, else the default; `None` when both are empty.

@@ -94,6 +94,7 @@ fn run_bench() -> worker::Result<()> {
     let conc: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);
     let prompt_len = 16;
     let mut runner = ModelRunner::load(&WorkerConfig {
+        device: worker::Device::Cpu,
         model,
         load_format: LoadFormat::Auto,
         dtype: "auto".into(),

@@ -64,11 +64,22 @@ pub enum Error {
     TokenOutOfRange { token_id: u32, vocab_size: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A CUDA driver, NVRTC, cuBLAS or NCCL call failed.
+    #[error("CUDA {op} failed: {msg}")]
+    Cuda { op: String, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    #[allow(dead_code)] // used by the CUDA backend
+    pub(crate) fn cuda(op: &str, e: impl std::fmt::Debug) -> Self {
+        Error::Cuda {
+            op: op.to_string(),
+            msg: format!("{e:?}"),
+        }
+    }
+
     pub(crate) fn config(msg: impl Into<String>) -> Self {
         Error::Config { msg: msg.into() }
     }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod collective;
 pub mod config;
 pub mod error;
 pub mod kv_cache;
@@ -16,6 +17,7 @@ pub mod sampler;
 pub mod sampling_params;
 pub mod step;
 
+pub use backend::Device;
 pub use config::{GenerationConfig, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use loader::LoadFormat;

@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 
 use crate::attention::AttentionMetadata;
-use crate::backend::{Backend, ComputeDtype, CpuBackend};
+use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
+use crate::collective::HostGroup;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
@@ -23,6 +25,8 @@ use crate::step::{ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs};
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub model: PathBuf,
+    /// vLLM's --device: which backend runs the model.
+    pub device: Device,
     pub load_format: LoadFormat,
     /// vLLM's --dtype: "auto", "float32", "bfloat16", "float16".
     pub dtype: String,
@@ -56,12 +60,101 @@ struct Scheduled {
     sample_row: Option<usize>,
 }
 
+/// The engine's handle on one rank's model: the backend is chosen at load
+/// (`WorkerConfig::device`), and everything after runs through `StepRunner`.
 pub struct ModelRunner {
+    inner: Box<dyn StepRunner>,
+}
+
+/// What the engine asks of a loaded model, whatever its backend.
+trait StepRunner: Send {
+    fn model_config(&self) -> &ModelConfig;
+    fn dtype(&self) -> ComputeDtype;
+    fn device(&self) -> Device;
+    fn kv_cache_bytes_per_block(&self) -> usize;
+    fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
+    fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
+    fn num_requests(&self) -> usize;
+}
+
+impl ModelRunner {
+    /// Loads the weights on the device `cfg.device` resolves to; the KV
+    /// cache comes later (`initialize_kv_cache`).
+    pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
+        let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
+            Device::Cuda => load_cuda(cfg)?,
+            _ => Box::new(Runner::load(cfg, Device::Cpu, |dtype| {
+                Ok(CpuBackend::new(dtype))
+            })?),
+        };
+        Ok(ModelRunner { inner })
+    }
+
+    /// A CPU rank of a tensor-parallel group whose collectives run over `group`.
+    pub fn load_cpu_rank(cfg: &WorkerConfig, group: Arc<dyn HostGroup>) -> Result<ModelRunner> {
+        let runner = Runner::load(cfg, Device::Cpu, |dtype| {
+            Ok(CpuBackend::with_group(dtype, group))
+        })?;
+        Ok(ModelRunner {
+            inner: Box::new(runner),
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.inner.model_config()
+    }
+
+    /// The resolved `--dtype`.
+    pub fn dtype(&self) -> ComputeDtype {
+        self.inner.dtype()
+    }
+
+    /// The device the model runs on (never `Auto`).
+    pub fn device(&self) -> Device {
+        self.inner.device()
+    }
+
+    /// Bytes of one KV block over all layers, K and V.
+    pub fn kv_cache_bytes_per_block(&self) -> usize {
+        self.inner.kv_cache_bytes_per_block()
+    }
+
+    pub fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        self.inner.initialize_kv_cache(num_blocks)
+    }
+
+    pub fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.inner.execute_model(step)
+    }
+
+    /// Requests in the persistent batch.
+    pub fn num_requests(&self) -> usize {
+        self.inner.num_requests()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn load_cuda(cfg: &WorkerConfig) -> Result<Box<dyn StepRunner>> {
+    use crate::backend::cuda::CudaBackend;
+    Ok(Box::new(Runner::load(cfg, Device::Cuda, |dtype| {
+        CudaBackend::new(0, dtype)
+    })?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda(_cfg: &WorkerConfig) -> Result<Box<dyn StepRunner>> {
+    Err(Device::cuda_not_built())
+}
+
+/// A model on backend `B` with its KV cache and persistent batch.
+struct Runner<B: Backend> {
     cfg: ModelConfig,
-    backend: CpuBackend,
-    model: Box<dyn CausalLm<CpuBackend>>,
+    device: Device,
+    dtype: ComputeDtype,
+    backend: B,
+    model: Box<dyn CausalLm<B>>,
     spec: KvCacheSpec,
-    kv: Option<<CpuBackend as Backend>::KvCache>,
+    kv: Option<B::KvCache>,
     num_blocks: usize,
     max_model_len: usize,
     requests: HashMap<RequestId, CachedRequest>,
@@ -74,15 +167,18 @@ pub struct ModelRunner {
 
 const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
 
-impl ModelRunner {
-    /// Loads the weights; the KV cache comes later (`initialize_kv_cache`).
-    pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
+impl<B: Backend> Runner<B> {
+    fn load(
+        cfg: &WorkerConfig,
+        device: Device,
+        make_backend: impl FnOnce(ComputeDtype) -> Result<B>,
+    ) -> Result<Self> {
         cfg.parallel.validate()?;
-        if cfg.parallel.tp_size > 1 || cfg.parallel.pp_size > 1 {
+        if cfg.parallel.pp_size > 1 {
             return Err(Error::NotImplemented {
                 feature: format!(
-                    "tensor/pipeline parallel execution (tp={}, pp={}): weights can be sliced but the CPU collectives are not built yet",
-                    cfg.parallel.tp_size, cfg.parallel.pp_size
+                    "pipeline parallel execution (pp={}): layers cannot be split over stages yet",
+                    cfg.parallel.pp_size
                 ),
             });
         }
@@ -95,7 +191,7 @@ impl ModelRunner {
         }
         let format = cfg.load_format.resolve(&cfg.model)?;
         let mcfg = ModelConfig::load(&cfg.model, format, &cfg.hf_overrides)?;
-        let dtype = ComputeDtype::resolve(&cfg.dtype, mcfg.torch_dtype.as_deref())?;
+        let dtype = ComputeDtype::resolve_for(device, &cfg.dtype, mcfg.torch_dtype.as_deref())?;
         if cfg.dtype == "auto" {
             tracing::info!(
                 "dtype auto: computing in {} (checkpoint torch_dtype: {})",
@@ -103,7 +199,15 @@ impl ModelRunner {
                 mcfg.torch_dtype.as_deref().unwrap_or("none")
             );
         }
-        let backend = CpuBackend::new(dtype);
+        let backend = make_backend(dtype)?;
+        if backend.group_size() != cfg.parallel.tp_size {
+            return Err(Error::config(format!(
+                "tensor parallel size {} needs a collective group of that size; the {} backend has a group of {}",
+                cfg.parallel.tp_size,
+                device.name(),
+                backend.group_size()
+            )));
+        }
         let max_model_len = if cfg.max_model_len == 0 {
             mcfg.max_position_embeddings
         } else {
@@ -140,8 +244,10 @@ impl ModelRunner {
             started.elapsed().as_secs_f64()
         );
         let spec = model.kv_cache_spec(cfg.block_size, backend.kv_dtype_bytes());
-        Ok(ModelRunner {
+        Ok(Runner {
             cfg: mcfg,
+            device,
+            dtype,
             backend,
             model,
             spec,
@@ -155,22 +261,30 @@ impl ModelRunner {
             logits_rows: Vec::new(),
         })
     }
+}
 
-    pub fn model_config(&self) -> &ModelConfig {
+impl<B: Backend> StepRunner for Runner<B> {
+    fn model_config(&self) -> &ModelConfig {
         &self.cfg
     }
 
-    /// The resolved `--dtype`.
-    pub fn dtype(&self) -> ComputeDtype {
-        self.backend.dtype()
+    fn dtype(&self) -> ComputeDtype {
+        self.dtype
     }
 
-    /// Bytes of one KV block over all layers, K and V.
-    pub fn kv_cache_bytes_per_block(&self) -> usize {
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn kv_cache_bytes_per_block(&self) -> usize {
         self.spec.bytes_per_block()
     }
 
-    pub fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+    fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
         if num_blocks == 0 {
             return Err(Error::config("the KV cache needs at least one block"));
         }
@@ -181,6 +295,12 @@ impl ModelRunner {
         Ok(())
     }
 
+    fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        Runner::execute_model(self, step)
+    }
+}
+
+impl<B: Backend> Runner<B> {
     fn check_blocks(&self, ids: &[u32]) -> Result<()> {
         match ids.iter().find(|&&b| b as usize >= self.num_blocks) {
             Some(&block_id) => Err(Error::BlockOutOfRange {
@@ -267,7 +387,7 @@ impl ModelRunner {
         Ok(())
     }
 
-    pub fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+    fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         if self.kv.is_none() {
             return Err(Error::KvCacheNotInitialized);
         }
@@ -359,13 +479,20 @@ impl ModelRunner {
         let logits = if step.is_empty() {
             Vec::new()
         } else {
-            self.model.forward(
-                &self.backend,
-                &self.input_ids,
-                &self.meta,
-                kv,
-                &self.logits_rows,
-            )?
+            let inputs = StepInputs {
+                input_ids: &self.input_ids,
+                meta: &self.meta,
+                logits_rows: &self.logits_rows,
+            };
+            let prepared = self.backend.prepare_step(inputs, self.model.rope())?;
+            let wants_logits = !self.logits_rows.is_empty();
+            match self
+                .model
+                .forward(&self.backend, &prepared, kv, wants_logits)?
+            {
+                Some(t) => self.backend.to_host(&t)?,
+                None => Vec::new(),
+            }
         };
         let vocab = self.cfg.vocab_size;
 
@@ -402,10 +529,5 @@ impl ModelRunner {
             out.prompt_logprobs.push(prompt_lps);
         }
         Ok(out)
-    }
-
-    /// Requests in the persistent batch.
-    pub fn num_requests(&self) -> usize {
-        self.requests.len()
     }
 }

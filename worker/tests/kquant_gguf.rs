@@ -116,6 +116,7 @@ fn write_q4_k_m(src: &Path, dst: &Path) -> BTreeMap<String, usize> {
 
 fn load_runner(path: PathBuf) -> ModelRunner {
     ModelRunner::load(&WorkerConfig {
+        device: worker::Device::Cpu,
         model: path,
         load_format: LoadFormat::Auto,
         dtype: "auto".into(),

@@ -443,6 +443,7 @@ fn run_scenario_dtype(v: Variant, bs: usize, tag: &str, dtype: &str, tol: f32) {
     let w = make_weights(v, 7);
     write_model(&dir, v, &w);
     let mut runner = ModelRunner::load(&WorkerConfig {
+        device: worker::Device::Cpu,
         model: dir.clone(),
         load_format: LoadFormat::Auto,
         dtype: dtype.into(),

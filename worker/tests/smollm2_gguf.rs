@@ -39,6 +39,7 @@ fn greedy_capital_of_france_is_paris() {
     // answer must not change.
     for dtype in ["auto", "bfloat16", "float16"] {
         let mut runner = ModelRunner::load(&WorkerConfig {
+            device: worker::Device::Cpu,
             model: path.clone(),
             load_format: LoadFormat::Auto,
             dtype: dtype.into(),

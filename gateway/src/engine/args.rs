@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use worker::config::{GenerationConfig, ModelConfig};
-use worker::{LoadFormat, ParallelConfig, WorkerConfig};
+use worker::{Device, LoadFormat, ParallelConfig, WorkerConfig};
 
 use super::block_manager::BlockManager;
 use super::client::EngineClient;
@@ -81,6 +81,11 @@ pub struct EngineArgs {
     #[arg(long, default_value = "auto")]
     pub generation_config: String,
 
+    /// auto (the GPU when this build has the CUDA backend and one is
+    /// visible), cuda or cpu.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
     #[arg(long, visible_alias = "tp", default_value_t = 1)]
     pub tensor_parallel_size: usize,
 
@@ -105,6 +110,7 @@ impl Default for EngineArgs {
             scheduling_policy: SchedulingPolicy::Fcfs,
             seed: 0,
             generation_config: "auto".into(),
+            device: "auto".into(),
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
         }
@@ -158,6 +164,15 @@ impl EngineArgs {
                 format!(
                     "invalid choice: {} (choose from 8, 16, 32, 64, 128)",
                     self.block_size
+                ),
+            );
+        }
+        if self.device.parse::<Device>().is_err() {
+            return bad(
+                "--device",
+                format!(
+                    "invalid choice: {} (choose from auto, cuda, cpu)",
+                    self.device
                 ),
             );
         }
@@ -252,8 +267,16 @@ impl EngineArgs {
         }
         let tokenizer = Arc::new(Tokenizer::load(model, self.tokenizer.as_deref())?);
         let load_format: LoadFormat = self.load_format.parse()?;
+        let device: Device = self.device.parse().map_err(|_| EngineError::InvalidArgs {
+            arg: "--device",
+            message: format!(
+                "invalid choice '{}' (choose from auto, cuda, cpu)",
+                self.device
+            ),
+        })?;
         let worker_config = WorkerConfig {
             model: model.to_path_buf(),
+            device,
             load_format,
             dtype: self.dtype.clone(),
             hf_overrides: self.hf_overrides_json()?,
@@ -461,6 +484,7 @@ mod tests {
         let cases: Vec<(Vec<&str>, &str)> = vec![
             (vec!["--block-size", "7"], "--block-size"),
             (vec!["--dtype", "int3"], "--dtype"),
+            (vec!["--device", "tpu"], "--device"),
             (vec!["--load-format", "pt"], "--load-format"),
             (
                 vec!["--max-num-seqs", "300", "--max-num-batched-tokens", "256"],

@@ -18,26 +18,34 @@ use half::{bf16, f16};
 use super::elem::{self, Elem};
 use super::half_matmul::{self, DenseMatrix};
 use super::q8_matmul::{self, Q8Matrix};
-use super::{Backend, ComputeDtype};
+use super::{Backend, ComputeDtype, StepInputs};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
+use crate::collective::HostGroup;
 use crate::error::{Error, Result};
 use crate::kv_cache::{with_planes, CpuKvCache, KvCacheSpec};
 use crate::loader::shard::qtensor_from_bytes;
 use crate::loader::{HostLinear, HostMatrix};
-use crate::parallel::ParallelConfig;
 use crate::rope::RopeTable;
 
 /// Below this many rows, elementwise ops stay on one thread.
 const PAR_ROWS: usize = 4;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct CpuBackend {
     dtype: ComputeDtype,
+    /// The tensor-parallel group; `None` for a group of one.
+    group: Option<Arc<dyn HostGroup>>,
 }
 
 impl CpuBackend {
     pub fn new(dtype: ComputeDtype) -> Self {
-        Self { dtype }
+        Self { dtype, group: None }
+    }
+
+    /// A backend whose collectives run over `group`.
+    pub fn with_group(dtype: ComputeDtype, group: Arc<dyn HostGroup>) -> Self {
+        let group = (group.size() > 1).then_some(group);
+        Self { dtype, group }
     }
 
     pub fn dtype(&self) -> ComputeDtype {
@@ -243,6 +251,13 @@ fn copy_row<E: Elem>(dst: &mut [f32], src: &[E]) {
     }
 }
 
+/// One step's inputs, kept on the host for every layer.
+pub struct CpuStep {
+    input_ids: Vec<u32>,
+    meta: AttentionMetadata,
+    logits_rows: Vec<usize>,
+}
+
 pub struct CpuEmbedding {
     /// [rows, hidden] in the compute dtype.
     table: Table,
@@ -270,6 +285,8 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Embedding = CpuEmbedding;
     type KvCache = CpuKvCache;
+    type Rope = RopeTable;
+    type Step = CpuStep;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CpuLinear> {
         let parts = parts
@@ -324,6 +341,19 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn upload_rope(&self, table: RopeTable) -> Result<RopeTable> {
+        Ok(table)
+    }
+
+    fn prepare_step(&self, inputs: StepInputs<'_>, rope: &RopeTable) -> Result<CpuStep> {
+        check_positions(&inputs.meta.positions, rope.max_positions)?;
+        Ok(CpuStep {
+            input_ids: inputs.input_ids.to_vec(),
+            meta: inputs.meta.clone(),
+            logits_rows: inputs.logits_rows.to_vec(),
+        })
+    }
+
     fn kv_dtype_bytes(&self) -> usize {
         self.dtype.bytes()
     }
@@ -332,7 +362,8 @@ impl Backend for CpuBackend {
         CpuKvCache::new(spec, num_blocks, self.dtype)
     }
 
-    fn embed(&self, e: &CpuEmbedding, ids: &[u32]) -> Result<CpuTensor> {
+    fn embed(&self, e: &CpuEmbedding, step: &CpuStep) -> Result<CpuTensor> {
+        let ids = &step.input_ids;
         let h = e.hidden;
         let mut out = vec![0f32; ids.len() * h];
         for (row, &id) in out.chunks_exact_mut(h).zip(ids) {
@@ -419,18 +450,10 @@ impl Backend for CpuBackend {
         &self,
         qkv: &mut CpuTensor,
         heads: QkvHeads,
-        positions: &[u32],
+        step: &CpuStep,
         rope: &RopeTable,
     ) -> Result<()> {
-        if let Some(&p) = positions
-            .iter()
-            .find(|&&p| p as usize >= rope.max_positions)
-        {
-            return Err(Error::PositionOutOfRange {
-                position: p as usize,
-                max_len: rope.max_positions,
-            });
-        }
+        let positions = &step.meta.positions;
         let hd = heads.head_dim;
         let rotated = heads.num_heads + heads.num_kv_heads;
         let cols = qkv.cols;
@@ -460,7 +483,7 @@ impl Backend for CpuBackend {
         layer: usize,
         qkv: &CpuTensor,
         heads: QkvHeads,
-        meta: &AttentionMetadata,
+        step: &CpuStep,
     ) -> Result<()> {
         let k_col = heads.q_width();
         cache.write(
@@ -469,7 +492,7 @@ impl Backend for CpuBackend {
             qkv.cols,
             k_col,
             k_col + heads.kv_width(),
-            &meta.slot_mapping,
+            &step.meta.slot_mapping,
         )
     }
 
@@ -479,9 +502,10 @@ impl Backend for CpuBackend {
         layer: usize,
         qkv: &CpuTensor,
         heads: QkvHeads,
-        meta: &AttentionMetadata,
+        step: &CpuStep,
         scale: f32,
     ) -> Result<CpuTensor> {
+        let meta = &step.meta;
         let mut out = vec![0f32; qkv.rows * heads.q_width()];
         let (q, stride, spec) = (qkv.data(), qkv.cols, &cache.spec);
         with_planes!(&cache.storage, p => paged_attention_cpu(
@@ -490,7 +514,8 @@ impl Backend for CpuBackend {
         Ok(self.rounded(CpuTensor::new(out, qkv.rows, heads.q_width())))
     }
 
-    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+    fn gather_logits_rows(&self, x: &CpuTensor, step: &CpuStep) -> Result<CpuTensor> {
+        let rows = &step.logits_rows;
         let mut out = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
             out.extend_from_slice(&x.data()[r * x.cols..(r + 1) * x.cols]);
@@ -498,26 +523,57 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(out, rows.len(), x.cols))
     }
 
-    fn all_reduce(&self, _x: &mut CpuTensor, parallel: &ParallelConfig) -> Result<()> {
-        if parallel.tp_size == 1 {
-            return Ok(());
-        }
-        Err(Error::NotImplemented {
-            feature: "CPU all-reduce for tensor parallel size > 1".into(),
-        })
+    fn group_size(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.size())
     }
 
-    fn all_gather_cols(&self, x: CpuTensor, parallel: &ParallelConfig) -> Result<CpuTensor> {
-        if parallel.tp_size == 1 {
-            return Ok(x);
+    fn all_reduce(&self, x: &mut CpuTensor) -> Result<()> {
+        match &self.group {
+            None => Ok(()),
+            Some(g) => g.all_reduce_sum(x.data_mut()),
         }
-        Err(Error::NotImplemented {
-            feature: "CPU all-gather for tensor parallel size > 1".into(),
-        })
+    }
+
+    fn all_gather_cols(&self, x: CpuTensor) -> Result<CpuTensor> {
+        let Some(g) = &self.group else {
+            return Ok(x);
+        };
+        let parts = g.all_gather(x.data())?;
+        let rows = x.rows;
+        let mut widths = Vec::with_capacity(parts.len());
+        for (rank, p) in parts.iter().enumerate() {
+            if rows == 0 || p.len() % rows != 0 {
+                return Err(Error::config(format!(
+                    "all-gather: rank {rank} sent {} values for {rows} rows",
+                    p.len()
+                )));
+            }
+            widths.push(p.len() / rows);
+        }
+        let cols: usize = widths.iter().sum();
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for (p, w) in parts.iter().zip(&widths) {
+                out.extend_from_slice(&p[r * w..(r + 1) * w]);
+            }
+        }
+        Ok(CpuTensor::new(out, rows, cols))
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data().to_vec())
+    }
+}
+
+/// Positions past the rotary table (the model's maximum length) are an
+/// error of the step, not a panic in a kernel.
+pub(crate) fn check_positions(positions: &[u32], max_positions: usize) -> Result<()> {
+    match positions.iter().find(|&&p| p as usize >= max_positions) {
+        Some(&p) => Err(Error::PositionOutOfRange {
+            position: p as usize,
+            max_len: max_positions,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -7,11 +7,13 @@ pub mod elem;
 pub mod half_matmul;
 pub mod q8_matmul;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use crate::attention::{AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
 use crate::loader::{HostLinear, HostMatrix};
-use crate::parallel::ParallelConfig;
 use crate::rope::RopeTable;
 
 pub use cpu::CpuBackend;
@@ -60,6 +62,24 @@ impl ComputeDtype {
     /// quantized matmuls take f32 activations) stay in f32, the fastest and
     /// most exact CPU path.
     pub fn resolve(arg: &str, config_dtype: Option<&str>) -> Result<ComputeDtype> {
+        Self::resolve_for(Device::Cpu, arg, config_dtype)
+    }
+
+    /// `resolve` for a device: on the GPU, "auto" runs f32 checkpoints and
+    /// GGUF files in bfloat16, as vLLM does (f32 GEMMs waste the tensor cores).
+    pub fn resolve_for(
+        device: Device,
+        arg: &str,
+        config_dtype: Option<&str>,
+    ) -> Result<ComputeDtype> {
+        let d = Self::resolve_cpu(arg, config_dtype)?;
+        if device == Device::Cuda && arg == "auto" && d == Self::F32 {
+            return Ok(Self::Bf16);
+        }
+        Ok(d)
+    }
+
+    fn resolve_cpu(arg: &str, config_dtype: Option<&str>) -> Result<ComputeDtype> {
         if let Some(d) = Self::parse(arg)? {
             return Ok(d);
         }
@@ -90,6 +110,94 @@ impl ComputeDtype {
     }
 }
 
+/// What one step's attention needs besides the activations: the flat
+/// metadata, the token ids and the rows that produce logits. A backend
+/// uploads it once per step (`prepare_step`) and every layer reads it there.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    pub input_ids: &'a [u32],
+    pub meta: &'a AttentionMetadata,
+    /// Batch rows whose logits the step needs (sampling and prompt logprobs).
+    pub logits_rows: &'a [usize],
+}
+
+/// vLLM's `--device`: which backend runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The GPU when this build has the CUDA backend and a GPU is visible,
+    /// else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            other => Err(Error::Unsupported {
+                what: "device",
+                value: other.to_string(),
+                supported: "auto, cuda, cpu".into(),
+            }),
+        }
+    }
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// `Auto` made concrete; `Cuda` checked against this build and machine.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Self::Cpu),
+            Self::Cuda if !cfg!(feature = "cuda") => Err(Self::cuda_not_built()),
+            Self::Cuda => match cuda_device_count() {
+                Ok(n) if n > 0 => Ok(Self::Cuda),
+                Ok(_) => Err(Error::config(
+                    "--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)",
+                )),
+                Err(e) => Err(Error::config(format!(
+                    "--device cuda: the CUDA driver is not usable: {e}"
+                ))),
+            },
+            Self::Auto => Ok(match cuda_device_count() {
+                Ok(n) if n > 0 => Self::Cuda,
+                _ => Self::Cpu,
+            }),
+        }
+    }
+
+    pub(crate) fn cuda_not_built() -> Error {
+        Error::config(
+            "--device cuda: this build has no CUDA backend; rebuild with `cargo build --release --features cuda`",
+        )
+    }
+}
+
+/// GPUs the CUDA driver reports; an error when the driver cannot be loaded
+/// (or this build has no CUDA backend).
+pub fn cuda_device_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(Device::cuda_not_built())
+    }
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A 2-D activation [rows, cols].
     type Tensor: Send;
@@ -98,17 +206,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Vector: Send + Sync;
     type Embedding: Send + Sync;
     type KvCache: Send;
+    /// Rotary cos/sin tables, where the rotary op reads them.
+    type Rope: Send + Sync;
+    /// One step's `StepInputs`, where the kernels read them.
+    type Step: Send;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<Self::Linear>;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
     /// `vocab_start`: first token id of this rank's rows (vocab-parallel).
     fn upload_embedding(&self, table: &HostMatrix, vocab_start: usize) -> Result<Self::Embedding>;
+    fn upload_rope(&self, table: RopeTable) -> Result<Self::Rope>;
     /// Bytes per KV cache element.
     fn kv_dtype_bytes(&self) -> usize;
     fn alloc_kv_cache(&self, spec: KvCacheSpec, num_blocks: usize) -> Result<Self::KvCache>;
 
-    /// Rows of the table; ids outside this rank's vocab range give zeros.
-    fn embed(&self, e: &Self::Embedding, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Checks and uploads one step's inputs; called once per step, before
+    /// any op that reads them.
+    fn prepare_step(&self, inputs: StepInputs<'_>, rope: &Self::Rope) -> Result<Self::Step>;
+
+    /// Rows of the table for the step's token ids; ids outside this rank's
+    /// vocab range give zeros.
+    fn embed(&self, e: &Self::Embedding, step: &Self::Step) -> Result<Self::Tensor>;
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
     /// `residual += x`, then returns rms_norm(residual).
@@ -121,22 +239,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Tensor>;
     /// [rows, 2n] gate|up -> [rows, n] silu(gate) * up.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Rotates the q and k heads of fused qkv rows in place.
+    /// Rotates the q and k heads of fused qkv rows in place, at the step's positions.
     fn rotary(
         &self,
         qkv: &mut Self::Tensor,
         heads: QkvHeads,
-        positions: &[u32],
-        rope: &RopeTable,
+        step: &Self::Step,
+        rope: &Self::Rope,
     ) -> Result<()>;
-    /// Stores the k and v heads of fused qkv rows at `meta.slot_mapping`.
+    /// Stores the k and v heads of fused qkv rows at the step's slots.
     fn write_kv(
         &self,
         cache: &mut Self::KvCache,
         layer: usize,
         qkv: &Self::Tensor,
         heads: QkvHeads,
-        meta: &AttentionMetadata,
+        step: &Self::Step,
     ) -> Result<()>;
     /// Paged attention of the q heads of `qkv`; returns [rows, num_heads * head_dim].
     fn attention(
@@ -145,14 +263,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
         layer: usize,
         qkv: &Self::Tensor,
         heads: QkvHeads,
-        meta: &AttentionMetadata,
+        step: &Self::Step,
         scale: f32,
     ) -> Result<Self::Tensor>;
-    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
-    /// Sum over the tensor-parallel group (row-parallel outputs).
-    fn all_reduce(&self, x: &mut Self::Tensor, parallel: &ParallelConfig) -> Result<()>;
-    /// Concatenates vocab shards of logits over the tensor-parallel group.
-    fn all_gather_cols(&self, x: Self::Tensor, parallel: &ParallelConfig) -> Result<Self::Tensor>;
-    /// Row-major host copy.
+    /// The step's logits rows of `x`, in `StepInputs::logits_rows` order.
+    fn gather_logits_rows(&self, x: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor>;
+    /// Ranks in this backend's tensor-parallel group (1 without one).
+    fn group_size(&self) -> usize;
+    /// Sum over this backend's tensor-parallel group (row-parallel outputs);
+    /// nothing to do in a group of one.
+    fn all_reduce(&self, x: &mut Self::Tensor) -> Result<()>;
+    /// Concatenates the group's vocab shards of logits, in rank order.
+    fn all_gather_cols(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+    /// Row-major host copy in f32.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
 }

@@ -6,7 +6,7 @@
 use indicatif::ProgressBar;
 
 use super::CausalLm;
-use crate::attention::{AttentionMetadata, QkvHeads};
+use crate::attention::QkvHeads;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -32,11 +32,10 @@ pub struct Llama<B: Backend> {
     layers: Vec<Layer<B>>,
     norm: B::Vector,
     lm_head: B::Linear,
-    rope: RopeTable,
+    rope: B::Rope,
     eps: f32,
     scale: f32,
     vocab_size: usize,
-    parallel: ParallelConfig,
 }
 
 impl<B: Backend> Llama<B> {
@@ -177,11 +176,10 @@ impl<B: Backend> Llama<B> {
             layers,
             norm,
             lm_head,
-            rope: RopeTable::new(cfg, max_positions),
+            rope: backend.upload_rope(RopeTable::new(cfg, max_positions))?,
             eps: cfg.rms_norm_eps as f32,
             scale: 1.0 / (hd as f32).sqrt(),
             vocab_size: cfg.vocab_size,
-            parallel: *parallel,
         })
     }
 }
@@ -197,44 +195,46 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         }
     }
 
+    fn rope(&self) -> &B::Rope {
+        &self.rope
+    }
+
     fn forward(
         &self,
         b: &B,
-        input_ids: &[u32],
-        meta: &AttentionMetadata,
+        step: &B::Step,
         kv: &mut B::KvCache,
-        logits_rows: &[usize],
-    ) -> Result<Vec<f32>> {
-        let mut residual = b.embed(&self.embed, input_ids)?;
-        b.all_reduce(&mut residual, &self.parallel)?;
+        wants_logits: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let mut residual = b.embed(&self.embed, step)?;
+        b.all_reduce(&mut residual)?;
         let mut x = b.rms_norm(&residual, &self.layers[0].input_norm, self.eps)?;
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
             let mut qkv = b.linear(&x, &l.qkv)?;
-            b.rotary(&mut qkv, self.heads, &meta.positions, &self.rope)?;
-            b.write_kv(kv, i, &qkv, self.heads, meta)?;
-            if i == last && logits_rows.is_empty() {
+            b.rotary(&mut qkv, self.heads, step, &self.rope)?;
+            b.write_kv(kv, i, &qkv, self.heads, step)?;
+            if i == last && !wants_logits {
                 // A prefill chunk that samples nothing only needs its KV.
-                return Ok(Vec::new());
+                return Ok(None);
             }
-            let mut attn = b.attention(kv, i, &qkv, self.heads, meta, self.scale)?;
+            let mut attn = b.attention(kv, i, &qkv, self.heads, step, self.scale)?;
             if i == last {
                 // Only the rows that need logits go through the rest.
-                attn = b.gather_rows(&attn, logits_rows)?;
-                residual = b.gather_rows(&residual, logits_rows)?;
+                attn = b.gather_logits_rows(&attn, step)?;
+                residual = b.gather_logits_rows(&residual, step)?;
             }
             let mut o = b.linear(&attn, &l.o)?;
-            b.all_reduce(&mut o, &self.parallel)?;
+            b.all_reduce(&mut o)?;
             x = b.add_rms_norm(&mut residual, &o, &l.post_norm, self.eps)?;
             let act = b.silu_mul(&b.linear(&x, &l.gate_up)?)?;
             let mut down = b.linear(&act, &l.down)?;
-            b.all_reduce(&mut down, &self.parallel)?;
+            b.all_reduce(&mut down)?;
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
             x = b.add_rms_norm(&mut residual, &down, next_norm, self.eps)?;
         }
         let logits = b.linear(&x, &self.lm_head)?;
-        let logits = b.all_gather_cols(logits, &self.parallel)?;
-        b.to_host(&logits)
+        Ok(Some(b.all_gather_cols(logits)?))
     }
 
     fn vocab_size(&self) -> usize {

@@ -4,7 +4,6 @@ pub mod llama;
 
 use indicatif::ProgressBar;
 
-use crate::attention::AttentionMetadata;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -22,16 +21,19 @@ pub trait CausalLm<B: Backend>: Send + Sync {
     /// element size.
     fn kv_cache_spec(&self, block_size: usize, dtype_bytes: usize) -> KvCacheSpec;
 
-    /// Runs the flat batch `input_ids` (with `meta`) and returns logits for the
-    /// batch rows `logits_rows`, row-major [logits_rows.len(), vocab_size].
+    /// The rotary tables, which `Backend::prepare_step` checks positions against.
+    fn rope(&self) -> &B::Rope;
+
+    /// Runs one prepared step and returns the logits of its logits rows
+    /// ([rows, vocab_size], on the device), or `None` when the step asks for
+    /// no logits (prefill chunks that sample nothing only write their KV).
     fn forward(
         &self,
         backend: &B,
-        input_ids: &[u32],
-        meta: &AttentionMetadata,
+        step: &B::Step,
         kv: &mut B::KvCache,
-        logits_rows: &[usize],
-    ) -> Result<Vec<f32>>;
+        wants_logits: bool,
+    ) -> Result<Option<B::Tensor>>;
 
     fn vocab_size(&self) -> usize;
 }

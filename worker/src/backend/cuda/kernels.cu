@@ -1,0 +1,338 @@
+// Flotilla's CUDA kernels, compiled at start by NVRTC for the device's
+// architecture (see nvrtc.rs) and cached on disk. No CUDA headers are
+// included, so the source compiles the same with any toolkit: the 16-bit
+// types are stored as raw `unsigned short` and converted here.
+//
+// Every kernel computes in f32 and rounds its output to the storage type
+// once, as the CPU backend does, so the two backends agree to rounding.
+// Kernels come in three instantiations named `<name>_bf16`, `<name>_f16`
+// and `<name>_f32`.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+struct bf16 { u16 bits; };
+struct f16 { u16 bits; };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) {
+    return __uint_as_float(((u32)x.bits) << 16);
+}
+__device__ __forceinline__ float to_f32(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+    // Round to nearest even, NaN kept quiet (what `half::bf16::from_f32` does).
+    u32 u = __float_as_uint(x);
+    bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (u16)((u >> 16) | 0x40);
+    } else {
+        r.bits = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ float round_to(float x) {
+    return to_f32(from_f32<T>(x));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = (blockDim.x + 31) >> 5;
+        float s = lane < nw ? partial[lane] : 0.f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// out[t, :] = table[ids[t] - vocab_start, :], zeros outside this rank's rows.
+// grid: tokens; block: any.
+template <typename T>
+__device__ void embed(const int* ids, const T* table, int vocab_start, int rows, int hidden,
+                      T* out) {
+    int t = blockIdx.x;
+    int local = ids[t] - vocab_start;
+    T* o = out + (i64)t * hidden;
+    if (local < 0 || local >= rows) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = from_f32<T>(0.f);
+        return;
+    }
+    const T* r = table + (i64)local * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = r[i];
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * w, per row; with `residual`, first
+// residual += x (rounded) and the norm is taken of the new residual.
+// grid: rows; block: up to 1024.
+template <typename T>
+__device__ void add_rms_norm(T* residual, const T* x, const T* w, T* out, int cols, float eps) {
+    i64 base = (i64)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = to_f32(x[base + i]);
+        if (residual) {
+            v = round_to<T>(to_f32(residual[base + i]) + v);
+            residual[base + i] = from_f32<T>(v);
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)cols + eps);
+    const T* src = residual ? residual : x;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        out[base + i] = from_f32<T>(to_f32(src[base + i]) * inv * to_f32(w[i]));
+    }
+}
+
+// [rows, 2n] gate|up -> [rows, n] silu(gate) * up. grid-stride over rows * n.
+template <typename T>
+__device__ void silu_mul(const T* gu, T* out, int rows, int n) {
+    i64 total = (i64)rows * n;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / n, c = i % n;
+        float g = to_f32(gu[r * 2 * n + c]);
+        float u = to_f32(gu[r * 2 * n + n + c]);
+        out[i] = from_f32<T>(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// y[r, c] += bias[c]. grid-stride.
+template <typename T>
+__device__ void add_bias(T* y, const T* bias, int rows, int cols) {
+    i64 total = (i64)rows * cols;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        y[i] = from_f32<T>(to_f32(y[i]) + to_f32(bias[i % cols]));
+    }
+}
+
+// Rotate-half rotary embedding of the first `heads` heads of each row, in
+// place. grid: tokens; block: any.
+template <typename T>
+__device__ void rotary(T* qkv, const int* positions, const float* cos_t, const float* sin_t,
+                       int stride, int heads, int head_dim) {
+    int t = blockIdx.x;
+    int half = head_dim / 2;
+    const float* c = cos_t + (i64)positions[t] * half;
+    const float* s = sin_t + (i64)positions[t] * half;
+    T* row = qkv + (i64)t * stride;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        T* x = row + h * head_dim;
+        float x1 = to_f32(x[j]), x2 = to_f32(x[j + half]);
+        x[j] = from_f32<T>(x1 * c[j] - x2 * s[j]);
+        x[j + half] = from_f32<T>(x2 * c[j] + x1 * s[j]);
+    }
+}
+
+// K/V heads of each token row to its cache slot. Cache layout per layer:
+// [num_blocks, num_kv_heads, block_size, head_dim]. grid: tokens.
+template <typename T>
+__device__ void write_kv(const T* qkv, const int* slots, T* k_cache, T* v_cache, int stride,
+                         int k_col, int v_col, int num_kv_heads, int head_dim, int block_size) {
+    int t = blockIdx.x;
+    i64 slot = slots[t];
+    i64 blk = slot / block_size, off = slot % block_size;
+    const T* row = qkv + (i64)t * stride;
+    for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
+        int h = i / head_dim, d = i % head_dim;
+        i64 dst = ((blk * num_kv_heads + h) * block_size + off) * head_dim + d;
+        k_cache[dst] = row[k_col + i];
+        v_cache[dst] = row[v_col + i];
+    }
+}
+
+// out[i, :] = x[rows[i], :]. grid: output rows.
+template <typename T>
+__device__ void gather_rows(const T* x, const int* rows, T* out, int cols) {
+    const T* src = x + (i64)rows[blockIdx.x] * cols;
+    T* dst = out + (i64)blockIdx.x * cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename T>
+__device__ void to_float(const T* x, float* out, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x) {
+        out[i] = to_f32(x[i]);
+    }
+}
+
+template <typename T>
+__device__ void from_float(const float* x, T* out, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x) {
+        out[i] = from_f32<T>(x[i]);
+    }
+}
+
+// Paged attention for one (query token, kv head): the `group` query heads
+// that share the kv head run as one warp each, over key tiles of 32 loaded
+// once into shared memory for the whole group (so GQA reads each K/V once
+// per token). Online softmax in f32. Causal: token t of a sequence sees the
+// keys up to its own position (`tok_nkeys[t]` of them).
+//
+// grid: (tokens, num_kv_heads); block: group * 32 threads.
+// Shared memory: q [group][D] + K tile [32][D+1] + V tile [32][D] floats.
+#define ATTN_TILE 32
+template <typename T>
+__device__ void paged_attention(const T* qkv, int stride, const T* k_cache, const T* v_cache,
+                                const int* block_tables, int max_blocks, const int* tok_seq,
+                                const int* tok_nkeys, int num_kv_heads, int group, int head_dim,
+                                int block_size, float scale, T* out) {
+    extern __shared__ float smem[];
+    const int D = head_dim;
+    float* q_s = smem;                          // [group][D]
+    float* k_s = q_s + group * D;               // [TILE][D + 1]
+    float* v_s = k_s + ATTN_TILE * (D + 1);     // [TILE][D]
+    const int t = blockIdx.x, kvh = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nthreads = blockDim.x;
+    const int seq = tok_seq[t];
+    const int n_keys = tok_nkeys[t];
+    const int* table = block_tables + (i64)seq * max_blocks;
+    const int h = kvh * group + warp;  // this warp's query head
+
+    for (int i = threadIdx.x; i < group * D; i += nthreads) {
+        int g = i / D, d = i % D;
+        q_s[i] = to_f32(qkv[(i64)t * stride + (kvh * group + g) * D + d]) * scale;
+    }
+    // Each lane owns output dims lane, lane + 32, ... (D <= 256).
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.f;
+    float m = NEG_INF, l = 0.f;
+    const int per_lane = D >> 5;
+
+    for (int k0 = 0; k0 < n_keys; k0 += ATTN_TILE) {
+        __syncthreads();  // the previous tile is consumed (and q is loaded)
+        int nk = min(ATTN_TILE, n_keys - k0);
+        for (int i = threadIdx.x; i < nk * D; i += nthreads) {
+            int j = i / D, d = i % D;
+            int key = k0 + j;
+            i64 blk = table[key / block_size];
+            i64 src = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * D + d;
+            k_s[j * (D + 1) + d] = to_f32(k_cache[src]);
+            v_s[j * D + d] = to_f32(v_cache[src]);
+        }
+        __syncthreads();
+        // Lane j scores key k0 + j.
+        float sc = NEG_INF;
+        if (lane < nk) {
+            const float* q = q_s + warp * D;
+            const float* k = k_s + lane * (D + 1);
+            float s = 0.f;
+            for (int d = 0; d < D; d++) s += q[d] * k[d];
+            sc = s;
+        }
+        float tile_max = warp_max(sc);
+        float m_new = fmaxf(m, tile_max);
+        float p = lane < nk ? __expf(sc - m_new) : 0.f;
+        float alpha = __expf(m - m_new);  // 0 on the first tile (m = -inf)
+        l = l * alpha + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (i < per_lane) acc[i] *= alpha;
+        }
+        for (int j = 0; j < nk; j++) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            const float* v = v_s + j * D;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (i < per_lane) acc[i] += pj * v[lane + 32 * i];
+            }
+        }
+        m = m_new;
+    }
+    float inv = l > 0.f ? 1.f / l : 0.f;
+    T* o = out + (i64)t * (num_kv_heads * group * D) + (i64)h * D;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i < per_lane) o[lane + 32 * i] = from_f32<T>(acc[i] * inv);
+    }
+}
+
+#define INSTANTIATE(SUFFIX, T)                                                                   \
+    extern "C" __global__ void embed_##SUFFIX(const int* ids, const T* table, int vocab_start,  \
+                                              int rows, int hidden, T* out) {                   \
+        embed<T>(ids, table, vocab_start, rows, hidden, out);                                    \
+    }                                                                                            \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(T* residual, const T* x, const T* w,       \
+                                                     T* out, int cols, float eps) {             \
+        add_rms_norm<T>(residual, x, w, out, cols, eps);                                        \
+    }                                                                                            \
+    extern "C" __global__ void silu_mul_##SUFFIX(const T* gu, T* out, int rows, int n) {        \
+        silu_mul<T>(gu, out, rows, n);                                                           \
+    }                                                                                            \
+    extern "C" __global__ void add_bias_##SUFFIX(T* y, const T* bias, int rows, int cols) {     \
+        add_bias<T>(y, bias, rows, cols);                                                        \
+    }                                                                                            \
+    extern "C" __global__ void rotary_##SUFFIX(T* qkv, const int* positions,                    \
+                                               const float* cos_t, const float* sin_t,          \
+                                               int stride, int heads, int head_dim) {           \
+        rotary<T>(qkv, positions, cos_t, sin_t, stride, heads, head_dim);                        \
+    }                                                                                            \
+    extern "C" __global__ void write_kv_##SUFFIX(const T* qkv, const int* slots, T* k_cache,    \
+                                                 T* v_cache, int stride, int k_col, int v_col,  \
+                                                 int num_kv_heads, int head_dim,                \
+                                                 int block_size) {                              \
+        write_kv<T>(qkv, slots, k_cache, v_cache, stride, k_col, v_col, num_kv_heads, head_dim,  \
+                    block_size);                                                                 \
+    }                                                                                            \
+    extern "C" __global__ void gather_rows_##SUFFIX(const T* x, const int* rows, T* out,        \
+                                                    int cols) {                                 \
+        gather_rows<T>(x, rows, out, cols);                                                      \
+    }                                                                                            \
+    extern "C" __global__ void to_float_##SUFFIX(const T* x, float* out, i64 n) {               \
+        to_float<T>(x, out, n);                                                                  \
+    }                                                                                            \
+    extern "C" __global__ void from_float_##SUFFIX(const float* x, T* out, i64 n) {             \
+        from_float<T>(x, out, n);                                                                \
+    }                                                                                            \
+    extern "C" __global__ void paged_attention_##SUFFIX(                                        \
+        const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \
+        int max_blocks, const int* tok_seq, const int* tok_nkeys, int num_kv_heads, int group,  \
+        int head_dim, int block_size, float scale, T* out) {                                    \
+        paged_attention<T>(qkv, stride, k_cache, v_cache, block_tables, max_blocks, tok_seq,     \
+                           tok_nkeys, num_kv_heads, group, head_dim, block_size, scale, out);    \
+    }
+
+INSTANTIATE(bf16, bf16)
+INSTANTIATE(f16, f16)
+INSTANTIATE(f32, float)

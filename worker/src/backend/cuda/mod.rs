@@ -1,0 +1,868 @@
+//! CUDA backend: weights, activations and the paged KV cache in device
+//! memory in the compute dtype (bf16, f16, or f32 for tests), GEMMs through
+//! cuBLAS (f32 accumulation), and our kernels (`kernels.cu`) for the rest,
+//! compiled by NVRTC for the device and cached on disk.
+//!
+//! Everything runs in order on one stream, so a buffer freed after its last
+//! use (stream-ordered free) is never reused early, and cudarc's per-buffer
+//! event tracking is switched off. Host synchronization happens only where
+//! the host reads results (`to_host`).
+
+mod nvrtc;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::result as driver;
+use cudarc::driver::sys::CUfunction_attribute_enum as FnAttr;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use half::{bf16, f16};
+
+use super::{Backend, ComputeDtype, StepInputs};
+use crate::attention::QkvHeads;
+use crate::backend::cpu::check_positions;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCacheSpec;
+use crate::loader::{HostLinear, HostMatrix};
+use crate::rope::RopeTable;
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// Kernel parameters: a pointer to each value, in declaration order.
+macro_rules! kargs {
+    ($($v:expr),* $(,)?) => {
+        [$(&$v as *const _ as *mut c_void),*]
+    };
+}
+
+/// GPUs the driver reports (0 without a driver or with none visible).
+pub fn device_count() -> Result<usize> {
+    // SAFETY: only probes whether the driver library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Cuda {
+            op: "load libcuda".into(),
+            msg: "the NVIDIA driver library (libcuda.so) was not found".into(),
+        });
+    }
+    let n = CudaContext::device_count().map_err(|e| Error::cuda("cuDeviceGetCount", e))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Raw device address of a buffer. Safe to pass to kernels on our one
+/// stream: event tracking is off and frees are stream-ordered.
+fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// Our kernels for one storage type.
+struct Kernels {
+    embed: CudaFunction,
+    add_rms_norm: CudaFunction,
+    silu_mul: CudaFunction,
+    add_bias: CudaFunction,
+    rotary: CudaFunction,
+    write_kv: CudaFunction,
+    gather_rows: CudaFunction,
+    to_float: CudaFunction,
+    paged_attention: CudaFunction,
+    /// Dynamic shared memory a block may take (the device's opt-in limit).
+    max_smem: usize,
+}
+
+impl Kernels {
+    fn load(module: &Arc<CudaModule>, suffix: &str, max_smem: usize) -> Result<Self> {
+        let f = |name: &str| {
+            module
+                .load_function(&format!("{name}_{suffix}"))
+                .map_err(|e| Error::cuda("cuModuleGetFunction", e))
+        };
+        let k = Kernels {
+            embed: f("embed")?,
+            add_rms_norm: f("add_rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            add_bias: f("add_bias")?,
+            rotary: f("rotary")?,
+            write_kv: f("write_kv")?,
+            gather_rows: f("gather_rows")?,
+            to_float: f("to_float")?,
+            paged_attention: f("paged_attention")?,
+            max_smem,
+        };
+        k.paged_attention
+            .set_attribute(
+                FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                max_smem as i32,
+            )
+            .map_err(|e| Error::cuda("cuFuncSetAttribute", e))?;
+        Ok(k)
+    }
+}
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+}
+
+/// The CUDA backend of one device.
+#[derive(Clone)]
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    dtype: ComputeDtype,
+}
+
+/// A 2-D activation [rows, cols] in the compute dtype.
+pub struct CudaTensor {
+    buf: CudaSlice<u8>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct CudaLinear {
+    /// [out, in] in the compute dtype.
+    w: CudaSlice<u8>,
+    bias: Option<CudaSlice<u8>>,
+    out: usize,
+    inp: usize,
+}
+
+pub struct CudaVector(CudaSlice<u8>);
+
+pub struct CudaEmbedding {
+    table: CudaSlice<u8>,
+    rows: usize,
+    hidden: usize,
+    vocab_start: usize,
+}
+
+pub struct CudaRope {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    max_positions: usize,
+}
+
+/// Paged KV cache: one allocation, per layer a K plane then a V plane, each
+/// [num_blocks, num_kv_heads, block_size, head_dim].
+pub struct CudaKvCache {
+    buf: CudaSlice<u8>,
+    spec: KvCacheSpec,
+    num_blocks: usize,
+    plane_bytes: usize,
+}
+
+/// One step's inputs in device memory (one upload), as i32 sections.
+pub struct CudaStep {
+    buf: CudaSlice<i32>,
+    num_tokens: usize,
+    max_blocks: usize,
+    num_logits_rows: usize,
+    /// Section offsets (in i32 elements).
+    ids: usize,
+    positions: usize,
+    slots: usize,
+    tok_seq: usize,
+    tok_nkeys: usize,
+    tables: usize,
+    rows: usize,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or loads from the cache) our kernels
+    /// for it and creates the cuBLAS handle.
+    pub fn new(ordinal: usize, dtype: ComputeDtype) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("cuCtxCreate", e))?;
+        // One stream, used in order: per-buffer events would only add cost.
+        // SAFETY: no buffer exists yet on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))?;
+        let cache = if runtime::envs::flag(runtime::envs::VLLM_DISABLE_COMPILE_CACHE) {
+            None
+        } else {
+            nvrtc::cache_dir()
+        };
+        let cubin = nvrtc::cubin("flotilla", KERNELS, cc, cache.as_deref())?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| Error::cuda("cuModuleLoadData", e))?;
+        let max_smem = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))? as usize;
+        let suffix = match dtype {
+            ComputeDtype::Bf16 => "bf16",
+            ComputeDtype::F16 => "f16",
+            ComputeDtype::F32 => "f32",
+        };
+        let kernels = Kernels::load(&module, suffix, max_smem)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        tracing::info!(
+            "CUDA device {ordinal}: {name}, compute capability {}.{}, {} compute",
+            cc.0,
+            cc.1,
+            dtype.name()
+        );
+        Ok(Self {
+            gpu: Arc::new(Gpu {
+                ctx,
+                stream,
+                blas,
+                kernels,
+            }),
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> ComputeDtype {
+        self.dtype
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.gpu
+            .ctx
+            .mem_get_info()
+            .map_err(|e| Error::cuda("cuMemGetInfo", e))
+    }
+
+    /// Waits for everything queued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        self.gpu
+            .stream
+            .synchronize()
+            .map_err(|e| Error::cuda("cuStreamSynchronize", e))
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.gpu.stream
+    }
+
+    fn k(&self) -> &Kernels {
+        &self.gpu.kernels
+    }
+
+    fn elem(&self) -> usize {
+        self.dtype.bytes()
+    }
+
+    fn alloc(&self, elems: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: every kernel writes its whole output before anything reads it.
+        unsafe { self.stream().alloc::<u8>(elems.max(1) * self.elem()) }
+            .map_err(|e| Error::cuda("cuMemAlloc", e))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.alloc(rows * cols)?,
+            rows,
+            cols,
+        })
+    }
+
+    /// Host f32 values, stored in the compute dtype.
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<u8>> {
+        let bytes: Vec<u8> = match self.dtype {
+            ComputeDtype::F32 => bytemuck::cast_slice(v).to_vec(),
+            ComputeDtype::Bf16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+            ComputeDtype::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+        };
+        self.stream()
+            .clone_htod(&bytes)
+            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+    }
+
+    /// Launches `f` with `args`, each a pointer to one kernel parameter
+    /// (built with `kargs!`), in the order the kernel declares them.
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: usize,
+        args: &mut [*mut c_void],
+        op: &'static str,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        // SAFETY: each caller passes the parameter list its kernel declares,
+        // with buffers sized for the grid it launches; the pointed-to values
+        // live until this call returns (cuLaunchKernel copies them).
+        unsafe {
+            driver::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem as u32,
+                self.stream().cu_stream(),
+                args,
+            )
+        }
+        .map_err(|e| Error::cuda(op, e))
+    }
+
+    /// A grid-stride launch over `n` elements.
+    fn grid_1d(n: usize) -> (u32, u32, u32) {
+        (n.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1)
+    }
+
+    fn data_type(&self) -> blas_sys::cudaDataType {
+        match self.dtype {
+            ComputeDtype::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            ComputeDtype::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            ComputeDtype::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+
+    /// y[rows, out] = x[rows, in] · w[out, in]ᵀ, accumulated in f32.
+    fn gemm(&self, x: &CudaTensor, w: &CudaLinear, y: &mut CudaTensor) -> Result<()> {
+        let s = self.stream();
+        let (alpha, beta) = (1f32, 0f32);
+        let dt = self.data_type();
+        // Column-major: yᵀ[out, rows] = w[in, out]ᵀ · xᵀ[in, rows].
+        // SAFETY: the buffers hold [out,in], [rows,in] and [rows,out] elements.
+        unsafe {
+            blas::gemm_ex(
+                *self.gpu.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                w.out as i32,
+                x.rows as i32,
+                w.inp as i32,
+                &alpha as *const f32 as *const _,
+                addr(&w.w, s) as *const _,
+                dt,
+                w.inp as i32,
+                addr(&x.buf, s) as *const _,
+                dt,
+                w.inp as i32,
+                &beta as *const f32 as *const _,
+                addr(&y.buf, s) as *mut _,
+                dt,
+                w.out as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::cuda("cublasGemmEx", e))
+    }
+
+    fn norm(
+        &self,
+        residual: Option<&mut CudaTensor>,
+        x: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let out = self.tensor(x.rows, x.cols)?;
+        let s = self.stream();
+        let res = residual.map_or(0u64, |r| addr(&r.buf, s));
+        let (xp, wp, op) = (addr(&x.buf, s), addr(&w.0, s), addr(&out.buf, s));
+        let cols = x.cols as i32;
+        let block = (x.cols.next_power_of_two()).clamp(32, 1024) as u32;
+        self.launch(
+            &self.k().add_rms_norm,
+            (x.rows as u32, 1, 1),
+            block,
+            0,
+            &mut kargs![res, xp, wp, op, cols, eps],
+            "add_rms_norm",
+        )?;
+        Ok(out)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+    type Vector = CudaVector;
+    type Embedding = CudaEmbedding;
+    type KvCache = CudaKvCache;
+    type Rope = CudaRope;
+    type Step = CudaStep;
+
+    fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CudaLinear> {
+        // Parts are stacked by output rows, so one GEMM runs them all
+        // (q|k|v, gate|up); GGUF weights are dequantized to the compute dtype.
+        let mut rows: Vec<f32> = Vec::new();
+        let mut bias: Vec<f32> = Vec::new();
+        let mut any_bias = false;
+        let (mut out, mut inp) = (0, None);
+        for p in &parts {
+            let t = p.weight.to_dense()?;
+            let (n, k) = t.dims2()?;
+            if *inp.get_or_insert(k) != k {
+                return Err(Error::config(format!(
+                    "linear parts disagree on their input width ({k} vs {})",
+                    inp.unwrap_or(0)
+                )));
+            }
+            rows.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            match &p.bias {
+                Some(b) => {
+                    any_bias = true;
+                    bias.extend_from_slice(b);
+                }
+                None => bias.extend(std::iter::repeat_n(0.0, n)),
+            }
+            out += n;
+        }
+        let inp = inp.ok_or_else(|| Error::config("a linear layer with no parts"))?;
+        Ok(CudaLinear {
+            w: self.upload_f32(&rows)?,
+            bias: if any_bias {
+                Some(self.upload_f32(&bias)?)
+            } else {
+                None
+            },
+            out,
+            inp,
+        })
+    }
+
+    fn upload_vector(&self, v: Vec<f32>) -> Result<CudaVector> {
+        Ok(CudaVector(self.upload_f32(&v)?))
+    }
+
+    fn upload_embedding(&self, table: &HostMatrix, vocab_start: usize) -> Result<CudaEmbedding> {
+        let t = table.to_dense()?;
+        let (rows, hidden) = t.dims2()?;
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        Ok(CudaEmbedding {
+            table: self.upload_f32(&v)?,
+            rows,
+            hidden,
+            vocab_start,
+        })
+    }
+
+    fn upload_rope(&self, table: RopeTable) -> Result<CudaRope> {
+        let s = self.stream();
+        let up = |v: &[f32]| s.clone_htod(v).map_err(|e| Error::cuda("cuMemcpyHtoD", e));
+        Ok(CudaRope {
+            cos: up(&table.cos)?,
+            sin: up(&table.sin)?,
+            max_positions: table.max_positions,
+        })
+    }
+
+    fn kv_dtype_bytes(&self) -> usize {
+        self.dtype.bytes()
+    }
+
+    fn alloc_kv_cache(&self, spec: KvCacheSpec, num_blocks: usize) -> Result<CudaKvCache> {
+        let plane = num_blocks
+            .checked_mul(spec.block_elems())
+            .and_then(|n| n.checked_mul(self.elem()))
+            .ok_or_else(|| Error::config(format!("{num_blocks} KV blocks overflow memory")))?;
+        let total = plane * 2 * spec.num_layers;
+        // Slots are only read after they are written (attention reads the
+        // first n_keys of each sequence), so the cache needs no zeroing.
+        // SAFETY: as above.
+        let buf = unsafe { self.stream().alloc::<u8>(total.max(1)) }.map_err(|e| Error::Cuda {
+            op: "cuMemAlloc (KV cache)".into(),
+            msg: format!("{e:?} ({num_blocks} blocks, {total} bytes)"),
+        })?;
+        Ok(CudaKvCache {
+            buf,
+            spec,
+            num_blocks,
+            plane_bytes: plane,
+        })
+    }
+
+    fn prepare_step(&self, inputs: StepInputs<'_>, rope: &CudaRope) -> Result<CudaStep> {
+        let meta = inputs.meta;
+        let n = meta.num_tokens();
+        check_positions(&meta.positions, rope.max_positions)?;
+        if inputs.input_ids.len() != n || meta.slot_mapping.len() != n {
+            return Err(Error::config(format!(
+                "step has {n} positions, {} token ids and {} slots",
+                inputs.input_ids.len(),
+                meta.slot_mapping.len()
+            )));
+        }
+        let as_i32 = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map_err(|_| Error::config(format!("{what} {v} does not fit the kernels' i32")))
+        };
+        let mut v: Vec<i32> = Vec::with_capacity(5 * n + meta.block_tables.len() + 8);
+        let ids = v.len();
+        v.extend(inputs.input_ids.iter().map(|&t| t as i32));
+        let positions = v.len();
+        v.extend(meta.positions.iter().map(|&p| p as i32));
+        let slots = v.len();
+        for &s in &meta.slot_mapping {
+            v.push(as_i32(s, "KV slot")?);
+        }
+        let tok_seq = v.len();
+        let tok_nkeys = tok_seq + n;
+        v.resize(tok_nkeys + n, 0);
+        for s in 0..meta.num_seqs() {
+            let (q0, q1) = (meta.query_start_loc[s], meta.query_start_loc[s + 1]);
+            for t in q0..q1 {
+                v[tok_seq + t] = s as i32;
+                // Causal: token t sees the keys up to its own position.
+                v[tok_nkeys + t] = (meta.seq_lens[s] - (q1 - t) + 1) as i32;
+            }
+        }
+        let tables = v.len();
+        v.extend(meta.block_tables.iter().map(|&b| b as i32));
+        let rows = v.len();
+        for &r in inputs.logits_rows {
+            v.push(as_i32(r, "logits row")?);
+        }
+        let buf = self
+            .stream()
+            .clone_htod(&v)
+            .map_err(|e| Error::cuda("cuMemcpyHtoD (step)", e))?;
+        Ok(CudaStep {
+            buf,
+            num_tokens: n,
+            max_blocks: meta.max_blocks_per_seq,
+            num_logits_rows: inputs.logits_rows.len(),
+            ids,
+            positions,
+            slots,
+            tok_seq,
+            tok_nkeys,
+            tables,
+            rows,
+        })
+    }
+
+    fn embed(&self, e: &CudaEmbedding, step: &CudaStep) -> Result<CudaTensor> {
+        let out = self.tensor(step.num_tokens, e.hidden)?;
+        let s = self.stream();
+        let ids = step.section(step.ids, s);
+        let (tp, op) = (addr(&e.table, s), addr(&out.buf, s));
+        let (vs, rows, hidden) = (e.vocab_start as i32, e.rows as i32, e.hidden as i32);
+        self.launch(
+            &self.k().embed,
+            (step.num_tokens as u32, 1, 1),
+            256,
+            0,
+            &mut kargs![ids, tp, vs, rows, hidden, op],
+            "embed",
+        )?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
+        if x.cols != w.inp {
+            return Err(Error::config(format!(
+                "linear: input has {} columns, weight expects {}",
+                x.cols, w.inp
+            )));
+        }
+        let mut y = self.tensor(x.rows, w.out)?;
+        if x.rows == 0 {
+            return Ok(y);
+        }
+        self.gemm(x, w, &mut y)?;
+        if let Some(bias) = &w.bias {
+            let s = self.stream();
+            let (yp, bp) = (addr(&y.buf, s), addr(bias, s));
+            let (r, c) = (y.rows as i32, y.cols as i32);
+            self.launch(
+                &self.k().add_bias,
+                Self::grid_1d(y.rows * y.cols),
+                256,
+                0,
+                &mut kargs![yp, bp, r, c],
+                "add_bias",
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        self.norm(None, x, w, eps)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.norm(Some(residual), x, w, eps)
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let n = gate_up.cols / 2;
+        let out = self.tensor(gate_up.rows, n)?;
+        let s = self.stream();
+        let (gp, op) = (addr(&gate_up.buf, s), addr(&out.buf, s));
+        let (r, nn) = (gate_up.rows as i32, n as i32);
+        self.launch(
+            &self.k().silu_mul,
+            Self::grid_1d(gate_up.rows * n),
+            256,
+            0,
+            &mut kargs![gp, op, r, nn],
+            "silu_mul",
+        )?;
+        Ok(out)
+    }
+
+    fn rotary(
+        &self,
+        qkv: &mut CudaTensor,
+        heads: QkvHeads,
+        step: &CudaStep,
+        rope: &CudaRope,
+    ) -> Result<()> {
+        let s = self.stream();
+        let pos = step.section(step.positions, s);
+        let (qp, cp, sp) = (addr(&qkv.buf, s), addr(&rope.cos, s), addr(&rope.sin, s));
+        let stride = qkv.cols as i32;
+        let nh = (heads.num_heads + heads.num_kv_heads) as i32;
+        let hd = heads.head_dim as i32;
+        self.launch(
+            &self.k().rotary,
+            (qkv.rows as u32, 1, 1),
+            256,
+            0,
+            &mut kargs![qp, pos, cp, sp, stride, nh, hd],
+            "rotary",
+        )
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        qkv: &CudaTensor,
+        heads: QkvHeads,
+        step: &CudaStep,
+    ) -> Result<()> {
+        let s = self.stream();
+        let slots = step.section(step.slots, s);
+        let (kp, vp) = cache.planes(layer, s);
+        let qp = addr(&qkv.buf, s);
+        let stride = qkv.cols as i32;
+        let k_col = heads.q_width() as i32;
+        let v_col = (heads.q_width() + heads.kv_width()) as i32;
+        let (nkv, hd, bs) = (
+            heads.num_kv_heads as i32,
+            heads.head_dim as i32,
+            cache.spec.block_size as i32,
+        );
+        self.launch(
+            &self.k().write_kv,
+            (qkv.rows as u32, 1, 1),
+            256,
+            0,
+            &mut kargs![qp, slots, kp, vp, stride, k_col, v_col, nkv, hd, bs],
+            "write_kv",
+        )
+    }
+
+    fn attention(
+        &self,
+        cache: &CudaKvCache,
+        layer: usize,
+        qkv: &CudaTensor,
+        heads: QkvHeads,
+        step: &CudaStep,
+        scale: f32,
+    ) -> Result<CudaTensor> {
+        let d = heads.head_dim;
+        let group = heads.num_heads / heads.num_kv_heads;
+        if !d.is_multiple_of(32)
+            || d > 256
+            || group > 32
+            || group * heads.num_kv_heads != heads.num_heads
+        {
+            return Err(Error::NotImplemented {
+                feature: format!(
+                    "CUDA paged attention for head_dim {d} with {} query / {} kv heads (head_dim must be a multiple of 32 up to 256, at most 32 query heads per kv head)",
+                    heads.num_heads, heads.num_kv_heads
+                ),
+            });
+        }
+        let smem = (group * d + 32 * (d + 1) + 32 * d) * 4;
+        if smem > self.k().max_smem {
+            return Err(Error::NotImplemented {
+                feature: format!(
+                    "CUDA paged attention needing {smem} bytes of shared memory (the device allows {})",
+                    self.k().max_smem
+                ),
+            });
+        }
+        let out = self.tensor(qkv.rows, heads.q_width())?;
+        let s = self.stream();
+        let (kp, vp) = cache.planes(layer, s);
+        let tables = step.section(step.tables, s);
+        let tok_seq = step.section(step.tok_seq, s);
+        let tok_nkeys = step.section(step.tok_nkeys, s);
+        let (qp, op) = (addr(&qkv.buf, s), addr(&out.buf, s));
+        let stride = qkv.cols as i32;
+        let max_blocks = step.max_blocks as i32;
+        let (nkv, g, hd, bs) = (
+            heads.num_kv_heads as i32,
+            group as i32,
+            d as i32,
+            cache.spec.block_size as i32,
+        );
+        self.launch(
+            &self.k().paged_attention,
+            (qkv.rows as u32, heads.num_kv_heads as u32, 1),
+            (group * 32) as u32,
+            smem,
+            &mut kargs![
+                qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, nkv, g, hd, bs, scale,
+                op
+            ],
+            "paged_attention",
+        )?;
+        Ok(out)
+    }
+
+    fn gather_logits_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
+        let out = self.tensor(step.num_logits_rows, x.cols)?;
+        let s = self.stream();
+        let rows = step.section(step.rows, s);
+        let (xp, op) = (addr(&x.buf, s), addr(&out.buf, s));
+        let cols = x.cols as i32;
+        self.launch(
+            &self.k().gather_rows,
+            (step.num_logits_rows as u32, 1, 1),
+            256,
+            0,
+            &mut kargs![xp, rows, op, cols],
+            "gather_rows",
+        )?;
+        Ok(out)
+    }
+
+    fn group_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce(&self, _x: &mut CudaTensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather_cols(&self, x: CudaTensor) -> Result<CudaTensor> {
+        Ok(x)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        let s = self.stream();
+        let f = if self.dtype == ComputeDtype::F32 {
+            None
+        } else {
+            // SAFETY: the kernel writes all n elements.
+            let f =
+                unsafe { s.alloc::<f32>(n.max(1)) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+            let (xp, fp, nn) = (addr(&x.buf, s), addr(&f, s), n as i64);
+            self.launch(
+                &self.k().to_float,
+                Self::grid_1d(n),
+                256,
+                0,
+                &mut kargs![xp, fp, nn],
+                "to_float",
+            )?;
+            Some(f)
+        };
+        let mut host = vec![0f32; n];
+        match &f {
+            Some(f) => s.memcpy_dtoh(f, &mut host[..]),
+            None => {
+                // SAFETY: an f32 tensor's bytes are n f32 values.
+                let view = unsafe { x.buf.transmute::<f32>(n) }
+                    .ok_or_else(|| Error::config("f32 tensor smaller than its shape"))?;
+                s.memcpy_dtoh(&view, &mut host[..])
+            }
+        }
+        .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        s.synchronize()
+            .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
+        Ok(host)
+    }
+}
+
+impl CudaStep {
+    /// Device address of the section starting at element `off`.
+    fn section(&self, off: usize, s: &CudaStream) -> u64 {
+        addr(&self.buf, s) + (off * std::mem::size_of::<i32>()) as u64
+    }
+}
+
+impl CudaKvCache {
+    fn planes(&self, layer: usize, s: &CudaStream) -> (u64, u64) {
+        let base = addr(&self.buf, s) + (2 * layer * self.plane_bytes) as u64;
+        (base, base + self.plane_bytes as u64)
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+}
+
+impl CudaBackend {
+    /// Test access: rows of an activation as f32 (same as `to_host`).
+    pub fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        self.to_host(x)
+    }
+
+    /// Test access: an activation from host f32 rows (rounded to the dtype).
+    pub fn upload_tensor(&self, v: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if v.len() != rows * cols {
+            return Err(Error::config(format!(
+                "{} values for a [{rows}, {cols}] tensor",
+                v.len()
+            )));
+        }
+        Ok(CudaTensor {
+            buf: self.upload_f32(v)?,
+            rows,
+            cols,
+        })
+    }
+
+    /// Test access: one layer's K and V planes as f32.
+    pub fn download_kv(&self, cache: &CudaKvCache, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = cache.plane_bytes / self.elem();
+        let s = self.stream();
+        let (kp, vp) = cache.planes(layer, s);
+        let get = |p: u64| -> Result<Vec<f32>> {
+            // SAFETY: the kernel writes all n elements.
+            let f =
+                unsafe { s.alloc::<f32>(n.max(1)) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+            let (fp, nn) = (addr(&f, s), n as i64);
+            self.launch(
+                &self.k().to_float,
+                Self::grid_1d(n),
+                256,
+                0,
+                &mut kargs![p, fp, nn],
+                "to_float",
+            )?;
+            let mut host = vec![0f32; n];
+            s.memcpy_dtoh(&f, &mut host[..])
+                .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+            s.synchronize()
+                .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
+            Ok(host)
+        };
+        Ok((get(kp)?, get(vp)?))
+    }
+}
