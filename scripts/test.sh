@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --workspace --bins
 cargo test --workspace
+# The CUDA backend builds without a GPU or a CUDA toolkit (cudarc loads the
+# libraries at run time); its GPU tests print SKIP here and run on a GPU
+# machine through scripts/gpu/check.sh.
+cargo test -p flotilla-worker --features cuda --test cuda_backend
+cargo check -p flotilla-gateway --features cuda --bins
 FLOTILLA_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python

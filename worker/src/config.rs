@@ -254,6 +254,25 @@ impl ModelConfig {
         };
         let mut eos_token_ids = token_ids(o.get("eos_token_id"), "eos_token_id")?;
         eos_token_ids.dedup();
+        // transformers 5 writes the rotary settings as one `rope_parameters`
+        // object (theta and scaling together); older configs have top-level
+        // `rope_theta` and `rope_scaling`.
+        let (rope_theta, rope_scaling) = match o.get("rope_parameters") {
+            Some(Value::Object(p)) => (
+                get_f64(p, "rope_theta")?.or(get_f64(o, "rope_theta")?),
+                parse_rope_scaling(Some(&Value::Object(p.clone())))?,
+            ),
+            Some(Value::Null) | None => (
+                get_f64(o, "rope_theta")?,
+                parse_rope_scaling(o.get("rope_scaling"))?,
+            ),
+            Some(x) => {
+                return Err(Error::config(format!(
+                    "rope_parameters must be an object, got {x}"
+                )))
+            }
+        };
+        let rope_theta = rope_theta.unwrap_or(10000.0);
         let cfg = ModelConfig {
             architecture,
             vocab_size: need_usize(o, "vocab_size")?,
@@ -264,8 +283,8 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: get_f64(o, "rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: get_f64(o, "rope_theta")?.unwrap_or(10000.0),
-            rope_scaling: parse_rope_scaling(o.get("rope_scaling"))?,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: get_usize(o, "max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: get_bool(o, "tie_word_embeddings")?.unwrap_or(false),
             attention_bias: get_bool(o, "attention_bias")?.unwrap_or(is_qwen2),
@@ -468,6 +487,28 @@ mod tests {
             matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
         );
         assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn transformers5_rope_parameters() {
+        // transformers 5 nests theta and scaling in `rope_parameters`; a
+        // config read without it would silently run theta 10000.
+        let mut raw = tiny();
+        merge(
+            &mut raw,
+            &json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+                "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}}),
+        );
+        let c = ModelConfig::from_hf_json(&raw).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+        merge(
+            &mut raw,
+            &json!({"rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}),
+        );
+        let c = ModelConfig::from_hf_json(&raw).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1000000.0, None));
     }
 
     #[test]

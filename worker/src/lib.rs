@@ -21,7 +21,7 @@ pub use backend::Device;
 pub use config::{GenerationConfig, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use loader::LoadFormat;
-pub use model_runner::{ModelRunner, WorkerConfig};
+pub use model_runner::{KvBudget, ModelRunner, WorkerConfig};
 pub use parallel::ParallelConfig;
 pub use sampling_params::SamplingParams;
 pub use step::{

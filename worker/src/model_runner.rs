@@ -75,6 +75,23 @@ trait StepRunner: Send {
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
     fn num_requests(&self) -> usize;
+    fn profile_kv_cache_bytes(
+        &mut self,
+        utilization: f64,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Result<Option<KvBudget>>;
+}
+
+/// What the memory profile found (bytes): the KV cache may take `available`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    pub total: usize,
+    /// Weights, context and other processes' memory, before the profile step.
+    pub used_before: usize,
+    /// Activation memory of the profiling step at its peak.
+    pub peak_activations: usize,
+    pub available: usize,
 }
 
 impl ModelRunner {
@@ -130,6 +147,21 @@ impl ModelRunner {
     /// Requests in the persistent batch.
     pub fn num_requests(&self) -> usize {
         self.inner.num_requests()
+    }
+
+    /// On a GPU: runs one step of `max_num_batched_tokens` tokens over up to
+    /// `max_num_seqs` sequences, as vLLM's profile run does, and returns how
+    /// much of `utilization` × the device's memory is left for the KV cache
+    /// after the weights and that step's peak. `None` on the CPU, whose KV
+    /// cache is sized by `VLLM_CPU_KVCACHE_SPACE`.
+    pub fn profile_kv_cache_bytes(
+        &mut self,
+        utilization: f64,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Result<Option<KvBudget>> {
+        self.inner
+            .profile_kv_cache_bytes(utilization, max_num_batched_tokens, max_num_seqs)
     }
 }
 
@@ -297,6 +329,72 @@ impl<B: Backend> StepRunner for Runner<B> {
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         Runner::execute_model(self, step)
+    }
+
+    fn profile_kv_cache_bytes(
+        &mut self,
+        utilization: f64,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Result<Option<KvBudget>> {
+        let Some((free, total)) = self.backend.memory_info()? else {
+            return Ok(None);
+        };
+        let used_before = total - free;
+        let bs = self.spec.block_size;
+        let tokens = max_num_batched_tokens.max(1);
+        let seqs = max_num_seqs.clamp(1, tokens);
+        // Sequences of (nearly) equal length, each within the model's length.
+        let lens: Vec<usize> = (0..seqs)
+            .map(|i| (tokens / seqs + usize::from(i < tokens % seqs)).min(self.max_model_len))
+            .collect();
+        let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+        let mut kv = self.backend.alloc_kv_cache(self.spec, blocks)?;
+        let kv_bytes = blocks * self.spec.bytes_per_block();
+        let mut meta = AttentionMetadata {
+            max_blocks_per_seq: lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(0),
+            ..Default::default()
+        };
+        meta.query_start_loc.push(0);
+        let (mut next_block, mut rows) = (0usize, Vec::with_capacity(seqs));
+        for &len in &lens {
+            let table: Vec<u32> = (next_block..next_block + len.div_ceil(bs))
+                .map(|b| b as u32)
+                .collect();
+            next_block += table.len();
+            for pos in 0..len {
+                meta.positions.push(pos as u32);
+                meta.slot_mapping
+                    .push(table[pos / bs] as usize * bs + pos % bs);
+            }
+            meta.query_start_loc.push(meta.positions.len());
+            rows.push(meta.positions.len() - 1);
+            meta.seq_lens.push(len);
+            let mut t = table;
+            t.resize(meta.max_blocks_per_seq, 0);
+            meta.block_tables.extend(t);
+        }
+        let ids = vec![0u32; meta.num_tokens()];
+        let inputs = StepInputs {
+            input_ids: &ids,
+            meta: &meta,
+            logits_rows: &rows,
+        };
+        let step = self.backend.prepare_step(inputs, self.model.rope())?;
+        if let Some(logits) = self.model.forward(&self.backend, &step, &mut kv, true)? {
+            self.backend.top_logits(&logits, 1)?;
+        }
+        let (free, _) = self.backend.memory_info()?.unwrap_or((free, total));
+        drop(step);
+        drop(kv);
+        let peak = (total - free).saturating_sub(used_before + kv_bytes);
+        let budget = (total as f64 * utilization) as usize;
+        Ok(Some(KvBudget {
+            total,
+            used_before,
+            peak_activations: peak,
+            available: budget.saturating_sub(used_before + peak),
+        }))
     }
 }
 
@@ -475,9 +573,26 @@ impl<B: Backend> Runner<B> {
             });
         }
 
+        // Rows whose requests take the raw argmax need only the top of their
+        // logits (the GPU keeps whole rows on the device); any other row
+        // (processed sampling, prompt logprobs) brings the logits to the host.
+        let mut top_k = 0;
+        let mut whole_rows = false;
+        for (s, (_, r)) in sched.iter().zip(&order) {
+            if s.prompt_rows.1 > 0 {
+                whole_rows = true;
+            }
+            if s.sample_row.is_some() {
+                if sampler::takes_raw_argmax(&r.params, &r.sampler) {
+                    top_k = top_k.max(r.params.logprobs.unwrap_or(0).max(1));
+                } else {
+                    whole_rows = true;
+                }
+            }
+        }
         let kv = self.kv.as_mut().expect("checked above");
-        let logits = if step.is_empty() {
-            Vec::new()
+        let (logits, tops) = if step.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             let inputs = StepInputs {
                 input_ids: &self.input_ids,
@@ -490,8 +605,9 @@ impl<B: Backend> Runner<B> {
                 .model
                 .forward(&self.backend, &prepared, kv, wants_logits)?
             {
-                Some(t) => self.backend.to_host(&t)?,
-                None => Vec::new(),
+                Some(t) if whole_rows => (self.backend.to_host(&t)?, Vec::new()),
+                Some(t) => (Vec::new(), self.backend.top_logits(&t, top_k)?),
+                None => (Vec::new(), Vec::new()),
             }
         };
         let vocab = self.cfg.vocab_size;
@@ -511,12 +627,16 @@ impl<B: Backend> Runner<B> {
             }
             let (mut token, mut lps) = (None, None);
             if let Some(row) = s.sample_row {
-                let sampled = sampler::sample(
-                    &mut logits[row * vocab..(row + 1) * vocab],
-                    &r.params,
-                    &r.sampler,
-                    &mut self.rng,
-                );
+                let sampled = if whole_rows {
+                    sampler::sample(
+                        &mut logits[row * vocab..(row + 1) * vocab],
+                        &r.params,
+                        &r.sampler,
+                        &mut self.rng,
+                    )
+                } else {
+                    sampler::sample_from_top(&tops[row], &r.params)
+                };
                 r.tokens.push(sampled.token);
                 r.sampler.push_output(sampled.token);
                 token = Some(sampled.token);

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use rand::Rng;
 
+use crate::backend::RowTop;
 use crate::sampling_params::SamplingParams;
 use crate::step::TokenLogprobs;
 
@@ -66,35 +67,77 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
 }
 
+/// The `k` largest logits of `logits` (larger first, then lower id) and its
+/// log-sum-exp: what a backend's `top_logits` returns for one row.
+pub fn row_top(logits: &[f32], k: usize) -> RowTop {
+    RowTop {
+        log_sum_exp: log_sum_exp(logits),
+        top: top_k(logits, k),
+    }
+}
+
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    let by_logit_desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit_desc);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit_desc);
+    idx.into_iter().map(|t| (t, logits[t as usize])).collect()
+}
+
+/// Whether greedy sampling of `p` takes the raw argmax: nothing (masks,
+/// bias, penalties, min_tokens) changes the logits first. Such rows are
+/// sampled from `Backend::top_logits` without their whole row.
+pub fn takes_raw_argmax(p: &SamplingParams, st: &SamplerState) -> bool {
+    p.is_greedy()
+        && p.allowed_token_ids.is_none()
+        && p.logit_bias.is_empty()
+        && p.repetition_penalty == 1.0
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0
+        && (st.num_output >= p.min_tokens || p.all_stop_token_ids.is_empty())
+}
+
+/// The greedy choice and its logprobs from a row's `RowTop` (which holds at
+/// least 1 + `p.logprobs` entries), as `sample` gives them for a request
+/// with `takes_raw_argmax`.
+pub fn sample_from_top(row: &RowTop, p: &SamplingParams) -> Sampled {
+    let (token, logit) = row.top[0];
+    let lse = row.log_sum_exp;
+    Sampled {
+        token,
+        logprobs: p.logprobs.map(|k| TokenLogprobs {
+            token_id: token,
+            logprob: logit - lse,
+            rank: 1,
+            top: row.top.iter().take(k).map(|&(t, l)| (t, l - lse)).collect(),
+        }),
+    }
+}
+
 /// Logprob, 1-based rank and top-`k` of `token` under `logits` (unprocessed).
 pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let lse = log_sum_exp(logits);
     let chosen = logits[token as usize];
     let rank = 1 + logits.iter().filter(|&&x| x > chosen).count();
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k);
-    if k > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = k.min(idx.len());
-        let by_logit_desc = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, by_logit_desc);
-        }
-        idx.truncate(k);
-        idx.sort_unstable_by(by_logit_desc);
-        top = idx
-            .into_iter()
-            .map(|t| (t, logits[t as usize] - lse))
-            .collect();
-    }
     TokenLogprobs {
         token_id: token,
         logprob: chosen - lse,
         rank,
-        top,
+        top: top_k(logits, k)
+            .into_iter()
+            .map(|(t, l)| (t, l - lse))
+            .collect(),
     }
 }
 

@@ -51,7 +51,14 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
 
-    /// Number of KV blocks, instead of sizing from VLLM_CPU_KVCACHE_SPACE.
+    /// Fraction of the GPU's memory this engine may use (weights,
+    /// activations and the KV cache); the KV cache gets what is left after
+    /// a profiling step. GPU only (the CPU uses VLLM_CPU_KVCACHE_SPACE).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+
+    /// Number of KV blocks, instead of sizing from the memory left
+    /// (GPU: --gpu-memory-utilization; CPU: VLLM_CPU_KVCACHE_SPACE).
     #[arg(long)]
     pub num_gpu_blocks_override: Option<usize>,
 
@@ -103,6 +110,7 @@ impl Default for EngineArgs {
             max_model_len: None,
             block_size: 16,
             num_gpu_blocks_override: None,
+            gpu_memory_utilization: 0.9,
             enable_prefix_caching: false,
             no_enable_prefix_caching: false,
             max_num_seqs: 256,
@@ -208,6 +216,12 @@ impl EngineArgs {
                 ),
             );
         }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return bad(
+                "--gpu-memory-utilization",
+                format!("must be in (0, 1], got {}", self.gpu_memory_utilization),
+            );
+        }
         if self.num_gpu_blocks_override == Some(0) {
             return bad("--num-gpu-blocks-override", "must be at least 1".into());
         }
@@ -301,7 +315,30 @@ impl EngineArgs {
         let model_config = executor.model_config().clone();
 
         let bytes_per_block = executor.kv_cache_bytes_per_block();
-        let available = envs::cpu_kvcache_space_bytes()?;
+        let profiled = match self.num_gpu_blocks_override {
+            Some(_) => None,
+            None => executor.profile_kv_cache_bytes(
+                self.gpu_memory_utilization,
+                self.max_num_batched_tokens,
+                self.max_num_seqs,
+            )?,
+        };
+        let on_gpu = executor.device() == Device::Cuda;
+        let available = match &profiled {
+            Some(b) => {
+                const GIB: f64 = (1u64 << 30) as f64;
+                tracing::info!(
+                    "Memory profiling: {:.2} GiB total x {} utilization; {:.2} GiB in use after loading, {:.2} GiB peak activations; {:.2} GiB for the KV cache",
+                    b.total as f64 / GIB,
+                    self.gpu_memory_utilization,
+                    b.used_before as f64 / GIB,
+                    b.peak_activations as f64 / GIB,
+                    b.available as f64 / GIB
+                );
+                b.available
+            }
+            None => envs::cpu_kvcache_space_bytes()?,
+        };
         let num_blocks = num_kv_blocks(
             self.num_gpu_blocks_override,
             available,
@@ -309,7 +346,10 @@ impl EngineArgs {
             self.block_size,
             max_model_len,
         )?;
-        tracing::info!("# CPU blocks: {num_blocks}");
+        tracing::info!(
+            "# {} blocks: {num_blocks}",
+            if on_gpu { "GPU" } else { "CPU" }
+        );
         tracing::info!(
             "Maximum concurrency for {max_model_len} tokens per request: {:.2}x",
             (num_blocks * self.block_size) as f64 / max_model_len as f64

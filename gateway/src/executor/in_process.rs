@@ -27,6 +27,21 @@ impl Executor for InProcessExecutor {
         self.runner.kv_cache_bytes_per_block()
     }
 
+    fn device(&self) -> worker::Device {
+        self.runner.device()
+    }
+
+    fn profile_kv_cache_bytes(
+        &mut self,
+        utilization: f64,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Result<Option<worker::KvBudget>> {
+        Ok(self
+            .runner
+            .profile_kv_cache_bytes(utilization, max_num_batched_tokens, max_num_seqs)?)
+    }
+
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
         Ok(self.runner.initialize_kv_cache(num_blocks)?)
     }

@@ -33,6 +33,18 @@ pub trait Executor: Send {
 
     fn kv_cache_bytes_per_block(&self) -> usize;
 
+    /// The device the model runs on.
+    fn device(&self) -> worker::Device;
+
+    /// Bytes the KV cache may take after a profiling step (GPU), or `None`
+    /// where the KV cache is sized by `VLLM_CPU_KVCACHE_SPACE` (CPU).
+    fn profile_kv_cache_bytes(
+        &mut self,
+        utilization: f64,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Result<Option<worker::KvBudget>>;
+
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;

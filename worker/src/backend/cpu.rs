@@ -18,7 +18,7 @@ use half::{bf16, f16};
 use super::elem::{self, Elem};
 use super::half_matmul::{self, DenseMatrix};
 use super::q8_matmul::{self, Q8Matrix};
-use super::{Backend, ComputeDtype, StepInputs};
+use super::{Backend, ComputeDtype, RowTop, StepInputs};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
 use crate::collective::HostGroup;
 use crate::error::{Error, Result};
@@ -562,6 +562,14 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data().to_vec())
+    }
+
+    fn top_logits(&self, logits: &CpuTensor, k: usize) -> Result<Vec<RowTop>> {
+        Ok(logits
+            .data()
+            .chunks_exact(logits.cols.max(1))
+            .map(|row| crate::sampler::row_top(row, k))
+            .collect())
     }
 }
 

@@ -198,6 +198,14 @@ pub fn cuda_device_count() -> Result<usize> {
     }
 }
 
+/// One row's `Backend::top_logits`: raw logits, not logprobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowTop {
+    pub log_sum_exp: f32,
+    /// (token id, logit), largest first.
+    pub top: Vec<(u32, f32)>,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A 2-D activation [rows, cols].
     type Tensor: Send;
@@ -277,4 +285,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn all_gather_cols(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     /// Row-major host copy in f32.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// (free, total) bytes of the device's memory, after the work queued so
+    /// far; `None` where the KV cache is sized otherwise (the CPU backend:
+    /// `VLLM_CPU_KVCACHE_SPACE`).
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(None)
+    }
+    /// For each row of `logits`: its `k` largest values (the sampler's
+    /// order: larger first, then lower id) and its log-sum-exp. Greedy
+    /// sampling and logprobs need only these, so whole rows stay where they
+    /// are (on the GPU: only these cross to the host).
+    fn top_logits(&self, logits: &Self::Tensor, k: usize) -> Result<Vec<RowTop>>;
 }

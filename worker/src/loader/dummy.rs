@@ -6,10 +6,14 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use super::{HostMatrix, WeightSource};
 use crate::error::Result;
 use crate::parallel::Shard;
+
+/// Values per independently seeded chunk of a dummy matrix.
+const CHUNK: usize = 1 << 20;
 
 pub struct DummySource {
     seed: u64,
@@ -41,11 +45,16 @@ impl WeightSource for DummySource {
             Shard::Cols(c) => (full.0, c.len()),
             Shard::Full => full,
         };
-        let mut rng = self.rng(name);
-        // Small values keep activations finite through many layers.
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
-            .collect();
+        // Small values keep activations finite through many layers. Chunks
+        // are seeded by (name, chunk) and filled in parallel: an 8B model's
+        // weights take seconds, not minutes, and stay the same for a seed.
+        let mut v = vec![0f32; rows * cols];
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+            let mut rng = self.rng(&format!("{name}#{i}"));
+            for x in c {
+                *x = (rng.random::<f32>() - 0.5) * 0.04;
+            }
+        });
         Ok(HostMatrix::Dense(Tensor::from_vec(
             v,
             (rows, cols),

@@ -62,22 +62,88 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over a block of up to 1024 threads; every thread gets the result.
-__device__ float block_sum(float v) {
+// Sum (or max) over a block of up to 1024 threads; every thread gets it.
+template <bool MAX>
+__device__ float block_reduce(float v) {
     __shared__ float partial[32];
     __shared__ float total;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
         int nw = (blockDim.x + 31) >> 5;
-        float s = lane < nw ? partial[lane] : 0.f;
-        s = warp_sum(s);
+        float s = lane < nw ? partial[lane] : (MAX ? NEG_INF : 0.f);
+        s = MAX ? warp_max(s) : warp_sum(s);
         if (lane == 0) total = s;
     }
     __syncthreads();
     return total;
+}
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ float block_max(float v) { return block_reduce<true>(v); }
+
+// (value, index) order of the sampler: larger value first, then lower index.
+__device__ __forceinline__ bool before(float av, int ai, float bv, int bi) {
+    return av > bv || (av == bv && ai < bi);
+}
+
+// Per row of logits: the k largest (in the sampler's order) and the
+// log-sum-exp, so greedy sampling and logprobs need only these on the host.
+// k passes over the row, each taking the best entry after the previous one.
+// grid: rows; block: 1024. out: [rows * k values][rows * k ids as int bits][rows lse].
+template <typename T>
+__device__ void top_logits(const T* logits, int vocab, int k, float* out) {
+    const int r = blockIdx.x;
+    const T* row = logits + (i64)r * vocab;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, to_f32(row[i]));
+    m = block_max(m);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(to_f32(row[i]) - m);
+    s = block_sum(s);
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    float pv = __int_as_float(0x7f800000);  // +inf: everything comes after it
+    int pi = -1;
+    for (int j = 0; j < k; j++) {
+        float bv = NEG_INF;
+        int bi = 0x7fffffff;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float v = to_f32(row[i]);
+            bool after = v < pv || (v == pv && i > pi);
+            if (after && before(v, i, bv, bi)) { bv = v; bi = i; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+        }
+        __syncthreads();  // the previous pass has read sv/si
+        if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+        __syncthreads();
+        if (warp == 0) {
+            bv = lane < nw ? sv[lane] : NEG_INF;
+            bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+            }
+            if (lane == 0) { sv[0] = bv; si[0] = bi; }
+        }
+        __syncthreads();
+        pv = sv[0];
+        pi = si[0];
+        if (threadIdx.x == 0) {
+            out[(i64)r * k + j] = pv;
+            out[(i64)gridDim.x * k + (i64)r * k + j] = __int_as_float(pi);
+        }
+    }
+    if (threadIdx.x == 0) out[(i64)gridDim.x * 2 * k + r] = m + logf(s);
 }
 
 // out[t, :] = table[ids[t] - vocab_start, :], zeros outside this rank's rows.
@@ -208,15 +274,23 @@ __device__ void from_float(const float* x, T* out, i64 n) {
 // per token). Online softmax in f32. Causal: token t of a sequence sees the
 // keys up to its own position (`tok_nkeys[t]` of them).
 //
-// grid: (tokens, num_kv_heads); block: group * 32 threads.
+// Tiles are read with 16-byte loads, the cache addresses of a tile's keys
+// worked out once per tile (not per element), so a tile's loads are all in
+// flight together. Warps beyond `group` (the block has at least 4) only
+// help load.
+//
+// grid: (tokens, num_kv_heads); block: max(group, 4) * 32 threads.
 // Shared memory: q [group][D] + K tile [32][D+1] + V tile [32][D] floats.
 #define ATTN_TILE 32
 template <typename T>
-__device__ void paged_attention(const T* qkv, int stride, const T* k_cache, const T* v_cache,
-                                const int* block_tables, int max_blocks, const int* tok_seq,
-                                const int* tok_nkeys, int num_kv_heads, int group, int head_dim,
-                                int block_size, float scale, T* out) {
+__device__ void paged_attention(const T* __restrict__ qkv, int stride,
+                                const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                const int* __restrict__ block_tables, int max_blocks,
+                                const int* __restrict__ tok_seq, const int* __restrict__ tok_nkeys,
+                                int num_kv_heads, int group, int head_dim, int block_size,
+                                float scale, T* __restrict__ out) {
     extern __shared__ float smem[];
+    __shared__ i64 key_base[ATTN_TILE];
     const int D = head_dim;
     float* q_s = smem;                          // [group][D]
     float* k_s = q_s + group * D;               // [TILE][D + 1]
@@ -227,31 +301,58 @@ __device__ void paged_attention(const T* qkv, int stride, const T* k_cache, cons
     const int seq = tok_seq[t];
     const int n_keys = tok_nkeys[t];
     const int* table = block_tables + (i64)seq * max_blocks;
+    const bool computes = warp < group;
     const int h = kvh * group + warp;  // this warp's query head
+    // Elements per 16-byte load; rows of D elements split into D / VEC chunks.
+    const int VEC = 16 / sizeof(T);
+    const bool vec_ok = (D % VEC) == 0;
+    const int chunks = D / VEC;
 
     for (int i = threadIdx.x; i < group * D; i += nthreads) {
         int g = i / D, d = i % D;
         q_s[i] = to_f32(qkv[(i64)t * stride + (kvh * group + g) * D + d]) * scale;
     }
-    // Each lane owns output dims lane, lane + 32, ... (D <= 256).
+    // Each lane owns output dims lane, lane + 32, ... (D <= 256; any D).
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) acc[i] = 0.f;
     float m = NEG_INF, l = 0.f;
-    const int per_lane = D >> 5;
 
     for (int k0 = 0; k0 < n_keys; k0 += ATTN_TILE) {
+        const int nk = min(ATTN_TILE, n_keys - k0);
         __syncthreads();  // the previous tile is consumed (and q is loaded)
-        int nk = min(ATTN_TILE, n_keys - k0);
-        for (int i = threadIdx.x; i < nk * D; i += nthreads) {
-            int j = i / D, d = i % D;
-            int key = k0 + j;
+        if (threadIdx.x < nk) {
+            int key = k0 + threadIdx.x;
             i64 blk = table[key / block_size];
-            i64 src = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * D + d;
-            k_s[j * (D + 1) + d] = to_f32(k_cache[src]);
-            v_s[j * D + d] = to_f32(v_cache[src]);
+            key_base[threadIdx.x] = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * D;
         }
         __syncthreads();
+        if (vec_ok) {
+#pragma unroll 4
+            for (int i = threadIdx.x; i < nk * chunks; i += nthreads) {
+                int j = i / chunks, c = i % chunks;
+                i64 src = key_base[j] + c * VEC;
+                uint4 kv = *reinterpret_cast<const uint4*>(k_cache + src);
+                uint4 vv = *reinterpret_cast<const uint4*>(v_cache + src);
+                const T* ke = reinterpret_cast<const T*>(&kv);
+                const T* ve = reinterpret_cast<const T*>(&vv);
+                float* kd = k_s + j * (D + 1) + c * VEC;
+                float* vd = v_s + j * D + c * VEC;
+#pragma unroll
+                for (int e = 0; e < 16 / (int)sizeof(T); e++) {
+                    kd[e] = to_f32(ke[e]);
+                    vd[e] = to_f32(ve[e]);
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < nk * D; i += nthreads) {
+                int j = i / D, d = i % D;
+                k_s[j * (D + 1) + d] = to_f32(k_cache[key_base[j] + d]);
+                v_s[j * D + d] = to_f32(v_cache[key_base[j] + d]);
+            }
+        }
+        __syncthreads();
+        if (!computes) continue;
         // Lane j scores key k0 + j.
         float sc = NEG_INF;
         if (lane < nk) {
@@ -267,24 +368,25 @@ __device__ void paged_attention(const T* qkv, int stride, const T* k_cache, cons
         float alpha = __expf(m - m_new);  // 0 on the first tile (m = -inf)
         l = l * alpha + warp_sum(p);
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            if (i < per_lane) acc[i] *= alpha;
-        }
+        for (int i = 0; i < 8; i++) acc[i] *= alpha;
         for (int j = 0; j < nk; j++) {
             float pj = __shfl_sync(0xffffffffu, p, j);
             const float* v = v_s + j * D;
 #pragma unroll
             for (int i = 0; i < 8; i++) {
-                if (i < per_lane) acc[i] += pj * v[lane + 32 * i];
+                int d = lane + 32 * i;
+                if (d < D) acc[i] += pj * v[d];
             }
         }
         m = m_new;
     }
+    if (!computes) return;
     float inv = l > 0.f ? 1.f / l : 0.f;
     T* o = out + (i64)t * (num_kv_heads * group * D) + (i64)h * D;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
-        if (i < per_lane) o[lane + 32 * i] = from_f32<T>(acc[i] * inv);
+        int d = lane + 32 * i;
+        if (d < D) o[d] = from_f32<T>(acc[i] * inv);
     }
 }
 
@@ -324,6 +426,10 @@ __device__ void paged_attention(const T* qkv, int stride, const T* k_cache, cons
     }                                                                                            \
     extern "C" __global__ void from_float_##SUFFIX(const float* x, T* out, i64 n) {             \
         from_float<T>(x, out, n);                                                                \
+    }                                                                                            \
+    extern "C" __global__ void top_logits_##SUFFIX(const T* logits, int vocab, int k,           \
+                                                   float* out) {                                \
+        top_logits<T>(logits, vocab, k, out);                                                    \
     }                                                                                            \
     extern "C" __global__ void paged_attention_##SUFFIX(                                        \
         const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \

@@ -18,8 +18,9 @@ use cudarc::driver::result as driver;
 use cudarc::driver::sys::CUfunction_attribute_enum as FnAttr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
-use super::{Backend, ComputeDtype, StepInputs};
+use super::{Backend, ComputeDtype, RowTop, StepInputs};
 use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
 use crate::error::{Error, Result};
@@ -49,6 +50,47 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Activations come from the device's stream-ordered pool. By default the
+/// pool hands freed memory back to the driver at every synchronization, so
+/// each step would map its activations anew; keeping it makes steps reuse
+/// it, and makes the memory profile see the peak (`gpu_memory_utilization`).
+fn keep_pool_memory(ctx: &CudaContext) -> Result<MemPool> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: out-parameter for the current device's default pool.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| Error::cuda("cuDeviceGetDefaultMemPool", e))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the attribute takes a u64 by pointer.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(|e| Error::cuda("cuMemPoolSetAttribute", e))?;
+    Ok(MemPool(pool))
+}
+
+/// The device's default stream-ordered memory pool.
+struct MemPool(cudarc::driver::sys::CUmemoryPool);
+// SAFETY: a pool handle is a process-wide driver object, usable from any thread.
+unsafe impl Send for MemPool {}
+unsafe impl Sync for MemPool {}
+
+impl MemPool {
+    /// Hands the pool's unused memory back to the driver.
+    fn trim(&self) -> Result<()> {
+        // SAFETY: a live pool handle.
+        unsafe { cudarc::driver::sys::cuMemPoolTrimTo(self.0, 0) }
+            .result()
+            .map_err(|e| Error::cuda("cuMemPoolTrimTo", e))
+    }
+}
+
 /// Raw device address of a buffer. Safe to pass to kernels on our one
 /// stream: event tracking is off and frees are stream-ordered.
 fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -66,6 +108,7 @@ struct Kernels {
     gather_rows: CudaFunction,
     to_float: CudaFunction,
     paged_attention: CudaFunction,
+    top_logits: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
 }
@@ -87,20 +130,31 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             to_float: f("to_float")?,
             paged_attention: f("paged_attention")?,
+            top_logits: f("top_logits")?,
             max_smem,
         };
+        // The opt-in limit covers static and dynamic shared memory together.
+        let static_smem = k
+            .paged_attention
+            .shared_size_bytes()
+            .map_err(|e| Error::cuda("cuFuncGetAttribute", e))? as usize;
+        let dynamic = max_smem.saturating_sub(static_smem);
         k.paged_attention
             .set_attribute(
                 FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                max_smem as i32,
+                dynamic as i32,
             )
             .map_err(|e| Error::cuda("cuFuncSetAttribute", e))?;
-        Ok(k)
+        Ok(Kernels {
+            max_smem: dynamic,
+            ..k
+        })
     }
 }
 
 struct Gpu {
     ctx: Arc<CudaContext>,
+    pool: MemPool,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
@@ -200,6 +254,7 @@ impl CudaBackend {
             ComputeDtype::F32 => "f32",
         };
         let kernels = Kernels::load(&module, suffix, max_smem)?;
+        let pool = keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         tracing::info!(
@@ -211,6 +266,7 @@ impl CudaBackend {
         Ok(Self {
             gpu: Arc::new(Gpu {
                 ctx,
+                pool,
                 stream,
                 blas,
                 kernels,
@@ -267,20 +323,22 @@ impl CudaBackend {
 
     /// Host f32 values, stored in the compute dtype.
     fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<u8>> {
-        let bytes: Vec<u8> = match self.dtype {
-            ComputeDtype::F32 => bytemuck::cast_slice(v).to_vec(),
+        let up = |bytes: &[u8]| {
+            self.stream()
+                .clone_htod(bytes)
+                .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+        };
+        match self.dtype {
+            ComputeDtype::F32 => up(bytemuck::cast_slice(v)),
             ComputeDtype::Bf16 => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                bytemuck::cast_slice(&h).to_vec()
+                let h: Vec<bf16> = v.par_iter().map(|&x| bf16::from_f32(x)).collect();
+                up(bytemuck::cast_slice(&h))
             }
             ComputeDtype::F16 => {
-                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-                bytemuck::cast_slice(&h).to_vec()
+                let h: Vec<f16> = v.par_iter().map(|&x| f16::from_f32(x)).collect();
+                up(bytemuck::cast_slice(&h))
             }
-        };
-        self.stream()
-            .clone_htod(&bytes)
-            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+        }
     }
 
     /// Launches `f` with `args`, each a pointer to one kernel parameter
@@ -468,6 +526,11 @@ impl Backend for CudaBackend {
             .and_then(|n| n.checked_mul(self.elem()))
             .ok_or_else(|| Error::config(format!("{num_blocks} KV blocks overflow memory")))?;
         let total = plane * 2 * spec.num_layers;
+        // The cache is the largest allocation: give it memory the pool
+        // holds but does not use (the profile step's, an old cache's), so
+        // it is not left stranded beside it.
+        self.synchronize()?;
+        self.gpu.pool.trim()?;
         // Slots are only read after they are written (attention reads the
         // first n_keys of each sequence), so the cache needs no zeroing.
         // SAFETY: as above.
@@ -683,14 +746,10 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let d = heads.head_dim;
         let group = heads.num_heads / heads.num_kv_heads;
-        if !d.is_multiple_of(32)
-            || d > 256
-            || group > 32
-            || group * heads.num_kv_heads != heads.num_heads
-        {
+        if d > 256 || group > 32 || group * heads.num_kv_heads != heads.num_heads {
             return Err(Error::NotImplemented {
                 feature: format!(
-                    "CUDA paged attention for head_dim {d} with {} query / {} kv heads (head_dim must be a multiple of 32 up to 256, at most 32 query heads per kv head)",
+                    "CUDA paged attention for head_dim {d} with {} query / {} kv heads (head_dim up to 256, at most 32 query heads per kv head)",
                     heads.num_heads, heads.num_kv_heads
                 ),
             });
@@ -722,7 +781,7 @@ impl Backend for CudaBackend {
         self.launch(
             &self.k().paged_attention,
             (qkv.rows as u32, heads.num_kv_heads as u32, 1),
-            (group * 32) as u32,
+            (group.max(4) * 32) as u32,
             smem,
             &mut kargs![
                 qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, nkv, g, hd, bs, scale,
@@ -763,39 +822,54 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        let n = x.rows * x.cols;
-        let s = self.stream();
-        let f = if self.dtype == ComputeDtype::F32 {
-            None
-        } else {
-            // SAFETY: the kernel writes all n elements.
-            let f =
-                unsafe { s.alloc::<f32>(n.max(1)) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
-            let (xp, fp, nn) = (addr(&x.buf, s), addr(&f, s), n as i64);
-            self.launch(
-                &self.k().to_float,
-                Self::grid_1d(n),
-                256,
-                0,
-                &mut kargs![xp, fp, nn],
-                "to_float",
-            )?;
-            Some(f)
-        };
-        let mut host = vec![0f32; n];
-        match &f {
-            Some(f) => s.memcpy_dtoh(f, &mut host[..]),
-            None => {
-                // SAFETY: an f32 tensor's bytes are n f32 values.
-                let view = unsafe { x.buf.transmute::<f32>(n) }
-                    .ok_or_else(|| Error::config("f32 tensor smaller than its shape"))?;
-                s.memcpy_dtoh(&view, &mut host[..])
-            }
+        self.download_f32(addr(&x.buf, self.stream()), x.rows * x.cols)
+    }
+
+    fn top_logits(&self, logits: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
+        self.top_logits_impl(logits, k)
+    }
+
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        self.synchronize()?;
+        self.mem_info().map(Some)
+    }
+}
+
+impl CudaBackend {
+    fn top_logits_impl(&self, x: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
+        let (rows, k) = (x.rows, k.max(1).min(x.cols));
+        if rows == 0 {
+            return Ok(Vec::new());
         }
-        .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        let n = rows * (2 * k + 1);
+        let s = self.stream();
+        // SAFETY: the kernel writes all n values.
+        let out = unsafe { s.alloc::<f32>(n) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let (xp, op) = (addr(&x.buf, s), addr(&out, s));
+        let (vocab, kk) = (x.cols as i32, k as i32);
+        self.launch(
+            &self.k().top_logits,
+            (rows as u32, 1, 1),
+            1024,
+            0,
+            &mut kargs![xp, vocab, kk, op],
+            "top_logits",
+        )?;
+        let mut host = vec![0f32; n];
+        s.memcpy_dtoh(&out, &mut host[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
         s.synchronize()
             .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
-        Ok(host)
+        let (vals, rest) = host.split_at(rows * k);
+        let (ids, lse) = rest.split_at(rows * k);
+        Ok((0..rows)
+            .map(|r| RowTop {
+                log_sum_exp: lse[r],
+                top: (0..k)
+                    .map(|j| (ids[r * k + j].to_bits(), vals[r * k + j]))
+                    .collect(),
+            })
+            .collect())
     }
 }
 
@@ -818,9 +892,26 @@ impl CudaKvCache {
 }
 
 impl CudaBackend {
-    /// Test access: rows of an activation as f32 (same as `to_host`).
-    pub fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        self.to_host(x)
+    /// `n` elements of the compute dtype at `ptr`, as host f32 (widened on
+    /// the device, so only f32 crosses).
+    fn download_f32(&self, ptr: u64, n: usize) -> Result<Vec<f32>> {
+        let s = self.stream();
+        // SAFETY: the kernel writes all n elements.
+        let f = unsafe { s.alloc::<f32>(n.max(1)) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let (fp, nn) = (addr(&f, s), n as i64);
+        self.launch(
+            &self.k().to_float,
+            Self::grid_1d(n),
+            256,
+            0,
+            &mut kargs![ptr, fp, nn],
+            "to_float",
+        )?;
+        let mut host = vec![0f32; n];
+        s.memcpy_dtoh(&f.slice(..n), &mut host[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        self.synchronize()?;
+        Ok(host)
     }
 
     /// Test access: an activation from host f32 rows (rounded to the dtype).
@@ -837,32 +928,49 @@ impl CudaBackend {
             cols,
         })
     }
+}
 
-    /// Test access: one layer's K and V planes as f32.
-    pub fn download_kv(&self, cache: &CudaKvCache, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let n = cache.plane_bytes / self.elem();
-        let s = self.stream();
-        let (kp, vp) = cache.planes(layer, s);
-        let get = |p: u64| -> Result<Vec<f32>> {
-            // SAFETY: the kernel writes all n elements.
-            let f =
-                unsafe { s.alloc::<f32>(n.max(1)) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
-            let (fp, nn) = (addr(&f, s), n as i64);
-            self.launch(
-                &self.k().to_float,
-                Self::grid_1d(n),
-                256,
-                0,
-                &mut kargs![p, fp, nn],
-                "to_float",
-            )?;
-            let mut host = vec![0f32; n];
-            s.memcpy_dtoh(&f, &mut host[..])
-                .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
-            s.synchronize()
-                .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
-            Ok(host)
-        };
-        Ok((get(kp)?, get(vp)?))
+/// Device-to-device copy bandwidth in bytes per second (bytes read plus
+/// bytes written), the ceiling a decode step's weight reads are measured
+/// against: the median of 20 copies of `bytes` after a warm-up.
+pub fn measure_copy_bandwidth(b: &CudaBackend, bytes: usize) -> Result<f64> {
+    let s = b.stream();
+    let src = unsafe { s.alloc::<u8>(bytes) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+    let mut dst = unsafe { s.alloc::<u8>(bytes) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+    s.memset_zeros(&mut dst)
+        .map_err(|e| Error::cuda("cuMemsetD8", e))?;
+    let mut times = Vec::new();
+    for i in 0..23 {
+        b.synchronize()?;
+        let t = std::time::Instant::now();
+        s.memcpy_dtod(&src, &mut dst)
+            .map_err(|e| Error::cuda("cuMemcpyDtoD", e))?;
+        b.synchronize()?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * bytes as f64 / times[times.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC needs no GPU: wherever libnvrtc can be opened, the kernels must
+    /// compile for Hopper and Ampere (a syntax error would otherwise show
+    /// only on the GPU machine).
+    #[test]
+    fn kernels_compile_without_a_gpu() {
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIP: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
+            return;
+        }
+        for cc in [(9, 0), (8, 0)] {
+            let bin = nvrtc::cubin("flotilla-test", KERNELS, cc, None).unwrap();
+            assert!(bin.len() > 1000, "cubin for {cc:?} is {} bytes", bin.len());
+        }
     }
 }

@@ -1,0 +1,698 @@
+//! The CUDA backend against the CPU backend on the same inputs: every op
+//! (random shapes, odd lengths, block sizes 16 and 32, prefix hits, mixed
+//! prefill/decode batches, GQA groups of 1 to 7, head sizes 64, 80 and 128),
+//! then whole model steps through the model runner. Built only with
+//! `--features cuda`; without a visible GPU every test prints SKIP and
+//! passes, so this is the GPU test command run on the device machine:
+//! `cargo test -p flotilla-worker --features cuda --test cuda_backend`.
+#![cfg(feature = "cuda")]
+
+use candle_core::{Device as CDevice, Tensor};
+use serde_json::json;
+use worker::attention::{AttentionMetadata, QkvHeads};
+use worker::backend::cuda::CudaBackend;
+use worker::backend::{Backend, ComputeDtype, CpuBackend, StepInputs};
+use worker::kv_cache::KvCacheSpec;
+use worker::loader::{HostLinear, HostMatrix};
+use worker::rope::RopeTable;
+use worker::{
+    CachedRequestData, Device, LoadFormat, ModelConfig, ModelRunner, ModelRunnerOutput,
+    NewRequestData, ParallelConfig, SamplingParams, SchedulerOutput, WorkerConfig,
+};
+
+fn gpu_present() -> bool {
+    match worker::backend::cuda_device_count() {
+        Ok(n) if n > 0 => true,
+        other => {
+            eprintln!("SKIP: no CUDA device ({other:?})");
+            false
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * self.next()).collect()
+    }
+}
+
+fn dense(v: Vec<f32>, rows: usize, cols: usize) -> HostMatrix {
+    HostMatrix::Dense(Tensor::from_vec(v, (rows, cols), &CDevice::Cpu).unwrap())
+}
+
+/// ‖a − b‖ / ‖b‖, with NaN failing.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        assert!(x.is_finite() && y.is_finite(), "non-finite value {x} / {y}");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num.sqrt() / den.sqrt().max(1e-30)) as f32
+}
+
+/// One attention scenario: sequences (cached context, new tokens) in a
+/// mixed batch, with shuffled block tables.
+struct Case {
+    heads: QkvHeads,
+    block_size: usize,
+    /// (tokens already in the cache, tokens in this step) per sequence.
+    seqs: Vec<(usize, usize)>,
+}
+
+/// Metadata for running `rows(s)` of each sequence; block tables come from
+/// one shuffled pool so sequences interleave in the cache.
+fn metadata(
+    case: &Case,
+    tables: &[Vec<u32>],
+    rows: impl Fn(usize) -> (usize, usize),
+) -> AttentionMetadata {
+    let bs = case.block_size;
+    let mut m = AttentionMetadata::default();
+    let max_blocks = tables.iter().map(|t| t.len()).max().unwrap();
+    m.max_blocks_per_seq = max_blocks;
+    m.query_start_loc.push(0);
+    for (s, table) in tables.iter().enumerate() {
+        let (start, end) = rows(s);
+        for pos in start..end {
+            m.positions.push(pos as u32);
+            m.slot_mapping
+                .push(table[pos / bs] as usize * bs + pos % bs);
+        }
+        m.query_start_loc.push(m.positions.len());
+        m.seq_lens.push(end);
+        let mut t = table.clone();
+        t.resize(max_blocks, 0);
+        m.block_tables.extend(t);
+    }
+    m
+}
+
+/// Runs the ops on backend `b` and returns each op's output by name.
+fn run_ops<B: Backend>(b: &B, case: &Case, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
+    let mut rng = Rng(seed);
+    let h = case.heads;
+    let hidden = 96;
+    let bs = case.block_size;
+    // Block tables: a shuffled pool of block ids.
+    let mut pool: Vec<u32> = (0..64).collect();
+    for i in (1..pool.len()).rev() {
+        let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        pool.swap(i, j);
+    }
+    let mut next = 0;
+    let tables: Vec<Vec<u32>> = case
+        .seqs
+        .iter()
+        .map(|&(c, n)| {
+            let nb = (c + n).div_ceil(bs);
+            let t = pool[next..next + nb].to_vec();
+            next += nb;
+            t
+        })
+        .collect();
+    let spec = KvCacheSpec {
+        num_layers: 1,
+        num_kv_heads: h.num_kv_heads,
+        head_dim: h.head_dim,
+        block_size: bs,
+        dtype_bytes: b.kv_dtype_bytes(),
+    };
+    let mut kv = b.alloc_kv_cache(spec, 64).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": h.num_heads * h.head_dim,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": h.num_heads,
+        "num_key_value_heads": h.num_kv_heads, "head_dim": h.head_dim, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 256
+    }))
+    .unwrap();
+    let rope = b.upload_rope(RopeTable::new(&cfg, 256)).unwrap();
+    let mut out = Vec::new();
+
+    // History: the cached tokens' K/V, written by an earlier step.
+    let hist = metadata(case, &tables, |s| (0, case.seqs[s].0));
+    let n_hist = hist.num_tokens();
+    if n_hist > 0 {
+        let table = b
+            .upload_embedding(
+                &dense(rng.vec(n_hist * h.qkv_width(), 1.0), n_hist, h.qkv_width()),
+                0,
+            )
+            .unwrap();
+        let ids: Vec<u32> = (0..n_hist as u32).collect();
+        let step = b
+            .prepare_step(
+                StepInputs {
+                    input_ids: &ids,
+                    meta: &hist,
+                    logits_rows: &[],
+                },
+                &rope,
+            )
+            .unwrap();
+        let mut qkv = b.embed(&table, &step).unwrap();
+        b.rotary(&mut qkv, h, &step, &rope).unwrap();
+        b.write_kv(&mut kv, 0, &qkv, h, &step).unwrap();
+    }
+
+    // This step: the mixed batch.
+    let meta = metadata(case, &tables, |s| {
+        let (c, n) = case.seqs[s];
+        (c, c + n)
+    });
+    let n = meta.num_tokens();
+    let ids: Vec<u32> = (0..n as u32).collect();
+    let logits_rows: Vec<usize> = (0..n).rev().step_by(2).collect();
+    let step = b
+        .prepare_step(
+            StepInputs {
+                input_ids: &ids,
+                meta: &meta,
+                logits_rows: &logits_rows,
+            },
+            &rope,
+        )
+        .unwrap();
+    let qkv_table = b
+        .upload_embedding(&dense(rng.vec(n * h.qkv_width(), 1.0), n, h.qkv_width()), 0)
+        .unwrap();
+    let mut qkv = b.embed(&qkv_table, &step).unwrap();
+    out.push(("embed", b.to_host(&qkv).unwrap()));
+    b.rotary(&mut qkv, h, &step, &rope).unwrap();
+    out.push(("rotary", b.to_host(&qkv).unwrap()));
+    b.write_kv(&mut kv, 0, &qkv, h, &step).unwrap();
+    let attn = b.attention(&kv, 0, &qkv, h, &step, 0.125).unwrap();
+    out.push(("attention", b.to_host(&attn).unwrap()));
+    out.push((
+        "gather_logits_rows",
+        b.to_host(&b.gather_logits_rows(&attn, &step).unwrap())
+            .unwrap(),
+    ));
+
+    // Dense ops on [n, hidden] activations.
+    let x_table = b
+        .upload_embedding(&dense(rng.vec(n * hidden, 2.0), n, hidden), 0)
+        .unwrap();
+    let x = b.embed(&x_table, &step).unwrap();
+    let parts = vec![
+        HostLinear {
+            weight: dense(rng.vec(40 * hidden, 0.2), 40, hidden),
+            bias: Some(rng.vec(40, 0.5)),
+        },
+        HostLinear {
+            weight: dense(rng.vec(24 * hidden, 0.2), 24, hidden),
+            bias: None,
+        },
+    ];
+    let lin = b.upload_linear(parts).unwrap();
+    let y = b.linear(&x, &lin).unwrap();
+    out.push(("linear", b.to_host(&y).unwrap()));
+    out.push(("silu_mul", b.to_host(&b.silu_mul(&y).unwrap()).unwrap()));
+    let w = b.upload_vector(rng.vec(hidden, 1.0)).unwrap();
+    out.push((
+        "rms_norm",
+        b.to_host(&b.rms_norm(&x, &w, 1e-5).unwrap()).unwrap(),
+    ));
+    let mut residual = b.embed(&x_table, &step).unwrap();
+    let x2_table = b
+        .upload_embedding(&dense(rng.vec(n * hidden, 1.0), n, hidden), 0)
+        .unwrap();
+    let x2 = b.embed(&x2_table, &step).unwrap();
+    let normed = b.add_rms_norm(&mut residual, &x2, &w, 1e-5).unwrap();
+    out.push(("add_rms_norm", b.to_host(&normed).unwrap()));
+    out.push(("add_rms_norm residual", b.to_host(&residual).unwrap()));
+    // Vocab-parallel embedding: ids outside this rank's rows give zeros.
+    let shard = b
+        .upload_embedding(&dense(rng.vec(5 * hidden, 1.0), 5, hidden), 3)
+        .unwrap();
+    out.push((
+        "embed shard",
+        b.to_host(&b.embed(&shard, &step).unwrap()).unwrap(),
+    ));
+    out
+}
+
+fn compare_ops(dtype: ComputeDtype, tol: f32) {
+    if !gpu_present() {
+        return;
+    }
+    let cuda = CudaBackend::new(0, dtype).unwrap();
+    let cpu = CpuBackend::new(dtype);
+    let cases = [
+        // GQA group 4, head 64: a prefill of 7, a decode after 20 cached, a
+        // chunk of 5 after 33 cached (prefix hit), a decode after 1.
+        Case {
+            heads: QkvHeads {
+                num_heads: 8,
+                num_kv_heads: 2,
+                head_dim: 64,
+            },
+            block_size: 16,
+            seqs: vec![(0, 7), (20, 1), (33, 5), (1, 1)],
+        },
+        Case {
+            heads: QkvHeads {
+                num_heads: 8,
+                num_kv_heads: 2,
+                head_dim: 64,
+            },
+            block_size: 32,
+            seqs: vec![(0, 45), (70, 1), (31, 2)],
+        },
+        // No grouping, odd head size.
+        Case {
+            heads: QkvHeads {
+                num_heads: 3,
+                num_kv_heads: 3,
+                head_dim: 80,
+            },
+            block_size: 16,
+            seqs: vec![(0, 13), (17, 1), (5, 9)],
+        },
+        // Group of 7, head 128 (Qwen2-7B's shape per rank).
+        Case {
+            heads: QkvHeads {
+                num_heads: 7,
+                num_kv_heads: 1,
+                head_dim: 128,
+            },
+            block_size: 16,
+            seqs: vec![(0, 3), (100, 1), (64, 33)],
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let a = run_ops(&cuda, case, 11 + i as u64);
+        let e = run_ops(&cpu, case, 11 + i as u64);
+        for ((name, got), (_, want)) in a.iter().zip(&e) {
+            let err = rel_err(got, want);
+            eprintln!("{:?} case {i} {name}: rel err {err:.2e}", dtype);
+            assert!(
+                err <= tol,
+                "{dtype:?} case {i} {name}: rel err {err} > {tol}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ops_match_cpu_f32() {
+    compare_ops(ComputeDtype::F32, 2e-5);
+}
+
+// One bf16 ulp is 2^-8 of a value: ops that round at a different point, or
+// accumulate in another order, differ by about that much in some elements.
+#[test]
+fn ops_match_cpu_bf16() {
+    compare_ops(ComputeDtype::Bf16, 1e-2);
+}
+
+#[test]
+fn ops_match_cpu_f16() {
+    compare_ops(ComputeDtype::F16, 2e-3);
+}
+
+// ---------------------------------------------------------------------------
+// Whole steps through the model runner.
+
+fn model_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flotilla-cuda-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // SmolLM2-135M's shapes with 4 layers (9 query / 3 kv heads, head 64).
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "max_position_embeddings": 2048, "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+fn runner(dir: &std::path::Path, device: Device, dtype: &str, block_size: usize) -> ModelRunner {
+    ModelRunner::load(&WorkerConfig {
+        device,
+        model: dir.to_path_buf(),
+        load_format: LoadFormat::Dummy,
+        dtype: dtype.into(),
+        hf_overrides: serde_json::Value::Null,
+        block_size,
+        parallel: ParallelConfig::default(),
+        seed: 7,
+        max_model_len: 2048,
+    })
+    .unwrap()
+}
+
+fn params(logprobs: usize) -> SamplingParams {
+    SamplingParams {
+        logprobs: Some(logprobs),
+        prompt_logprobs: Some(2),
+        ..SamplingParams::greedy()
+    }
+}
+
+/// A scenario over several steps: a long prompt prefilled in two chunks,
+/// short prompts, a request sharing the first's prefix blocks (prefix hit),
+/// then decodes of all of them together.
+fn scenario(r: &mut ModelRunner, bs: usize) -> Vec<ModelRunnerOutput> {
+    r.initialize_kv_cache(256).unwrap();
+    let prompt_a: Vec<u32> = (0..75).map(|i| (i * 811 + 17) % 49152).collect();
+    let prompt_b: Vec<u32> = vec![5, 900, 31000, 4];
+    // c shares a's first two blocks (prefix-cache hit), then diverges.
+    let mut prompt_c: Vec<u32> = prompt_a[..2 * bs].to_vec();
+    prompt_c.extend([77, 78, 79]);
+    let blocks = |start: u32, n: usize| (start..start + n as u32).collect::<Vec<u32>>();
+    let mut outs = Vec::new();
+    let new = |id: &str, p: &[u32], b: Vec<u32>, computed: usize| NewRequestData {
+        req_id: id.into(),
+        prompt_token_ids: p.to_vec(),
+        output_token_ids: vec![],
+        sampling_params: params(5),
+        block_ids: b,
+        num_computed_tokens: computed,
+    };
+    // Step 1: a's first chunk (40 tokens) and b whole.
+    outs.push(
+        r.execute_model(&SchedulerOutput {
+            new_requests: vec![
+                new("a", &prompt_a, blocks(0, 6), 0),
+                new("b", &prompt_b, blocks(10, 1), 0),
+            ],
+            num_scheduled_tokens: vec![("a".into(), 40), ("b".into(), 4)],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    // Step 2: the rest of a, b decodes, c arrives with a's first blocks cached.
+    let mut c_blocks = blocks(0, 2);
+    c_blocks.extend(blocks(20, 2));
+    outs.push(
+        r.execute_model(&SchedulerOutput {
+            new_requests: vec![new("c", &prompt_c, c_blocks, 2 * bs)],
+            cached_requests: vec![
+                CachedRequestData {
+                    req_id: "a".into(),
+                    new_block_ids: vec![],
+                    num_computed_tokens: 40,
+                },
+                CachedRequestData {
+                    req_id: "b".into(),
+                    new_block_ids: vec![],
+                    num_computed_tokens: 4,
+                },
+            ],
+            num_scheduled_tokens: vec![("a".into(), 35), ("b".into(), 1), ("c".into(), 3)],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    // Decodes.
+    let mut computed = [75usize, 5, 2 * bs + 3];
+    for _ in 0..6 {
+        let out = r
+            .execute_model(&SchedulerOutput {
+                cached_requests: ["a", "b", "c"]
+                    .iter()
+                    .zip(computed)
+                    .map(|(id, c)| CachedRequestData {
+                        req_id: (*id).into(),
+                        new_block_ids: vec![],
+                        num_computed_tokens: c,
+                    })
+                    .collect(),
+                num_scheduled_tokens: vec![("a".into(), 1), ("b".into(), 1), ("c".into(), 1)],
+                ..Default::default()
+            })
+            .unwrap();
+        for c in computed.iter_mut() {
+            *c += 1;
+        }
+        outs.push(out);
+    }
+    outs
+}
+
+/// Greedy tokens equal, except at a near tie: where they differ, the
+/// reference's logprobs of the two tokens are within `tol`. Logprobs within
+/// `tol`. Returns the largest logprob difference seen.
+fn compare_outputs(got: &[ModelRunnerOutput], want: &[ModelRunnerOutput], tol: f32) -> f32 {
+    let mut max_diff = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.req_ids, w.req_ids);
+        for i in 0..g.req_ids.len() {
+            let (gt, wt) = (g.sampled_token_ids[i], w.sampled_token_ids[i]);
+            if let (Some(gl), Some(wl)) = (&g.logprobs[i], &w.logprobs[i]) {
+                if gt != wt {
+                    let alt = wl.top.iter().find(|(t, _)| Some(*t) == gt).map(|(_, l)| *l);
+                    let gap = alt.map(|a| (wl.logprob - a).abs());
+                    assert!(
+                        gap.is_some_and(|d| d <= tol),
+                        "{}: token {gt:?} vs {wt:?} is no near tie ({gap:?})",
+                        g.req_ids[i]
+                    );
+                    // The sequences diverge here; later steps are not comparable.
+                    return max_diff;
+                }
+                let d = (gl.logprob - wl.logprob).abs();
+                max_diff = max_diff.max(d);
+                for ((ta, la), (tb, lb)) in gl.top.iter().zip(&wl.top) {
+                    if ta == tb {
+                        max_diff = max_diff.max((la - lb).abs());
+                    }
+                }
+            }
+            for (pa, pb) in g.prompt_logprobs[i].iter().zip(&w.prompt_logprobs[i]) {
+                assert_eq!(pa.token_id, pb.token_id);
+                max_diff = max_diff.max((pa.logprob - pb.logprob).abs());
+            }
+            assert_eq!(g.prompt_logprobs[i].len(), w.prompt_logprobs[i].len());
+        }
+    }
+    assert!(max_diff <= tol, "max logprob difference {max_diff} > {tol}");
+    max_diff
+}
+
+fn compare_runner(dtype: &str, bs: usize, tol: f32) {
+    if !gpu_present() {
+        return;
+    }
+    let dir = model_dir(&format!("{dtype}-{bs}"));
+    let mut gpu = runner(&dir, Device::Cuda, dtype, bs);
+    assert_eq!(gpu.device(), Device::Cuda);
+    let mut cpu = runner(&dir, Device::Cpu, dtype, bs);
+    let got = scenario(&mut gpu, bs);
+    let want = scenario(&mut cpu, bs);
+    let d = compare_outputs(&got, &want, tol);
+    eprintln!("runner {dtype} block {bs}: max logprob diff vs CPU {d:.2e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn runner_matches_cpu_f32_block16() {
+    compare_runner("float32", 16, 1e-3);
+}
+
+#[test]
+fn runner_matches_cpu_f32_block32() {
+    compare_runner("float32", 32, 1e-3);
+}
+
+#[test]
+fn runner_matches_cpu_bf16_block16() {
+    compare_runner("bfloat16", 16, 0.1);
+}
+
+/// 256 concurrent requests decode the same greedy tokens as each alone.
+#[test]
+fn batch_of_256_matches_each_alone() {
+    if !gpu_present() {
+        return;
+    }
+    let dir = model_dir("b256");
+    let mut r = runner(&dir, Device::Cuda, "bfloat16", 16);
+    r.initialize_kv_cache(256 * 2 + 8).unwrap();
+    const N: usize = 256;
+    const STEPS: usize = 8;
+    let prompt = |i: usize| -> Vec<u32> {
+        (0..(3 + i % 13))
+            .map(|j| ((i * 131 + j * 7919) % 49152) as u32)
+            .collect()
+    };
+    let run = |r: &mut ModelRunner, ids: &[usize]| -> Vec<Vec<u32>> {
+        let mut toks: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
+        let mut computed: Vec<usize> = ids.iter().map(|&i| prompt(i).len()).collect();
+        let first = r
+            .execute_model(&SchedulerOutput {
+                new_requests: ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| NewRequestData {
+                        req_id: format!("r{i}"),
+                        prompt_token_ids: prompt(i),
+                        output_token_ids: vec![],
+                        sampling_params: SamplingParams::greedy(),
+                        block_ids: vec![2 * k as u32, 2 * k as u32 + 1],
+                        num_computed_tokens: 0,
+                    })
+                    .collect(),
+                num_scheduled_tokens: ids
+                    .iter()
+                    .map(|&i| (format!("r{i}"), prompt(i).len()))
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        for (k, t) in first.sampled_token_ids.iter().enumerate() {
+            toks[k].push(t.unwrap());
+        }
+        for _ in 1..STEPS {
+            let out = r
+                .execute_model(&SchedulerOutput {
+                    cached_requests: ids
+                        .iter()
+                        .zip(&computed)
+                        .map(|(&i, &c)| CachedRequestData {
+                            req_id: format!("r{i}"),
+                            new_block_ids: vec![],
+                            num_computed_tokens: c,
+                        })
+                        .collect(),
+                    num_scheduled_tokens: ids.iter().map(|&i| (format!("r{i}"), 1)).collect(),
+                    ..Default::default()
+                })
+                .unwrap();
+            for (k, t) in out.sampled_token_ids.iter().enumerate() {
+                toks[k].push(t.unwrap());
+                computed[k] += 1;
+            }
+        }
+        r.execute_model(&SchedulerOutput {
+            finished_req_ids: ids.iter().map(|&i| format!("r{i}")).collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        toks
+    };
+    let all: Vec<usize> = (0..N).collect();
+    let together = run(&mut r, &all);
+    let mut same = 0;
+    for (i, batched) in together.iter().enumerate() {
+        let alone = run(&mut r, &[i]);
+        if &alone[0] == batched {
+            same += 1;
+        } else {
+            eprintln!("request {i}: alone {:?} vs batched {batched:?}", alone[0]);
+        }
+    }
+    eprintln!("{same}/{N} requests identical alone and in a batch of {N}");
+    assert_eq!(same, N);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A [rows, cols] activation holding `v`, made through the embedding op
+/// (the trait has no upload of activations).
+fn tensor_of<B: Backend>(b: &B, v: &[f32], rows: usize, cols: usize) -> B::Tensor {
+    let cfg = ModelConfig::from_hf_json(&json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 64,
+        "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "max_position_embeddings": 4
+    }))
+    .unwrap();
+    let rope = b.upload_rope(RopeTable::new(&cfg, 4)).unwrap();
+    let meta = AttentionMetadata {
+        positions: vec![0; rows],
+        slot_mapping: vec![0; rows],
+        ..Default::default()
+    };
+    let ids: Vec<u32> = (0..rows as u32).collect();
+    let inputs = StepInputs {
+        input_ids: &ids,
+        meta: &meta,
+        logits_rows: &[],
+    };
+    let step = b.prepare_step(inputs, &rope).unwrap();
+    let table = b
+        .upload_embedding(&dense(v.to_vec(), rows, cols), 0)
+        .unwrap();
+    b.embed(&table, &step).unwrap()
+}
+
+fn top_of<B: Backend>(b: &B, v: &[f32], rows: usize, vocab: usize) -> Vec<worker::backend::RowTop> {
+    b.top_logits(&tensor_of(b, v, rows, vocab), 21).unwrap()
+}
+
+/// Decode-sized batches (1 to 8 rows) at Llama-8B's widths, with and
+/// without bias: the same results as the CPU backend.
+#[test]
+fn small_batch_linears_match_cpu() {
+    if !gpu_present() {
+        return;
+    }
+    let dtype = ComputeDtype::Bf16;
+    let (cuda, cpu) = (CudaBackend::new(0, dtype).unwrap(), CpuBackend::new(dtype));
+    let mut rng = Rng(5);
+    for (inp, out, bias) in [(4096, 6144, true), (14336, 4096, false), (576, 1000, true)] {
+        let w = rng.vec(out * inp, 0.05);
+        let b = bias.then(|| rng.vec(out, 1.0));
+        let parts = vec![HostLinear {
+            weight: dense(w, out, inp),
+            bias: b,
+        }];
+        let lg = cuda.upload_linear(parts.clone()).unwrap();
+        let lc = cpu.upload_linear(parts).unwrap();
+        for rows in 1..=8 {
+            let x = rng.vec(rows * inp, 1.0);
+            let yg = cuda
+                .to_host(&cuda.linear(&tensor_of(&cuda, &x, rows, inp), &lg).unwrap())
+                .unwrap();
+            let yc = cpu
+                .to_host(&cpu.linear(&tensor_of(&cpu, &x, rows, inp), &lc).unwrap())
+                .unwrap();
+            let err = rel_err(&yg, &yc);
+            assert!(
+                err < 1e-2,
+                "[{rows}, {inp}] x [{out}, {inp}]: rel err {err}"
+            );
+        }
+    }
+}
+
+/// The device's top-k and log-sum-exp per row equal the host sampler's on
+/// the same values, ties (common in bf16) broken by the lower id.
+#[test]
+fn top_logits_match_cpu() {
+    if !gpu_present() {
+        return;
+    }
+    for dtype in [ComputeDtype::Bf16, ComputeDtype::F32] {
+        let (rows, vocab) = (37, 50_000);
+        // Coarse values make many exact ties.
+        let v: Vec<f32> = Rng(99)
+            .vec(rows * vocab, 8.0)
+            .into_iter()
+            .map(|x| (x * 4.0).round() / 4.0)
+            .collect();
+        let on_gpu = top_of(&CudaBackend::new(0, dtype).unwrap(), &v, rows, vocab);
+        let on_cpu = top_of(&CpuBackend::new(dtype), &v, rows, vocab);
+        for (r, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            assert_eq!(g.top, c.top, "{dtype:?} row {r}");
+            let d = (g.log_sum_exp - c.log_sum_exp).abs() / c.log_sum_exp.abs();
+            assert!(
+                d < 1e-5,
+                "{dtype:?} row {r}: lse {} vs {}",
+                g.log_sum_exp,
+                c.log_sum_exp
+            );
+        }
+        eprintln!("{dtype:?}: top-21 of {rows} rows x {vocab} identical to the host sampler's");
+    }
+}
