@@ -132,10 +132,10 @@ fn run_ops<B: Backend>(b: &B, case: &Case, seed: u64) -> Vec<(&'static str, Vec<
         "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": h.num_heads * h.head_dim,
         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": h.num_heads,
         "num_key_value_heads": h.num_kv_heads, "head_dim": h.head_dim, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 256
+        "rope_theta": 10000.0, "max_position_embeddings": 1024
     }))
     .unwrap();
-    let rope = b.upload_rope(RopeTable::new(&cfg, 256)).unwrap();
+    let rope = b.upload_rope(RopeTable::new(&cfg, 1024)).unwrap();
     let mut out = Vec::new();
 
     // History: the cached tokens' K/V, written by an earlier step.
@@ -287,6 +287,17 @@ fn compare_ops(dtype: ComputeDtype, tol: f32) {
             },
             block_size: 16,
             seqs: vec![(0, 3), (100, 1), (64, 33)],
+        },
+        // Decodes over long contexts split them over several blocks (128
+        // keys each: 1, 2 and 3 splits), beside a prefill that does not.
+        Case {
+            heads: QkvHeads {
+                num_heads: 8,
+                num_kv_heads: 2,
+                head_dim: 128,
+            },
+            block_size: 16,
+            seqs: vec![(300, 1), (0, 9), (128, 1), (127, 1), (200, 1)],
         },
     ];
     for (i, case) in cases.iter().enumerate() {

@@ -279,16 +279,26 @@ __device__ void from_float(const float* x, T* out, i64 n) {
 // flight together. Warps beyond `group` (the block has at least 4) only
 // help load.
 //
-// grid: (tokens, num_kv_heads); block: max(group, 4) * 32 threads.
+// Decode tokens split their context over `tok_splits[t]` blocks (grid z) of
+// ATTN_SPLIT keys each, so a small batch still fills the GPU; each split
+// writes its running max, sum and unnormalized output to `part_ml` /
+// `part_acc`, and attention_reduce combines them. Whether a token splits
+// depends only on its own sequence (decode or not, context length), never
+// on the batch around it, so results stay batch-invariant.
+//
+// grid: (tokens, num_kv_heads, max splits); block: max(group, 4) * 32 threads.
 // Shared memory: q [group][D] + K tile [32][D+1] + V tile [32][D] floats.
 #define ATTN_TILE 32
+#define ATTN_SPLIT 128
 template <typename T>
 __device__ void paged_attention(const T* __restrict__ qkv, int stride,
                                 const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                 const int* __restrict__ block_tables, int max_blocks,
                                 const int* __restrict__ tok_seq, const int* __restrict__ tok_nkeys,
-                                int num_kv_heads, int group, int head_dim, int block_size,
-                                float scale, T* __restrict__ out) {
+                                const int* __restrict__ tok_splits, int num_kv_heads,
+                                int group, int head_dim, int block_size, float scale,
+                                float* __restrict__ part_ml, float* __restrict__ part_acc,
+                                T* __restrict__ out) {
     extern __shared__ float smem[];
     __shared__ i64 key_base[ATTN_TILE];
     const int D = head_dim;
@@ -299,7 +309,10 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nthreads = blockDim.x;
     const int seq = tok_seq[t];
-    const int n_keys = tok_nkeys[t];
+    const int nsplit = tok_splits[t], split = blockIdx.z;
+    if (split >= nsplit) return;  // the whole block: no barrier is skipped
+    const int k_begin = nsplit == 1 ? 0 : split * ATTN_SPLIT;
+    const int n_keys = nsplit == 1 ? tok_nkeys[t] : min(tok_nkeys[t], k_begin + ATTN_SPLIT);
     const int* table = block_tables + (i64)seq * max_blocks;
     const bool computes = warp < group;
     const int h = kvh * group + warp;  // this warp's query head
@@ -318,7 +331,7 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
     for (int i = 0; i < 8; i++) acc[i] = 0.f;
     float m = NEG_INF, l = 0.f;
 
-    for (int k0 = 0; k0 < n_keys; k0 += ATTN_TILE) {
+    for (int k0 = k_begin; k0 < n_keys; k0 += ATTN_TILE) {
         const int nk = min(ATTN_TILE, n_keys - k0);
         __syncthreads();  // the previous tile is consumed (and q is loaded)
         if (threadIdx.x < nk) {
@@ -381,12 +394,50 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
         m = m_new;
     }
     if (!computes) return;
+    if (nsplit > 1) {
+        i64 idx = ((i64)t * (num_kv_heads * group) + h) * gridDim.z + split;
+        if (lane == 0) {
+            part_ml[2 * idx] = m;
+            part_ml[2 * idx + 1] = l;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            if (d < D) part_acc[idx * D + d] = acc[i];
+        }
+        return;
+    }
     float inv = l > 0.f ? 1.f / l : 0.f;
     T* o = out + (i64)t * (num_kv_heads * group * D) + (i64)h * D;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         int d = lane + 32 * i;
         if (d < D) o[d] = from_f32<T>(acc[i] * inv);
+    }
+}
+
+// Combines the splits of each split token: out = Σ acc_s e^(m_s − M) / Σ l_s e^(m_s − M).
+// grid: (tokens, num_heads); block: 128. Partials are laid out with stride
+// `max_splits` per (token, head).
+template <typename T>
+__device__ void attention_reduce(const int* __restrict__ tok_splits,
+                                 const float* __restrict__ part_ml,
+                                 const float* __restrict__ part_acc, int max_splits, int head_dim,
+                                 T* __restrict__ out) {
+    const int t = blockIdx.x, h = blockIdx.y, heads = gridDim.y;
+    const int nsplit = tok_splits[t];
+    if (nsplit <= 1) return;
+    const i64 base = ((i64)t * heads + h) * max_splits;
+    float M = NEG_INF;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, part_ml[2 * (base + s)]);
+    float L = 0.f;
+    for (int s = 0; s < nsplit; s++) L += part_ml[2 * (base + s) + 1] * __expf(part_ml[2 * (base + s)] - M);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < nsplit; s++) {
+            o += part_acc[(base + s) * head_dim + d] * __expf(part_ml[2 * (base + s)] - M);
+        }
+        out[((i64)t * heads + h) * head_dim + d] = from_f32<T>(o / L);
     }
 }
 
@@ -433,10 +484,18 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
     }                                                                                            \
     extern "C" __global__ void paged_attention_##SUFFIX(                                        \
         const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \
-        int max_blocks, const int* tok_seq, const int* tok_nkeys, int num_kv_heads, int group,  \
-        int head_dim, int block_size, float scale, T* out) {                                    \
+        int max_blocks, const int* tok_seq, const int* tok_nkeys, const int* tok_splits,        \
+        int num_kv_heads, int group, int head_dim, int block_size, float scale,                 \
+        float* part_ml, float* part_acc, T* out) {                                              \
         paged_attention<T>(qkv, stride, k_cache, v_cache, block_tables, max_blocks, tok_seq,     \
-                           tok_nkeys, num_kv_heads, group, head_dim, block_size, scale, out);    \
+                           tok_nkeys, tok_splits, num_kv_heads, group, head_dim, block_size,     \
+                           scale, part_ml, part_acc, out);                                       \
+    }                                                                                            \
+    extern "C" __global__ void attention_reduce_##SUFFIX(const int* tok_splits,                 \
+                                                         const float* part_ml,                  \
+                                                         const float* part_acc, int max_splits, \
+                                                         int head_dim, T* out) {                \
+        attention_reduce<T>(tok_splits, part_ml, part_acc, max_splits, head_dim, out);          \
     }
 
 INSTANTIATE(bf16, bf16)

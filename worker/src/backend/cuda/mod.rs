@@ -30,6 +30,10 @@ use crate::rope::RopeTable;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
+/// Keys per block when a decode token's context is split (`ATTN_SPLIT` in
+/// kernels.cu).
+const ATTN_SPLIT: usize = 128;
+
 /// Kernel parameters: a pointer to each value, in declaration order.
 macro_rules! kargs {
     ($($v:expr),* $(,)?) => {
@@ -108,6 +112,7 @@ struct Kernels {
     gather_rows: CudaFunction,
     to_float: CudaFunction,
     paged_attention: CudaFunction,
+    attention_reduce: CudaFunction,
     top_logits: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
@@ -130,6 +135,7 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             to_float: f("to_float")?,
             paged_attention: f("paged_attention")?,
+            attention_reduce: f("attention_reduce")?,
             top_logits: f("top_logits")?,
             max_smem,
         };
@@ -218,6 +224,9 @@ pub struct CudaStep {
     slots: usize,
     tok_seq: usize,
     tok_nkeys: usize,
+    tok_splits: usize,
+    /// The most blocks any token's context is split into (1: none split).
+    max_splits: usize,
     tables: usize,
     rows: usize,
 }
@@ -572,13 +581,25 @@ impl Backend for CudaBackend {
         }
         let tok_seq = v.len();
         let tok_nkeys = tok_seq + n;
-        v.resize(tok_nkeys + n, 0);
+        let tok_splits = tok_nkeys + n;
+        v.resize(tok_splits + n, 0);
+        let mut max_splits = 1;
         for s in 0..meta.num_seqs() {
             let (q0, q1) = (meta.query_start_loc[s], meta.query_start_loc[s + 1]);
             for t in q0..q1 {
                 v[tok_seq + t] = s as i32;
                 // Causal: token t sees the keys up to its own position.
-                v[tok_nkeys + t] = (meta.seq_lens[s] - (q1 - t) + 1) as i32;
+                let n_keys = meta.seq_lens[s] - (q1 - t) + 1;
+                v[tok_nkeys + t] = n_keys as i32;
+                // Decode tokens split long contexts over several blocks; the
+                // choice depends on this sequence alone (batch invariance).
+                let splits = if q1 - q0 == 1 {
+                    n_keys.div_ceil(ATTN_SPLIT).max(1)
+                } else {
+                    1
+                };
+                v[tok_splits + t] = splits as i32;
+                max_splits = max_splits.max(splits);
             }
         }
         let tables = v.len();
@@ -601,6 +622,8 @@ impl Backend for CudaBackend {
             slots,
             tok_seq,
             tok_nkeys,
+            tok_splits,
+            max_splits,
             tables,
             rows,
         })
@@ -769,7 +792,24 @@ impl Backend for CudaBackend {
         let tables = step.section(step.tables, s);
         let tok_seq = step.section(step.tok_seq, s);
         let tok_nkeys = step.section(step.tok_nkeys, s);
+        let tok_splits = step.section(step.tok_splits, s);
         let (qp, op) = (addr(&qkv.buf, s), addr(&out.buf, s));
+        let splits = step.max_splits;
+        // Per (token, head, split): running max and sum, then D partial outputs.
+        let parts = if splits > 1 {
+            let n = qkv.rows * heads.num_heads * splits;
+            // SAFETY: every split a token has writes its entries before the
+            // reduce reads them; other entries are never read.
+            let alloc = |len: usize| {
+                unsafe { s.alloc::<f32>(len) }.map_err(|e| Error::cuda("cuMemAlloc", e))
+            };
+            Some((alloc(2 * n)?, alloc(n * d)?))
+        } else {
+            None
+        };
+        let (ml, pacc) = parts
+            .as_ref()
+            .map_or((0u64, 0u64), |(a, b)| (addr(a, s), addr(b, s)));
         let stride = qkv.cols as i32;
         let max_blocks = step.max_blocks as i32;
         let (nkv, g, hd, bs) = (
@@ -780,15 +820,26 @@ impl Backend for CudaBackend {
         );
         self.launch(
             &self.k().paged_attention,
-            (qkv.rows as u32, heads.num_kv_heads as u32, 1),
+            (qkv.rows as u32, heads.num_kv_heads as u32, splits as u32),
             (group.max(4) * 32) as u32,
             smem,
             &mut kargs![
-                qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, nkv, g, hd, bs, scale,
-                op
+                qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, tok_splits, nkv, g, hd,
+                bs, scale, ml, pacc, op
             ],
             "paged_attention",
         )?;
+        if splits > 1 {
+            let ms = splits as i32;
+            self.launch(
+                &self.k().attention_reduce,
+                (qkv.rows as u32, heads.num_heads as u32, 1),
+                128,
+                0,
+                &mut kargs![tok_splits, ml, pacc, ms, hd, op],
+                "attention_reduce",
+            )?;
+        }
         Ok(out)
     }
 
