@@ -88,6 +88,12 @@ pub struct EngineArgs {
     #[arg(long, default_value = "auto")]
     pub generation_config: String,
 
+    /// Run every step eagerly, without CUDA graphs. The CUDA backend does
+    /// not capture graphs yet, so steps always run eagerly; the flag is
+    /// accepted so vLLM command lines work unchanged.
+    #[arg(long)]
+    pub enforce_eager: bool,
+
     /// auto (the GPU when this build has the CUDA backend and one is
     /// visible), cuda or cpu.
     #[arg(long, default_value = "auto")]
@@ -119,6 +125,7 @@ impl Default for EngineArgs {
             seed: 0,
             generation_config: "auto".into(),
             device: "auto".into(),
+            enforce_eager: false,
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
         }
