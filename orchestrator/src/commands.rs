@@ -445,6 +445,7 @@ async fn run_head(
     let listener = tokio::net::TcpListener::bind((spec.ip.as_str(), a.port))
         .await
         .map_err(|e| Error::io(format!("head port {address}"), e))?;
+    let health = head::SharedHealth::default();
     let svc = HeadService {
         store: store.clone(),
         etcd_endpoints: endpoints,
@@ -452,6 +453,7 @@ async fn run_head(
         address: address.clone(),
         token: token.clone(),
         ttl_s: a.node_ttl_s,
+        health: health.clone(),
     };
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
@@ -475,6 +477,7 @@ async fn run_head(
         address.clone(),
         a.node_ttl_s,
         leading.clone(),
+        health,
         cancel.clone(),
     ));
     // The head file names the first live head on this machine.
@@ -530,10 +533,12 @@ async fn run_head(
                 agent.pid,
                 root.token_file().display()
             );
-            cancel.cancelled().await;
+            let agent = watch_head_node(agent, &a, &spec.ip, &address, root, &token, &cancel).await;
             // A graceful stop takes the head's node along; only a crash
             // leaves it running.
-            let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+            if let Some(agent) = agent {
+                let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+            }
             drop(pid);
             Ok(())
         }
@@ -559,6 +564,53 @@ async fn run_head(
     result
 }
 
+/// Until `cancel`: starts the head's node agent again whenever it dies (a
+/// crash or kill -9; it takes its node id and actors back, see
+/// identity.rs and adopt.rs). Returns the agent running at the end.
+async fn watch_head_node(
+    mut agent: head_node::HeadNodeAgent,
+    a: &StartArgs,
+    ip: &str,
+    address: &str,
+    root: &CacheRoot,
+    token: &str,
+    cancel: &CancellationToken,
+) -> Option<head_node::HeadNodeAgent> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Some(agent),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        if agent.is_alive() {
+            continue;
+        }
+        tracing::warn!(
+            "the head's node agent (pid {}, node {}) died; starting it again",
+            agent.pid,
+            agent.node_id
+        );
+        let args = head_node::agent_args(a, ip, address);
+        let (r, h, t, e) = (
+            root.clone(),
+            address.to_string(),
+            token.to_string(),
+            a.etcd.clone(),
+        );
+        match tokio::task::spawn_blocking(move || head_node::spawn(&r, &h, &args, &t, &e)).await {
+            Ok(Ok(new)) => {
+                tracing::info!(
+                    "the head's node agent runs again (pid {}, node {})",
+                    new.pid,
+                    new.node_id
+                );
+                agent = new;
+            }
+            Ok(Err(e)) => tracing::warn!("restarting the head's node agent failed: {e}"),
+            Err(e) => tracing::warn!("restarting the head's node agent failed: {e}"),
+        }
+    }
+}
+
 fn start_agent(
     etcd: &EtcdConfig,
     a: &StartArgs,
@@ -576,7 +628,7 @@ fn start_agent(
         root: root.clone(),
         token: token.to_string(),
     };
-    let handle = agent::spawn(cfg, cancel, tx);
+    let handle = agent::spawn(cfg, cancel, tx)?;
     let id = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| Error::Timeout {

@@ -1,6 +1,7 @@
 //! Flotilla's orchestrator: a Ray-style cluster manager whose state lives in
 //! etcd — head, node agents, placement groups, actors, `status`.
 
+pub mod adopt;
 pub mod agent;
 pub mod auth;
 pub mod bench;
@@ -13,6 +14,8 @@ pub mod error;
 pub mod etcd_proc;
 pub mod head;
 pub mod head_node;
+pub mod health;
+pub mod identity;
 pub mod lease;
 pub mod paths;
 pub mod placement;

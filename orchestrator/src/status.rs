@@ -183,7 +183,7 @@ fn usage_line(name: &str, used: u64, total: u64) -> String {
     }
 }
 
-fn fmt_time(t: f64) -> String {
+pub fn fmt_time(t: f64) -> String {
     chrono::DateTime::from_timestamp(t as i64, ((t.fract()) * 1e9) as u32)
         .map(|d| d.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
         .unwrap_or_default()

@@ -174,6 +174,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether `e` means etcd did not answer (down, paused, unreachable), as
+/// opposed to etcd answering with an error: only the former is an outage.
+pub fn unreachable(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+/// Whether etcd says a lease does not exist (it expired or was revoked).
+pub fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::NotFound && s.message().contains("lease not found"))
+}
+
 /// A record write guarded by the record's mod_revision (0 = must not exist).
 #[derive(Debug, Clone)]
 pub struct Guarded {

@@ -48,12 +48,35 @@ pub fn kill_listed(cache: &Path) {
     }
 }
 
+/// SIGKILLs the actor processes agents of this cache root started: actors
+/// outlive a killed agent by design, so a test must end them itself. They
+/// carry the agent's environment, hence its FLOTILLA_CACHE_ROOT.
+pub fn kill_actors(cache: &Path) {
+    let want = format!("FLOTILLA_CACHE_ROOT={}", cache.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if vars.contains(&want.as_bytes())
+            && vars.iter().any(|x| x.starts_with(b"FLOTILLA_ACTOR_ID="))
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Calls [`kill_listed`] on drop, also on panic.
 pub struct KillListed(pub PathBuf);
 
 impl Drop for KillListed {
     fn drop(&mut self) {
         kill_listed(&self.0);
+        kill_actors(&self.0);
     }
 }
 
@@ -396,6 +419,24 @@ impl Cluster {
         )
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`) this cluster's etcd.
+    pub fn pause_etcd(&self, stop: bool) {
+        let pid = self.etcd.as_ref().expect("etcd runs").pid() as i32;
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// kill -9 of etcd, then a new etcd on the same data directory.
+    pub fn kill_etcd(&mut self) {
+        if let Some(mut e) = self.etcd.take() {
+            e.kill9();
+        }
+    }
+
+    pub fn restart_etcd(&mut self) {
+        self.etcd = Some(start_etcd(&self.root.0, self.etcd_client, self.etcd_peer));
+    }
+
     fn wait_file(&self, p: &Path) {
         wait_until(Duration::from_secs(20), "file", || p.exists());
     }
@@ -493,6 +534,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         kill_listed(&self.cache());
+        kill_actors(&self.cache());
     }
 }
 
