@@ -979,3 +979,134 @@ fn silent_node_is_declared_dead_and_fenced_when_it_returns() {
     let log = std::fs::read_to_string(c.root.0.join("n2.log")).unwrap();
     assert!(log.contains("stopping actor"), "{log}");
 }
+
+#[test]
+fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
+    // The node runs in a network namespace; etcd and the head in the root
+    // one, reached over a veth pair that the test cuts.
+    let ns = match common::NetNs::create("31600", "10.213.16.1", "10.213.16.2") {
+        Ok(ns) => ns,
+        Err(e) => panic!("network namespaces are needed for this test (run as root): {e}"),
+    };
+    let mut c = Cluster::new_on("partition", 31600, "10.213.16.1");
+    c.start_head("head", c.head_port, 0);
+    let head_up = std::time::Instant::now();
+    c.start_node_in(Some(&ns.name), "n2", "10.213.16.2", 1);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--max-restarts",
+        "-1",
+    ]);
+    let actor = actor.trim().to_string();
+    let first = wait_actor_state(&c, &actor, "ALIVE", 15);
+    let old_node = first["node_id"].as_str().unwrap().to_string();
+    let old_pid = first["pid"].as_u64().unwrap();
+    assert_eq!(c.node_ip(&old_node), "10.213.16.2");
+    c.start_node("n3", "127.0.0.3", 1);
+    wait_until(Duration::from_secs(20), "three nodes", || {
+        c.alive_nodes() == 3
+    });
+    // Past the fresh head's grace (health.rs), as in service.
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(head_up.elapsed()));
+
+    // Cut: etcd and the head stay healthy, the node goes silent.
+    let t = std::time::Instant::now();
+    ns.link(false);
+    wait_until(Duration::from_secs(8), "partitioned node dead", || {
+        c.ok(&["status"])
+            .contains(&format!("{old_node}: NodeTerminated"))
+    });
+    let detected = t.elapsed();
+    eprintln!("partitioned node declared dead after {detected:?}");
+    assert!(detected < Duration::from_secs(6) + Duration::from_millis(900));
+    let moved = wait_actor_state(&c, &actor, "ALIVE", 15);
+    assert_eq!(c.node_ip(moved["node_id"].as_str().unwrap()), "127.0.0.3");
+    let new_pid = moved["pid"].as_u64().unwrap();
+
+    // Healed: the returning agent stops its superseded copy; one remains.
+    ns.link(true);
+    let t = std::time::Instant::now();
+    wait_until(Duration::from_secs(15), "superseded copy stopped", || {
+        !pid_alive(old_pid)
+    });
+    eprintln!(
+        "superseded copy stopped {:?} after the link came back",
+        t.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the node back under its id",
+        || {
+            c.nodes()
+                .iter()
+                .any(|n| n["id"] == old_node.as_str() && n["alive"] == true)
+        },
+    );
+    let now = c.actor(&actor);
+    assert_eq!(now["pid"].as_u64().unwrap(), new_pid);
+    assert_eq!(now["incarnation"], moved["incarnation"]);
+    assert!(pid_alive(new_pid));
+    drop(c);
+    drop(ns);
+}
+
+#[test]
+fn etcd_paused_45_s_keeps_every_actor() {
+    let mut c = Cluster::new("pause45", 31500);
+    c.start_head("head", c.head_port, 0);
+    c.start_node("n2", "127.0.0.2", 2);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let pg = c.ok(&["placement-group", "create", "--bundles", r#"[{"GPU":1}]"#]);
+    let a = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--placement-group",
+        pg.trim(),
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--max-restarts",
+        "-1",
+    ]);
+    wait_actor_state(&c, a.trim(), "ALIVE", 15);
+    let actors = actor_facts(&c);
+    let before = status_facts(&c).unwrap();
+    let pids = live_pids(&c);
+
+    c.pause_etcd(true);
+    std::thread::sleep(Duration::from_secs(45));
+    assert!(
+        pids.iter().all(|p| pid_alive(*p)),
+        "an actor died in the outage"
+    );
+    c.pause_etcd(false);
+    converges(&c, &before, &actors, "after a 45 s etcd pause");
+    let fresh = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+    ]);
+    wait_actor_state(&c, fresh.trim(), "ALIVE", 15);
+    let log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
+    assert!(!log.contains("is dead:"), "{log}");
+}

@@ -110,9 +110,13 @@ impl Drop for TempDir {
 }
 
 pub fn wait_port(port: u16, timeout: Duration) {
+    wait_port_on("127.0.0.1", port, timeout)
+}
+
+pub fn wait_port_on(ip: &str, port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((ip, port)).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -230,20 +234,30 @@ impl Pki {
 /// etcd on 127.0.0.1:`client`; with `pki`, clients must speak TLS and show a
 /// certificate the CA signed (--client-cert-auth).
 pub fn start_etcd_with(dir: &Path, client: u16, peer: u16, pki: Option<&Pki>) -> Proc {
+    start_etcd_on(dir, "127.0.0.1", client, peer, pki)
+}
+
+/// etcd serving clients on 127.0.0.1 and `ip` (when another address).
+pub fn start_etcd_on(dir: &Path, ip: &str, client: u16, peer: u16, pki: Option<&Pki>) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("etcd.log"))
         .unwrap();
     let scheme = if pki.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://127.0.0.1:{client}");
+    let url = format!("{scheme}://{ip}:{client}");
+    let listen = if ip == "127.0.0.1" {
+        url.clone()
+    } else {
+        format!("{url},{scheme}://127.0.0.1:{client}")
+    };
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Command::new("etcd")
         .args(["--name", "t", "--data-dir"])
         .arg(dir.join("etcd-data"))
         .args([
             "--listen-client-urls",
-            &url,
+            &listen,
             "--advertise-client-urls",
             &url,
         ])
@@ -286,6 +300,9 @@ pub struct Cluster {
     pub etcd_peer: u16,
     pub root: TempDir,
     pub head_port: u16,
+    /// Where the head and etcd are reached (127.0.0.1 unless a test puts
+    /// nodes in network namespaces).
+    pub head_ip: String,
     /// "http" or "https" for the etcd endpoint.
     pub scheme: &'static str,
     /// etcd TLS/auth flags added to every head and node agent started.
@@ -294,8 +311,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(tag: &str, base_port: u16) -> Self {
+        Self::new_on(tag, base_port, "127.0.0.1")
+    }
+
+    /// A cluster whose etcd and heads are reached at `ip`.
+    pub fn new_on(tag: &str, base_port: u16, ip: &str) -> Self {
         let root = TempDir::new(tag);
-        let etcd = start_etcd(&root.0, base_port, base_port + 1);
+        let etcd = start_etcd_on(&root.0, ip, base_port, base_port + 1, None);
         Cluster {
             procs: Vec::new(),
             etcd: Some(etcd),
@@ -303,6 +325,7 @@ impl Cluster {
             etcd_peer: base_port + 1,
             root,
             head_port: base_port + 2,
+            head_ip: ip.into(),
             scheme: "http",
             etcd_args: Vec::new(),
         }
@@ -324,6 +347,7 @@ impl Cluster {
             etcd_peer: base_port + 1,
             root,
             head_port: base_port + 2,
+            head_ip: "127.0.0.1".into(),
             scheme: "https",
             etcd_args: vec![
                 "--etcd-cacert".into(),
@@ -342,16 +366,30 @@ impl Cluster {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.etcd_client)
+        format!("{}://{}:{}", self.scheme, self.head_ip, self.etcd_client)
     }
 
     pub fn head_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.head_port)
+        format!("{}:{}", self.head_ip, self.head_port)
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        self.spawn_in(None, name, args)
+    }
+
+    /// Runs the binary, inside network namespace `netns` when given.
+    fn spawn_in(&mut self, netns: Option<&str>, name: &str, args: &[&str]) -> usize {
         let log = std::fs::File::create(self.root.0.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the binary: the child's pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(args)
             .args(&self.etcd_args)
             .env("FLOTILLA_CACHE_ROOT", self.cache())
@@ -378,6 +416,7 @@ impl Cluster {
         let ep = self.endpoint();
         let gpus = gpus.to_string();
         let port_s = port.to_string();
+        let head_ip = self.head_ip.clone();
         let mut args = vec![
             "start",
             "--head",
@@ -385,7 +424,7 @@ impl Cluster {
             "--port",
             &port_s,
             "--node-ip-address",
-            "127.0.0.1",
+            &head_ip,
             "--etcd-endpoints",
             &ep,
             "--num-gpus",
@@ -395,14 +434,19 @@ impl Cluster {
         ];
         args.extend(extra);
         let i = self.spawn(name, &args);
-        wait_port(port, Duration::from_secs(30));
+        wait_port_on(&self.head_ip.clone(), port, Duration::from_secs(30));
         self.wait_file(&self.cache().join("cluster_token"));
         i
     }
 
     pub fn start_node(&mut self, name: &str, ip: &str, gpus: u32) -> usize {
+        self.start_node_in(None, name, ip, gpus)
+    }
+
+    pub fn start_node_in(&mut self, netns: Option<&str>, name: &str, ip: &str, gpus: u32) -> usize {
         let addr = self.head_addr();
-        self.spawn(
+        self.spawn_in(
+            netns,
             name,
             &[
                 "start",
@@ -434,7 +478,13 @@ impl Cluster {
     }
 
     pub fn restart_etcd(&mut self) {
-        self.etcd = Some(start_etcd(&self.root.0, self.etcd_client, self.etcd_peer));
+        self.etcd = Some(start_etcd_on(
+            &self.root.0,
+            &self.head_ip.clone(),
+            self.etcd_client,
+            self.etcd_peer,
+            None,
+        ));
     }
 
     fn wait_file(&self, p: &Path) {
@@ -558,4 +608,93 @@ pub fn pid_alive(pid: u64) -> bool {
             .unwrap_or("")
             .trim_start()
             .starts_with('Z')
+}
+
+/// A network namespace joined to the root namespace by a veth pair:
+/// `host_ip` on the root side, `ns_ip` inside. Cutting the link inside
+/// partitions whatever runs in the namespace from etcd and the heads while
+/// both stay healthy. Deleted on drop (with its end of the pair).
+pub struct NetNs {
+    pub name: String,
+    pub ns_if: String,
+    pub host_if: String,
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl NetNs {
+    /// Err when namespaces cannot be made here (not root, no `ip`).
+    pub fn create(tag: &str, host_ip: &str, ns_ip: &str) -> Result<NetNs, String> {
+        let ns = NetNs {
+            name: format!("flt-{tag}"),
+            ns_if: format!("vf{tag}b"),
+            host_if: format!("vf{tag}a"),
+        };
+        let _ = ip_cmd(&["netns", "del", &ns.name]);
+        let _ = ip_cmd(&["link", "del", &ns.host_if]);
+        ip_cmd(&["netns", "add", &ns.name])?;
+        ip_cmd(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
+        ])?;
+        ip_cmd(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
+        ip_cmd(&["addr", "add", &format!("{host_ip}/24"), "dev", &ns.host_if])?;
+        ip_cmd(&["link", "set", &ns.host_if, "up"])?;
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_ip}/24"),
+            "dev",
+            &ns.ns_if,
+        ])?;
+        ns.exec(&["ip", "link", "set", &ns.ns_if, "up"])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut a = vec!["netns", "exec", &self.name];
+        a.extend(args);
+        ip_cmd(&a)
+    }
+
+    /// Link down (`false`) or up inside the namespace.
+    pub fn link(&self, up: bool) {
+        self.exec(&[
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip_cmd(&["netns", "del", &self.name]);
+        let _ = ip_cmd(&["link", "del", &self.host_if]);
+    }
 }
