@@ -18,6 +18,7 @@ use proto::orchestrator::{LogsReply, NameOrId};
 use crate::adopt;
 use crate::auth::Checker;
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
 use crate::identity;
 use crate::lease::{spawn_keeper, LeaseState};
 use crate::paths::CacheRoot;
@@ -129,6 +130,7 @@ async fn run(
         children: HashMap::new(),
         exits: HashMap::new(),
         last_error: None,
+        pending: Vec::new(),
     };
     // Actor processes a previous run left: the first pass keeps those etcd
     // still assigns here and stops the rest, before anything starts.
@@ -182,16 +184,22 @@ async fn run(
         match register(&store, &cfg, &agent_address, &lease, &node_id, &snap).await {
             Ok(()) => {
                 last_register_error = None;
-                if was_dead {
-                    tracing::warn!(
-                        "node {node_id} was declared dead while away; it stopped its superseded actors and registered again"
-                    );
+                let msg = if was_dead {
+                    format!(
+                        "node {node_id} ({}) was declared dead while away; it stopped its superseded actors and registered again",
+                        cfg.node.ip
+                    )
                 } else {
-                    tracing::warn!(
-                        "node {node_id} lost its lease (etcd was away?); it kept its {} actor(s) and registered again",
+                    format!(
+                        "node {node_id} ({}) lost its lease (etcd was away?); it kept its {} actor(s) and registered again",
+                        cfg.node.ip,
                         sup.children.len()
-                    );
-                }
+                    )
+                };
+                tracing::warn!("{msg}");
+                store
+                    .record_events(&[Event::new(now(), EventKind::NodeRecovered, &node_id, msg)])
+                    .await;
             }
             Err(e) => {
                 if last_register_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
@@ -378,6 +386,8 @@ struct Supervisor {
     /// Exits not yet recorded in etcd: actor id -> (incarnation, code).
     exits: HashMap<String, (u64, Option<i32>)>,
     last_error: Option<Instant>,
+    /// Events to record on the next pass etcd answers.
+    pending: Vec<Event>,
 }
 
 impl Supervisor {
@@ -397,11 +407,14 @@ impl Supervisor {
             if keep {
                 if r.adopted {
                     r.adopted = false;
-                    tracing::info!(
-                        "adopted actor {id} (pid {}, incarnation {})",
+                    let msg = format!(
+                        "adopted actor {id} (pid {}, incarnation {}) left running by a previous agent of node {node_id}",
                         r.proc.pid(),
                         r.incarnation
                     );
+                    tracing::info!("{msg}");
+                    self.pending
+                        .push(Event::new(now(), EventKind::ActorAdopted, id, msg));
                 }
                 continue;
             }
@@ -416,11 +429,14 @@ impl Supervisor {
                     ),
                     Some(a) => format!("incarnation {} superseded it", a.incarnation),
                 };
-                tracing::warn!(
-                    "stopping actor {id} (pid {}, incarnation {}): {why}",
+                let msg = format!(
+                    "stopping actor {id} (pid {}, incarnation {}) on node {node_id}: {why}",
                     r.proc.pid(),
                     r.incarnation
                 );
+                tracing::warn!("{msg}");
+                self.pending
+                    .push(Event::new(now(), EventKind::ActorFenced, id, msg));
                 r.proc.signal(libc::SIGTERM);
                 r.kill_at = Some(Instant::now() + Duration::from_secs(3));
             }
@@ -463,6 +479,10 @@ impl Supervisor {
         };
         self.last_error = None;
         self.fence(&snap, node_id);
+        if !self.pending.is_empty() {
+            let evs = std::mem::take(&mut self.pending);
+            self.store.record_events(&evs).await;
+        }
         let registered = snap.live.contains(node_id)
             && snap
                 .nodes

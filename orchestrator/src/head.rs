@@ -17,6 +17,7 @@ use proto::orchestrator::{
 
 use crate::auth::{Bearer, Checker};
 use crate::error::{Error, Result};
+use crate::events::{self, Event, EventKind};
 use crate::health::{self, EtcdHealth};
 use crate::lease::{spawn_keeper, LeaseState};
 use crate::placement::{describe, place, PlaceError, Strategy};
@@ -521,6 +522,14 @@ pub async fn leader_loop(
         if r.is_ok() {
             let ended = health.lock().ok().and_then(|mut h| h.ok(Instant::now()));
             if let Some(o) = ended {
+                let msg = format!(
+                    "etcd was unreachable from head {address} for {:.1} s (since {})",
+                    o.lasted.as_secs_f64(),
+                    crate::status::fmt_time(o.since)
+                );
+                store
+                    .record_events(&[Event::new(now(), EventKind::EtcdUnreachable, &address, msg)])
+                    .await;
                 tracing::warn!(
                     "head {address}: etcd is back after {:.1} s away (since {}); nodes whose lease lapsed meanwhile get {} s to register again before any is declared dead",
                     o.lasted.as_secs_f64(),
@@ -585,20 +594,24 @@ async fn leader_step(
         return Ok(());
     }
     let snap = store.snapshot().await?;
-    let ch = reconcile(&snap, now(), lapse_means_dead);
+    let t = now();
+    let ch = reconcile(&snap, t, lapse_means_dead);
     if !ch.is_empty() {
-        for n in ch.nodes.values() {
-            tracing::warn!(
-                "node {} ({}) is dead: {}",
-                n.id,
-                n.ip,
-                n.death_reason.as_deref().unwrap_or("")
-            );
+        if commit_changes(store, &snap, &ch, true).await? {
+            let evs = events::from_changes(&snap, &ch, t);
+            for e in &evs {
+                tracing::warn!("{}: {}", e.kind, e.message);
+            }
+            store.record_events(&evs).await;
         }
-        commit_changes(store, &snap, &ch, true).await?;
         return Ok(());
     }
-    let old = expired(&|kind, id| store.record_key(kind, id), &snap, now());
+    let mut old = expired(&|kind, id| store.record_key(kind, id), &snap, t);
+    old.extend(
+        events::expired(snap.events.iter(), t)
+            .iter()
+            .map(|k| store.event_key(k)),
+    );
     if !old.is_empty() {
         store.delete_unchanged(&snap, &old).await?;
     }

@@ -12,6 +12,7 @@ pub mod detach;
 pub mod detect;
 pub mod error;
 pub mod etcd_proc;
+pub mod events;
 pub mod head;
 pub mod head_node;
 pub mod health;

@@ -244,6 +244,9 @@ impl Store {
     pub fn head_key(&self, addr: &str) -> String {
         format!("{}heads/{addr}", self.prefix)
     }
+    pub fn event_key(&self, suffix: &str) -> String {
+        format!("{}events/{suffix}", self.prefix)
+    }
     pub fn token_key(&self) -> String {
         format!("{}token", self.prefix)
     }
@@ -276,6 +279,12 @@ impl Store {
             } else if let Some(id) = rest.strip_prefix("actors/") {
                 let a: ActorRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
                 s.actors.insert(id.to_string(), a);
+            } else if let Some(k) = rest.strip_prefix("events/") {
+                // An event that does not parse is skipped, not fatal: events
+                // only inform.
+                if let Ok(e) = serde_json::from_slice(kv.value()) {
+                    s.events.insert(k.to_string(), e);
+                }
             } else if let Some(addr) = rest.strip_prefix("heads/") {
                 s.heads.push(addr.to_string());
                 continue;
@@ -373,6 +382,24 @@ impl Store {
             }
         }
         Ok(value.to_string())
+    }
+
+    /// Appends events (best effort: they inform, they decide nothing).
+    pub async fn record_events(&self, events: &[crate::events::Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let ops: Vec<TxnOp> = events
+            .iter()
+            .filter_map(|e| {
+                let v = serde_json::to_string(e).ok()?;
+                Some(TxnOp::put(self.event_key(&e.key_suffix()), v, None))
+            })
+            .collect();
+        let mut c = self.client.clone();
+        if let Err(e) = c.txn(Txn::new().and_then(ops)).await {
+            tracing::debug!("recording {} event(s) failed: {e}", events.len());
+        }
     }
 
     /// Deletes records that nobody changed since `snap` was read.

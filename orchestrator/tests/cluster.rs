@@ -794,6 +794,12 @@ fn etcd_pause_and_restart_keep_every_actor() {
     let log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
     assert!(!log.contains("is dead:"), "{log}");
     assert!(log.contains("etcd is back after"), "{log}");
+    let st = c.ok(&["status"]);
+    assert!(
+        st.contains("ETCD_UNREACHABLE: etcd was unreachable from head"),
+        "{st}"
+    );
+    assert!(!st.contains("NODE_LOST"), "{st}");
 
     // The books still balance: two GPUs, one held, one more fits, a third never does.
     c.ok(&["placement-group", "create", "--bundles", r#"[{"GPU":1}]"#]);
@@ -893,6 +899,8 @@ fn agent_kill9_leaves_actors_and_its_restart_adopts_them() {
     assert!(pids.iter().all(|p| pid_alive(*p)));
     let log = std::fs::read_to_string(c.root.0.join("n2-again.log")).unwrap();
     assert!(log.contains("adopted actor"), "{log}");
+    let st = c.ok(&["status"]);
+    assert_eq!(st.matches("ACTOR_ADOPTED").count(), 2, "{st}");
     let head_log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
     assert!(head_log.contains("starting it again"), "{head_log}");
     assert!(!head_log.contains("is dead:"), "{head_log}");
@@ -978,6 +986,14 @@ fn silent_node_is_declared_dead_and_fenced_when_it_returns() {
     assert!(pid_alive(new_pid));
     let log = std::fs::read_to_string(c.root.0.join("n2.log")).unwrap();
     assert!(log.contains("stopping actor"), "{log}");
+    // What happened is in status, newest first.
+    let st = c.ok(&["status"]);
+    eprintln!("{st}");
+    let at = |k: &str| st.find(k).unwrap_or_else(|| panic!("{k} missing: {st}"));
+    assert!(at("NODE_RECOVERED") < at("ACTOR_FENCED"), "{st}");
+    assert!(at("ACTOR_FENCED") < at("ACTOR_RESTARTED"), "{st}");
+    // Decided together, in one batch: both listed after (older than) the fencing.
+    assert!(at("NODE_LOST") > at("ACTOR_FENCED"), "{st}");
 }
 
 #[test]
