@@ -308,10 +308,16 @@ fn node_spec(a: &StartArgs, ip: &str) -> Result<NodeSpec> {
 }
 
 async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
-    if a.head == a.address.is_some() {
+    if !a.head && a.address.is_none() {
         return Err(Error::invalid(
             "start",
-            "pass exactly one of --head or --address HEAD_IP:PORT",
+            "pass --head (a head; with --address FIRST_HEAD:PORT, one that joins the first head's etcd) or --address HEAD_IP:PORT (a node)",
+        ));
+    }
+    if a.head && a.address.is_some() && !a.etcd_endpoints.is_empty() {
+        return Err(Error::invalid(
+            "start",
+            "--head --address runs a member of the first head's etcd; with an external etcd (--etcd-endpoints) start further heads without --address",
         ));
     }
     if a.node_ttl_s < 2 {
@@ -427,16 +433,44 @@ async fn run_head(
     root: &CacheRoot,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let (owned, endpoints) = if a.etcd_endpoints.is_empty() {
-        // Started from this (the main) thread on purpose: etcd's parent-death
-        // signal follows the spawning thread, and this one lives as long as
-        // the head process.
-        let e = OwnedEtcd::start(root, &spec.ip)?;
+    let mut a = a;
+    // Started from this (the main) thread on purpose: etcd's parent-death
+    // signal follows the spawning thread, and this one lives as long as the
+    // head process (the main future is polled on the main thread).
+    let (owned, endpoints) = if !a.etcd_endpoints.is_empty() {
+        (None, a.etcd_endpoints.clone())
+    } else if let Some(first) = a.address.clone() {
+        // A further head: it joins the first head's cluster and its etcd.
+        let token = auth::client_token(a.token.as_deref(), root)?;
+        let (mut c, _) = client::connect(Some(&first), root, &token).await?;
+        let hello = c
+            .hello(proto::orchestrator::HelloRequest {})
+            .await?
+            .into_inner();
+        a.cluster_name = hello.cluster_prefix.clone();
+        if hello.node_ttl_s >= 2 {
+            a.node_ttl_s = hello.node_ttl_s as u64;
+        }
+        a.token = Some(token);
+        let existing = etcd_config(&a, hello.etcd_endpoints.clone());
+        let e = crate::members::join(root, &spec.ip, &existing).await?;
+        eprintln!(
+            "joined the etcd of head {first} as member {} at {}",
+            e.name, e.endpoint
+        );
+        let mut eps = vec![e.endpoint.clone()];
+        eps.extend(
+            hello
+                .etcd_endpoints
+                .into_iter()
+                .filter(|x| *x != e.endpoint),
+        );
+        (Some(e), eps)
+    } else {
+        let e = OwnedEtcd::start(root, &spec.ip, crate::etcd_proc::Membership::New)?;
         eprintln!("started etcd at {}", e.endpoint);
         let ep = e.endpoint.clone();
         (Some(e), vec![ep])
-    } else {
-        (None, a.etcd_endpoints.clone())
     };
     let etcd = etcd_config(&a, endpoints.clone());
     let store = Store::connect(&etcd, &a.cluster_name).await?;
@@ -454,6 +488,7 @@ async fn run_head(
         token: token.clone(),
         ttl_s: a.node_ttl_s,
         health: health.clone(),
+        etcd_members: owned.is_some(),
     };
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
@@ -560,6 +595,21 @@ async fn run_head(
     if read_trimmed(&root.head_address_file()).as_deref() == Some(address.as_str()) {
         let _ = std::fs::remove_file(root.head_address_file());
     }
+    if let Some(e) = &owned {
+        // A clean stop leaves the etcd cluster, so the others' quorum no
+        // longer counts this member (a crash keeps it: it may come back).
+        let left = tokio::time::timeout(
+            Duration::from_secs(12),
+            crate::members::leave(&etcd, &e.peer_url),
+        )
+        .await;
+        match left {
+            Ok(Ok(true)) => eprintln!("removed etcd member {}", e.name),
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => eprintln!("could not remove etcd member {}: {err}", e.name),
+            Err(_) => eprintln!("could not remove etcd member {}: timed out", e.name),
+        }
+    }
     drop(owned);
     result
 }
@@ -649,7 +699,13 @@ async fn run_node(
     cancel: CancellationToken,
 ) -> Result<()> {
     let token = auth::client_token(a.token.as_deref(), root)?;
-    let (mut c, addr) = client::connect(a.address.as_deref(), root, &token).await?;
+    let (mut c, addr) = match (a.head_node, a.address.as_deref()) {
+        (true, Some(head)) => (
+            client::connect_only(head, &token, Duration::from_secs(20)).await?,
+            head.to_string(),
+        ),
+        _ => client::connect(a.address.as_deref(), root, &token).await?,
+    };
     let hello = c
         .hello(proto::orchestrator::HelloRequest {})
         .await?

@@ -45,6 +45,9 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("etcd membership: {0}")]
+    EtcdMembership(String),
+
     #[error("the lease keep-alive thread stopped: {0}")]
     KeeperStopped(String),
 

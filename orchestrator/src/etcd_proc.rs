@@ -10,6 +10,30 @@ use crate::paths::CacheRoot;
 pub struct OwnedEtcd {
     child: Child,
     pub endpoint: String,
+    /// This member's name and peer URL in the etcd cluster.
+    pub name: String,
+    pub peer_url: String,
+}
+
+/// How the etcd to start relates to others.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    /// A new one-member cluster.
+    New,
+    /// A member already added (MemberAdd) to a running cluster, named
+    /// `name` at ports `client`/`peer`; `initial_cluster` lists every member
+    /// as etcd's --initial-cluster wants it.
+    Join {
+        name: String,
+        client: u16,
+        peer: u16,
+        initial_cluster: String,
+    },
+}
+
+/// A member name unique per machine and port.
+pub fn member_name(ip: &str, client_port: u16) -> String {
+    format!("flotilla-{}-{client_port}", ip.replace(['.', ':'], "-"))
 }
 
 pub fn free_port(ip: &str) -> Result<u16> {
@@ -20,9 +44,22 @@ pub fn free_port(ip: &str) -> Result<u16> {
 }
 
 impl OwnedEtcd {
-    pub fn start(root: &CacheRoot, ip: &str) -> Result<Self> {
-        let client = free_port(ip)?;
-        let peer = free_port(ip)?;
+    pub fn start(root: &CacheRoot, ip: &str, membership: Membership) -> Result<Self> {
+        let (name, client, peer, initial_cluster, state) = match membership {
+            Membership::New => {
+                let client = free_port(ip)?;
+                let peer = free_port(ip)?;
+                let name = member_name(ip, client);
+                let ic = format!("{name}=http://{ip}:{peer}");
+                (name, client, peer, ic, "new")
+            }
+            Membership::Join {
+                name,
+                client,
+                peer,
+                initial_cluster,
+            } => (name, client, peer, initial_cluster, "existing"),
+        };
         let dir = root.etcd_dir(client);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| Error::io(&dir, e))?;
@@ -30,7 +67,7 @@ impl OwnedEtcd {
         let peer_url = format!("http://{ip}:{peer}");
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
-            .arg("flotilla-head")
+            .arg(&name)
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--listen-client-urls")
@@ -42,7 +79,9 @@ impl OwnedEtcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("flotilla-head={peer_url}"))
+            .arg(&initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg(state)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| Error::io(&dir, e))?)
             .stderr(log);
@@ -59,7 +98,12 @@ impl OwnedEtcd {
                 "cannot start etcd from PATH: {e} (install etcd or pass --etcd-endpoints)"
             ))
         })?;
-        let mut me = OwnedEtcd { child, endpoint };
+        let mut me = OwnedEtcd {
+            child,
+            endpoint,
+            name,
+            peer_url,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = me.child.try_wait() {

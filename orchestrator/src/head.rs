@@ -40,6 +40,10 @@ pub struct HeadService {
     pub ttl_s: u64,
     /// This head's etcd health, kept by the leader loop.
     pub health: SharedHealth,
+    /// Whether heads run the etcd members (no --etcd-endpoints): then
+    /// agents are told every member's client URL, so that losing one
+    /// machine leaves them a store to reach.
+    pub etcd_members: bool,
 }
 
 pub type SharedHealth = Arc<std::sync::Mutex<EtcdHealth>>;
@@ -400,8 +404,20 @@ impl HeadService {
 impl Orchestrator for HeadService {
     async fn hello(&self, _r: Request<HelloRequest>) -> RpcResult<HelloReply> {
         let snap = self.snapshot().await.map_err(Status::from)?;
+        let mut etcd_endpoints = self.etcd_endpoints.clone();
+        if self.etcd_members {
+            let mut c = self.store.client();
+            if let Ok(r) = c.member_list().await {
+                let ms: Vec<crate::members::MemberInfo> =
+                    r.members().iter().map(Into::into).collect();
+                let urls = crate::members::client_urls(&ms);
+                if !urls.is_empty() {
+                    etcd_endpoints = urls;
+                }
+            }
+        }
         Ok(Response::new(HelloReply {
-            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_endpoints,
             cluster_prefix: self.cluster.clone(),
             leader_address: snap.leader.unwrap_or_default(),
             head_addresses: snap.heads,
@@ -539,6 +555,9 @@ pub async fn leader_loop(
             }
         }
         if let Err(e) = r {
+            if cancel.is_cancelled() {
+                break;
+            }
             note_etcd_error(&health, &e);
             leading.store(false, Ordering::SeqCst);
             if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {

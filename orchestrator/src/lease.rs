@@ -63,6 +63,7 @@ pub fn spawn_keeper(
 async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: CancellationToken) {
     let period = Duration::from_millis((ttl_s * 1000 / 3).max(300));
     let mut client: Option<Client> = None;
+    let mut next = 0usize;
     let mut stream: Option<(
         i64,
         etcd_client::LeaseKeeper,
@@ -79,15 +80,16 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
             continue;
         }
         if client.is_none() {
-            let (urls, opts) = match (cfg.urls(), cfg.options()) {
-                (Ok(u), Ok(o)) => (u, o),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!("lease keep-alive cannot dial etcd: {e}");
-                    return;
+            if let Err(e) = cfg.urls().and_then(|_| cfg.options()) {
+                tracing::error!("lease keep-alive cannot dial etcd: {e}");
+                return;
+            }
+            // One endpoint at a time, moving on past one that failed.
+            match cfg.connect_from("/flotilla/", next).await {
+                Ok((c, k)) => {
+                    client = Some(c);
+                    next = k + 1;
                 }
-            };
-            match Client::connect(&urls, Some(opts)).await {
-                Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::debug!("keep-alive: etcd unreachable: {e}");
                     continue;

@@ -18,6 +18,7 @@ pub mod head_node;
 pub mod health;
 pub mod identity;
 pub mod lease;
+pub mod members;
 pub mod paths;
 pub mod placement;
 pub mod resources;

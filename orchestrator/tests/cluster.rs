@@ -1126,3 +1126,164 @@ fn etcd_paused_45_s_keeps_every_actor() {
     let log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
     assert!(!log.contains("is dead:"), "{log}");
 }
+
+/// The etcd client URL a head's log names (the member it started).
+fn member_endpoint(c: &Cluster, head: &str) -> String {
+    let log = std::fs::read_to_string(c.root.0.join(format!("{head}.log"))).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("started etcd at ") || l.starts_with("joined the etcd of head"))
+        .unwrap_or_else(|| panic!("no etcd in {head}'s log: {log}"));
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+fn member_count(endpoint: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = orchestrator::store::EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..Default::default()
+    };
+    rt.block_on(orchestrator::members::list(&cfg))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_heads_with_etcd_members_survive_losing_one() {
+    let mut c = Cluster::bare("members", 31400);
+    let h1 = c.start_member_head("head1", "127.0.0.1", 31402, None);
+    c.start_member_head("head2", "127.0.0.2", 31412, Some("127.0.0.1:31402"));
+    let h3 = c.start_member_head("head3", "127.0.0.3", 31422, Some("127.0.0.1:31402"));
+    let ep2 = member_endpoint(&c, "head2");
+    assert_eq!(member_count(&ep2), 3);
+
+    // A clean stop of a head removes its member; it can join again, here
+    // through the second head.
+    unsafe { libc::kill(c.procs[h3].pid() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(20), "head3 stopped", || {
+        matches!(c.procs[h3].child.try_wait(), Ok(Some(_)))
+    });
+    assert_eq!(member_count(&ep2), 2);
+    c.start_member_head("head3-again", "127.0.0.3", 31422, Some("127.0.0.2:31412"));
+    assert_eq!(member_count(&ep2), 3);
+
+    c.start_node("n4", "127.0.0.4", 1);
+    wait_until(Duration::from_secs(20), "three head nodes and n4", || {
+        c.alive_nodes() == 4
+    });
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+    ]);
+    let a = wait_actor_state(&c, actor.trim(), "ALIVE", 15);
+    let pid = a["pid"].as_u64().unwrap();
+    assert_eq!(c.json(&["status"])["leader"], "127.0.0.1:31402");
+
+    // The first machine goes: its head, its etcd member, its node agent.
+    let ep1 = member_endpoint(&c, "head1");
+    let etcd1 = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with("etcd ") && cmd.contains(&ep1)).then_some(pid)
+        })
+        .expect("head1's etcd member");
+    let agent1 = head_node_agent_pid_of(&c, "127.0.0.1:31402").expect("head1's node agent");
+    let t = std::time::Instant::now();
+    c.procs[h1].kill9();
+    unsafe {
+        libc::kill(etcd1, libc::SIGKILL);
+        libc::kill(agent1, libc::SIGKILL);
+    }
+    // Placement keeps working through the other heads within 15 s.
+    wait_until(Duration::from_secs(15), "placement through head2", || {
+        c.cli_raw(&[
+            "placement-group",
+            "create",
+            "--bundles",
+            r#"[{"CPU":1}]"#,
+            "--timeout",
+            "2",
+            "--address",
+            "127.0.0.2:31412",
+        ])
+        .status
+        .success()
+    });
+    eprintln!(
+        "placement works again {:?} after losing the first machine",
+        t.elapsed()
+    );
+    let fresh = c.cli_raw(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"CPU":1}"#,
+        "--address",
+        "127.0.0.2:31412",
+    ]);
+    assert!(
+        fresh.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
+    let fresh_id = String::from_utf8_lossy(&fresh.stdout).trim().to_string();
+    wait_until(
+        Duration::from_secs(15),
+        "a new leader starts a new actor",
+        || {
+            let out = c.cli_raw(&[
+                "list",
+                "actors",
+                "--format",
+                "json",
+                "--address",
+                "127.0.0.2:31412",
+            ]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .is_some_and(|v| {
+                        v.iter()
+                            .any(|a| a["id"] == fresh_id.as_str() && a["state"] == "ALIVE")
+                    })
+        },
+    );
+    eprintln!(
+        "a new leader placed and started an actor {:?} after the loss",
+        t.elapsed()
+    );
+    assert!(
+        pid_alive(pid),
+        "the actor on n4 died with the first machine"
+    );
+}
+
+fn head_node_agent_pid_of(c: &Cluster, head: &str) -> Option<i32> {
+    std::fs::read_dir(c.cache().join("pids"))
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let role = std::fs::read_to_string(e.path()).ok()?;
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (role.contains(&format!("head {head} head-node ready")) && pid_alive(pid as u64))
+                .then_some(pid)
+        })
+}

@@ -331,6 +331,21 @@ impl Cluster {
         }
     }
 
+    /// A cluster without a test etcd: its heads run the etcd members.
+    pub fn bare(tag: &str, base_port: u16) -> Self {
+        Cluster {
+            procs: Vec::new(),
+            etcd: None,
+            etcd_client: base_port,
+            etcd_peer: base_port + 1,
+            root: TempDir::new(tag),
+            head_port: base_port + 2,
+            head_ip: "127.0.0.1".into(),
+            scheme: "http",
+            etcd_args: Vec::new(),
+        }
+    }
+
     /// A cluster whose etcd requires TLS with client certificates; heads
     /// and agents get the client certificate flags.
     pub fn new_tls(tag: &str, base_port: u16) -> (Self, Pki) {
@@ -436,6 +451,40 @@ impl Cluster {
         let i = self.spawn(name, &args);
         wait_port_on(&self.head_ip.clone(), port, Duration::from_secs(30));
         self.wait_file(&self.cache().join("cluster_token"));
+        i
+    }
+
+    /// A head at `ip:port` that runs an etcd member: a new etcd cluster, or
+    /// (with `join`, a head's address) a member added to that head's.
+    pub fn start_member_head(
+        &mut self,
+        name: &str,
+        ip: &str,
+        port: u16,
+        join: Option<&str>,
+    ) -> usize {
+        let port_s = port.to_string();
+        let mut args = vec![
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            &port_s,
+            "--node-ip-address",
+            ip,
+            "--num-gpus",
+            "0",
+            "--num-cpus",
+            "4",
+        ];
+        if let Some(j) = join {
+            args.extend(["--address", j]);
+        }
+        let i = self.spawn(name, &args);
+        let log = self.root.0.join(format!("{name}.log"));
+        wait_until(Duration::from_secs(40), "the head and its node up", || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("head listening on"))
+        });
         i
     }
 
