@@ -434,6 +434,7 @@ async fn run_head(
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut a = a;
+    let slot = format!("{}:{}", spec.ip, a.port);
     // Started from this (the main) thread on purpose: etcd's parent-death
     // signal follows the spawning thread, and this one lives as long as the
     // head process (the main future is polled on the main thread).
@@ -453,7 +454,7 @@ async fn run_head(
         }
         a.token = Some(token);
         let existing = etcd_config(&a, hello.etcd_endpoints.clone());
-        let e = crate::members::join(root, &spec.ip, &existing).await?;
+        let e = crate::members::join(root, &spec.ip, &slot, &existing).await?;
         eprintln!(
             "joined the etcd of head {first} as member {} at {}",
             e.name, e.endpoint
@@ -467,8 +468,14 @@ async fn run_head(
         );
         (Some(e), eps)
     } else {
-        let e = OwnedEtcd::start(root, &spec.ip, crate::etcd_proc::Membership::New)?;
-        eprintln!("started etcd at {}", e.endpoint);
+        // After a crash, the same member on the same data and ports: agents
+        // still dial it, and the cluster's state is all there.
+        let (m, what) = match crate::etcd_proc::saved(root, &slot) {
+            Some(s) => (crate::etcd_proc::Membership::Resume(s), "resumed"),
+            None => (crate::etcd_proc::Membership::New, "started"),
+        };
+        let e = OwnedEtcd::start(root, &spec.ip, &slot, m)?;
+        eprintln!("{what} etcd at {}", e.endpoint);
         let ep = e.endpoint.clone();
         (Some(e), vec![ep])
     };
@@ -610,7 +617,9 @@ async fn run_head(
             Err(_) => eprintln!("could not remove etcd member {}: timed out", e.name),
         }
     }
-    drop(owned);
+    if let Some(e) = owned {
+        e.stop_and_forget();
+    }
     result
 }
 

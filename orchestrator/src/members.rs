@@ -80,8 +80,19 @@ pub async fn list(cfg: &EtcdConfig) -> Result<Vec<MemberInfo>> {
     Ok(r.members().iter().map(MemberInfo::from).collect())
 }
 
-/// Adds a member on `ip` to the cluster behind `existing` and starts it.
-pub async fn join(root: &CacheRoot, ip: &str, existing: &EtcdConfig) -> Result<OwnedEtcd> {
+/// Adds a member on `ip` to the cluster behind `existing` and starts it;
+/// or, when this head (`slot`) crashed as a member, starts that member
+/// again on its data (it is still in the cluster).
+pub async fn join(
+    root: &CacheRoot,
+    ip: &str,
+    slot: &str,
+    existing: &EtcdConfig,
+) -> Result<OwnedEtcd> {
+    if let Some(s) = crate::etcd_proc::saved(root, slot) {
+        tracing::info!("resuming etcd member {} on its data", s.name);
+        return OwnedEtcd::start(root, ip, slot, Membership::Resume(s));
+    }
     let mut c = client(existing).await?;
     let client_port = free_port(ip)?;
     let peer = free_port(ip)?;
@@ -110,6 +121,7 @@ pub async fn join(root: &CacheRoot, ip: &str, existing: &EtcdConfig) -> Result<O
         OwnedEtcd::start(
             root,
             ip,
+            slot,
             Membership::Join {
                 name: name.clone(),
                 client: client_port,

@@ -1287,3 +1287,69 @@ fn head_node_agent_pid_of(c: &Cluster, head: &str) -> Option<i32> {
                 .then_some(pid)
         })
 }
+
+#[test]
+fn head_owning_its_etcd_crashes_and_resumes_on_the_same_data() {
+    // No external etcd: the head's own, which dies with it (kill -9).
+    let mut c = Cluster::bare("resume", 31300);
+    let h = c.start_member_head("head", "127.0.0.1", 31302, None);
+    c.start_node("n2", "127.0.0.2", 1);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+    let id = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--max-restarts",
+        "-1",
+    ]);
+    wait_actor_state(&c, id.trim(), "ALIVE", 15);
+    let actors = actor_facts(&c);
+    let before = status_facts(&c).unwrap();
+    let pids = live_pids(&c);
+
+    c.procs[h].kill9();
+    // Past the node TTL with the store down: nothing is lost meanwhile.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        pids.iter().all(|p| pid_alive(*p)),
+        "an actor died with the head"
+    );
+    c.start_member_head("head-again", "127.0.0.1", 31302, None);
+    let log = std::fs::read_to_string(c.root.0.join("head-again.log")).unwrap();
+    assert!(log.contains("resumed etcd at"), "{log}");
+    assert!(log.contains("adopting it"), "{log}");
+    converges(
+        &c,
+        &before,
+        &actors,
+        "after the head and its etcd restarted",
+    );
+    let fresh = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--resources",
+        r#"{"CPU":1}"#,
+    ]);
+    wait_actor_state(&c, fresh.trim(), "ALIVE", 15);
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+
+    // A clean stop forgets the store: the next head starts a new cluster.
+    let out = c.cli_raw(&["stop"]);
+    assert!(out.status.success());
+    assert!(!c
+        .cache()
+        .join("etcd-members")
+        .join("127.0.0.1_31302")
+        .exists());
+}
