@@ -9,14 +9,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 
 use proto::orchestrator::node_agent_server::{NodeAgent, NodeAgentServer};
 use proto::orchestrator::{LogsReply, NameOrId};
 
+use crate::adopt;
 use crate::auth::Checker;
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
+use crate::identity;
 use crate::lease::{spawn_keeper, LeaseState};
 use crate::paths::CacheRoot;
 use crate::resources::Resources;
@@ -44,19 +47,14 @@ pub struct AgentConfig {
     pub token: String,
 }
 
-struct Running {
-    child: Child,
-    incarnation: u64,
-    kill_at: Option<Instant>,
-}
-
-/// The agent on its own thread and runtime; actors are spawned from that
-/// thread, whose life bounds theirs (PR_SET_PDEATHSIG).
+/// The agent on its own thread and runtime. Actors are not tied to it:
+/// they run in sessions of their own with no parent-death signal, so a
+/// crashed agent leaves them running and its successor adopts them.
 pub fn spawn(
     cfg: AgentConfig,
     cancel: CancellationToken,
     ready: std::sync::mpsc::Sender<Result<String>>,
-) -> std::thread::JoinHandle<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("node-agent".into())
         .spawn(move || {
@@ -77,7 +75,7 @@ pub fn spawn(
                 }
             });
         })
-        .expect("spawn node agent thread")
+        .map_err(|e| Error::Other(format!("cannot start the node agent thread: {e}")))
 }
 
 async fn run(
@@ -120,10 +118,11 @@ async fn run(
         lease.clone(),
         cfg.ttl_s,
         keeper_cancel.clone(),
-    );
+    )?;
 
-    let mut node_id = register(&store, &cfg, &agent_address, &lease).await?;
-    let _ = ready.send(Ok(node_id.clone()));
+    // The same machine keeps its node id across agent restarts.
+    let node_id = identity::load(&cfg.root, &cfg.cluster, &cfg.node.ip, adopt::running)
+        .unwrap_or_else(|| crate::state::new_id("node_"));
     let mut sup = Supervisor {
         store: store.clone(),
         root: cfg.root.clone(),
@@ -131,53 +130,102 @@ async fn run(
         children: HashMap::new(),
         exits: HashMap::new(),
         last_error: None,
+        pending: Vec::new(),
     };
+    // Actor processes a previous run left: the first pass keeps those etcd
+    // still assigns here and stops the rest, before anything starts.
+    for f in adopt::scan(&node_id) {
+        tracing::info!(
+            "found actor {} (pid {}, incarnation {}) left by a previous agent of node {node_id}",
+            f.actor_id,
+            f.pid,
+            f.incarnation
+        );
+        sup.children.insert(
+            f.actor_id,
+            Running {
+                proc: Proc::Adopted(f.pid),
+                incarnation: f.incarnation,
+                kill_at: None,
+                adopted: true,
+            },
+        );
+    }
+    let snap = store.snapshot().await?;
+    sup.fence(&snap, &node_id);
+    register(&store, &cfg, &agent_address, &lease, &node_id, &snap).await?;
+    identity::save(&cfg.root, &cfg.cluster, &cfg.node.ip, &node_id)?;
+    let _ = ready.send(Ok(node_id.clone()));
     let mut ticker = tokio::time::interval(Duration::from_millis(150));
-    loop {
+    let mut last_register_error: Option<Instant> = None;
+    let result = loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => break Ok(()),
             _ = ticker.tick() => {}
         }
-        if lease.lost.load(Ordering::SeqCst) {
-            // Our node was declared dead and its actors moved: this agent's
-            // processes must not run twice. Start over as a new node.
-            tracing::warn!(
-                "node {node_id} lost its lease; stopping its actors and registering again"
-            );
-            sup.kill_all(Duration::from_secs(2));
-            loop {
-                match register(&store, &cfg, &agent_address, &lease).await {
-                    Ok(id) => {
-                        node_id = id;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!("re-register failed: {e}");
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
+        if lease.keeper_stopped.load(Ordering::SeqCst) {
+            // Nobody renews our lease any more: leave the actors running
+            // for the next agent to adopt, as a crash would.
+            break Err(Error::KeeperStopped(format!(
+                "node {node_id} cannot keep its lease; actors are left running"
+            )));
+        }
+        let Seen::Unregistered(snap) = sup.tick(&node_id).await else {
+            continue;
+        };
+        // etcd answers but our lease is gone: it lapsed while etcd was away
+        // (actors kept) or this node was declared dead while silent (its
+        // actors moved; `tick` has just stopped our superseded copies).
+        // Either way: the same node registers again with a new lease.
+        let was_dead = snap
+            .nodes
+            .get(&node_id)
+            .is_some_and(|n| n.state == NodeState::Dead);
+        match register(&store, &cfg, &agent_address, &lease, &node_id, &snap).await {
+            Ok(()) => {
+                last_register_error = None;
+                let msg = if was_dead {
+                    format!(
+                        "node {node_id} ({}) was declared dead while away; it stopped its superseded actors and registered again",
+                        cfg.node.ip
+                    )
+                } else {
+                    format!(
+                        "node {node_id} ({}) lost its lease (etcd was away?); it kept its {} actor(s) and registered again",
+                        cfg.node.ip,
+                        sup.children.len()
+                    )
+                };
+                tracing::warn!("{msg}");
+                store
+                    .record_events(&[Event::new(now(), EventKind::NodeRecovered, &node_id, msg)])
+                    .await;
+            }
+            Err(e) => {
+                if last_register_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!("node {node_id}: registering again failed: {e}");
+                    last_register_error = Some(Instant::now());
                 }
             }
-            if cancel.is_cancelled() {
-                break;
-            }
         }
-        if !sup.tick(&node_id).await {
-            lease.lost.store(true, Ordering::SeqCst);
-        }
+    };
+    if result.is_err() {
+        keeper_cancel.cancel();
+        let _ = tokio::task::spawn_blocking(move || keeper.join()).await;
+        return result;
     }
-    sup.kill_all(Duration::from_secs(3));
-    // A clean stop shows up at once instead of after the lease TTL.
+    sup.kill_all(Duration::from_secs(3)).await;
+    // A clean stop shows up at once instead of after the lease TTL, and
+    // the next start on this machine is a new node.
     let _ = mark_stopped(&store, &node_id).await;
+    identity::forget(&cfg.root, &cfg.cluster, &cfg.node.ip);
     let id = lease.id.load(Ordering::SeqCst);
     keeper_cancel.cancel();
     if id != 0 {
         let mut c = store.client();
         let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
     }
-    let _ = keeper.join();
+    let _ = tokio::task::spawn_blocking(move || keeper.join()).await;
     Ok(())
 }
 
@@ -194,17 +242,27 @@ fn tokio_stream_listener(
     })
 }
 
+/// Registers `id` with a new lease: the node record (Alive) and its
+/// lease-bound liveness key, in one transaction guarded on the node record
+/// as `snap` saw it, so a decision the leader took meanwhile (declaring the
+/// node dead, moving its actors) is read and obeyed before we come back.
 async fn register(
     store: &Store,
     cfg: &AgentConfig,
     agent_address: &str,
     lease: &LeaseState,
-) -> Result<String> {
+    id: &str,
+    snap: &Snapshot,
+) -> Result<()> {
     let mut c = store.client();
     let grant = c.lease_grant(cfg.ttl_s as i64, None).await?;
-    let id = crate::state::new_id("node_");
+    let started_at = snap
+        .nodes
+        .get(id)
+        .filter(|n| n.state == NodeState::Alive)
+        .map_or_else(now, |n| n.started_at);
     let rec = NodeRecord {
-        id: id.clone(),
+        id: id.to_string(),
         ip: cfg.node.ip.clone(),
         agent_address: agent_address.to_string(),
         is_head: cfg.node.is_head,
@@ -213,20 +271,37 @@ async fn register(
         gpu_model: cfg.node.gpu_model.clone(),
         gpu_memory_bytes: cfg.node.gpu_memory_bytes,
         state: NodeState::Alive,
-        started_at: now(),
+        started_at,
         died_at: None,
         death_reason: None,
     };
-    let value = serde_json::to_string(&rec).expect("records serialize");
-    c.txn(Txn::new().and_then([
-        TxnOp::put(store.node_key(&id), value, None),
-        TxnOp::put(
-            store.live_key(&id),
-            "",
-            Some(PutOptions::new().with_lease(grant.id())),
-        ),
-    ]))
-    .await?;
+    let g = Store::guarded(store.node_key(id), snap, &rec);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            g.key.as_str(),
+            CompareOp::Equal,
+            g.expect_rev,
+        )])
+        .and_then([
+            TxnOp::put(g.key.as_str(), g.value.as_str(), None),
+            TxnOp::put(
+                store.live_key(id),
+                "",
+                Some(PutOptions::new().with_lease(grant.id())),
+            ),
+        ]);
+    let ok = match c.txn(txn).await {
+        Ok(r) => r.succeeded(),
+        Err(e) => {
+            let _ = c.lease_revoke(grant.id()).await;
+            return Err(e.into());
+        }
+    };
+    if !ok {
+        // The leader changed the node meanwhile: read again, obey, retry.
+        let _ = c.lease_revoke(grant.id()).await;
+        return Err(Error::Contention { attempts: 1 });
+    }
     lease.id.store(grant.id(), Ordering::SeqCst);
     lease.lost.store(false, Ordering::SeqCst);
     tracing::info!(
@@ -234,7 +309,7 @@ async fn register(
         cfg.node.ip,
         cfg.node.total.shape()
     );
-    Ok(id)
+    Ok(())
 }
 
 async fn mark_stopped(store: &Store, node_id: &str) -> Result<()> {
@@ -250,19 +325,143 @@ async fn mark_stopped(store: &Store, node_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A process this agent runs: its own child, or one a previous agent of
+/// this node started (adopted: it can be signalled, not waited for).
+enum Proc {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(p) => *p,
+        }
+    }
+
+    /// Some(exit code, if known) once it has ended.
+    fn try_exit(&mut self) -> Option<Option<i32>> {
+        match self {
+            Proc::Child(c) => match c.try_wait() {
+                Ok(Some(st)) => Some(Some(exit_code(st))),
+                _ => None,
+            },
+            Proc::Adopted(p) => (!adopt::running(*p)).then_some(None),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // Actors lead their own session and process group, so this reaches
+        // their children too.
+        // SAFETY: a plain signal to a process group this node started.
+        unsafe {
+            libc::kill(-(self.pid() as i32), sig);
+        }
+    }
+}
+
+struct Running {
+    proc: Proc,
+    incarnation: u64,
+    kill_at: Option<Instant>,
+    /// Found at start-up; logged once when etcd confirms it is ours.
+    adopted: bool,
+}
+
+/// What one pass saw.
+enum Seen {
+    /// etcd did not answer: nothing changes (outage is not failure).
+    NoEtcd,
+    Registered,
+    /// etcd answers but this node has no live lease.
+    Unregistered(Box<Snapshot>),
+}
+
 struct Supervisor {
     store: Store,
     root: CacheRoot,
     ip: String,
     children: HashMap<String, Running>,
     /// Exits not yet recorded in etcd: actor id -> (incarnation, code).
-    exits: HashMap<String, (u64, i32)>,
+    exits: HashMap<String, (u64, Option<i32>)>,
     last_error: Option<Instant>,
+    /// Events to record on the next pass etcd answers.
+    pending: Vec<Event>,
 }
 
 impl Supervisor {
-    /// One pass; false when this node is no longer registered.
-    async fn tick(&mut self, node_id: &str) -> bool {
+    /// Stops every process etcd no longer assigns to this node at its
+    /// incarnation: the actor moved (this node was declared dead meanwhile),
+    /// was killed, or a newer incarnation replaced it. Runs on every pass
+    /// etcd answers, registered or not, so a returning node stops its
+    /// superseded copies before it registers again.
+    fn fence(&mut self, snap: &Snapshot, node_id: &str) {
+        for (id, r) in self.children.iter_mut() {
+            let rec = snap.actors.get(id);
+            let keep = rec.is_some_and(|a| {
+                a.state != ActorState::Dead
+                    && a.node_id.as_deref() == Some(node_id)
+                    && a.incarnation == r.incarnation
+            });
+            if keep {
+                if r.adopted {
+                    r.adopted = false;
+                    let msg = format!(
+                        "adopted actor {id} (pid {}, incarnation {}) left running by a previous agent of node {node_id}",
+                        r.proc.pid(),
+                        r.incarnation
+                    );
+                    tracing::info!("{msg}");
+                    self.pending
+                        .push(Event::new(now(), EventKind::ActorAdopted, id, msg));
+                }
+                continue;
+            }
+            if r.kill_at.is_none() {
+                let why = match rec {
+                    None => "it is no longer recorded".to_string(),
+                    Some(a) if a.state == ActorState::Dead => "it was killed".to_string(),
+                    Some(a) if a.node_id.as_deref() != Some(node_id) => format!(
+                        "it now belongs to node {} at incarnation {}",
+                        a.node_id.as_deref().unwrap_or("(none yet)"),
+                        a.incarnation
+                    ),
+                    Some(a) => format!("incarnation {} superseded it", a.incarnation),
+                };
+                let msg = format!(
+                    "stopping actor {id} (pid {}, incarnation {}) on node {node_id}: {why}",
+                    r.proc.pid(),
+                    r.incarnation
+                );
+                tracing::warn!("{msg}");
+                self.pending
+                    .push(Event::new(now(), EventKind::ActorFenced, id, msg));
+                r.proc.signal(libc::SIGTERM);
+                r.kill_at = Some(Instant::now() + Duration::from_secs(3));
+            }
+        }
+    }
+
+    /// Escalates overdue stops and collects exits.
+    fn poll(&mut self) {
+        let mut ended = Vec::new();
+        for (id, r) in self.children.iter_mut() {
+            if r.kill_at.is_some_and(|t| Instant::now() > t) {
+                r.proc.signal(libc::SIGKILL);
+            }
+            if let Some(code) = r.proc.try_exit() {
+                ended.push((id.clone(), r.incarnation, code));
+            }
+        }
+        for (id, inc, code) in ended {
+            self.children.remove(&id);
+            self.exits.insert(id, (inc, code));
+        }
+    }
+
+    /// One pass against a fresh snapshot.
+    async fn tick(&mut self, node_id: &str) -> Seen {
         let snap = match self.store.snapshot().await {
             Ok(s) => s,
             Err(e) => {
@@ -271,55 +470,46 @@ impl Supervisor {
                     .last_error
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
                 {
-                    tracing::warn!("node agent cannot read etcd: {e}");
+                    tracing::warn!("node agent cannot read etcd (actors keep running): {e}");
                     self.last_error = Some(Instant::now());
                 }
-                self.reap_only();
-                return true;
+                self.poll();
+                return Seen::NoEtcd;
             }
         };
         self.last_error = None;
-        let gone = !snap.live.contains(node_id)
-            || snap
+        self.fence(&snap, node_id);
+        if !self.pending.is_empty() {
+            let evs = std::mem::take(&mut self.pending);
+            self.store.record_events(&evs).await;
+        }
+        let registered = snap.live.contains(node_id)
+            && snap
                 .nodes
                 .get(node_id)
-                .is_none_or(|n| n.state == NodeState::Dead);
-        if gone {
-            // etcd answers but our node is gone: the lease expired while this
-            // process could not renew it (frozen, partitioned).
-            return false;
+                .is_some_and(|n| n.state == NodeState::Alive);
+        if !registered {
+            // Start nothing and record nothing until registered again.
+            self.poll();
+            return Seen::Unregistered(Box::new(snap));
         }
-        let mine: Vec<&ActorRecord> = snap
+        let wanted: Vec<&ActorRecord> = snap
             .actors
             .values()
-            .filter(|a| a.node_id.as_deref() == Some(node_id))
+            .filter(|a| a.node_id.as_deref() == Some(node_id) && a.state != ActorState::Dead)
             .collect();
-        // Processes that are no longer wanted here.
-        let wanted: HashMap<&str, &ActorRecord> = mine
-            .iter()
-            .filter(|a| a.state != ActorState::Dead)
-            .map(|a| (a.id.as_str(), *a))
-            .collect();
-        for (id, r) in self.children.iter_mut() {
-            let keep = wanted
-                .get(id.as_str())
-                .is_some_and(|a| a.incarnation == r.incarnation);
-            if !keep && r.kill_at.is_none() {
-                signal_group(&r.child, libc::SIGTERM);
-                r.kill_at = Some(Instant::now() + Duration::from_secs(3));
-            }
-        }
-        for a in wanted.values() {
+        for a in wanted {
             let running = self
                 .children
                 .get(&a.id)
                 .is_some_and(|r| r.incarnation == a.incarnation);
             if let Some(&(inc, code)) = self.exits.get(&a.id) {
                 if inc == a.incarnation {
-                    if self
-                        .report_exit(&snap, a, Some(code), format!("exited with code {code}"))
-                        .await
-                    {
+                    let why = match code {
+                        Some(c) => format!("exited with code {c}"),
+                        None => "its process is gone".to_string(),
+                    };
+                    if self.report_exit(&snap, a, code, why).await {
                         self.exits.remove(&a.id);
                     }
                     continue;
@@ -332,42 +522,31 @@ impl Supervisor {
                 self.start(&snap, a, node_id).await;
             } else if running && a.started_incarnation < a.incarnation {
                 // The ALIVE write lost a race earlier; say it again.
-                let pid = self.children[&a.id].child.id();
+                let pid = self.children[&a.id].proc.pid();
                 self.report_alive(&snap, a, pid).await;
             } else if !running
                 && a.started_incarnation == a.incarnation
                 && a.state == ActorState::Alive
                 && !self.children.contains_key(&a.id)
             {
-                // Recorded alive here but not ours to watch: it is gone.
+                // Recorded alive here but no process of ours runs it: gone.
                 self.report_exit(&snap, a, None, "its process is gone".into())
                     .await;
             }
         }
         // Exits: recorded on the next pass, against a fresh snapshot.
-        for (id, r) in self.children.iter_mut() {
-            if let Some(t) = r.kill_at {
-                if Instant::now() > t {
-                    signal_group(&r.child, libc::SIGKILL);
-                }
-            }
-            if let Ok(Some(st)) = r.child.try_wait() {
-                self.exits
-                    .insert(id.clone(), (r.incarnation, exit_code(st)));
-            }
-        }
+        self.poll();
         for (id, (inc, code)) in self.exits.clone() {
-            if self.children.get(&id).is_some_and(|r| r.incarnation == inc) {
-                self.children.remove(&id);
-            }
             match snap.actors.get(&id) {
                 Some(a)
                     if a.incarnation == inc
                         && a.state != ActorState::Dead
                         && a.node_id.as_deref() == Some(node_id) => {}
-                Some(a) if a.state == ActorState::Dead && a.exit_code.is_none() => {
+                Some(a)
+                    if a.state == ActorState::Dead && a.exit_code.is_none() && code.is_some() =>
+                {
                     let mut d = a.clone();
-                    d.exit_code = Some(code);
+                    d.exit_code = code;
                     d.pid = None;
                     let g = Store::guarded(self.store.actor_key(&id), &snap, &d);
                     if self.store.commit(None, &[g]).await.unwrap_or(false) {
@@ -379,12 +558,7 @@ impl Supervisor {
                 }
             }
         }
-        true
-    }
-
-    fn reap_only(&mut self) {
-        self.children
-            .retain(|_, r| !matches!(r.child.try_wait(), Ok(Some(_))));
+        Seen::Registered
     }
 
     async fn start(&mut self, snap: &Snapshot, a: &ActorRecord, node_id: &str) {
@@ -400,9 +574,10 @@ impl Supervisor {
                 self.children.insert(
                     a.id.clone(),
                     Running {
-                        child,
+                        proc: Proc::Child(child),
                         incarnation: a.incarnation,
                         kill_at: None,
+                        adopted: false,
                     },
                 );
                 let mut r = a.clone();
@@ -463,18 +638,22 @@ impl Supervisor {
             .unwrap_or(false)
     }
 
-    fn kill_all(&mut self, grace: Duration) {
+    /// Stops every actor (a clean stop of the node): SIGTERM, then SIGKILL
+    /// after `grace`.
+    async fn kill_all(&mut self, grace: Duration) {
         for r in self.children.values() {
-            signal_group(&r.child, libc::SIGTERM);
+            r.proc.signal(libc::SIGTERM);
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !self.children.is_empty() {
-            self.reap_only();
-            std::thread::sleep(Duration::from_millis(20));
+            self.poll();
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for r in self.children.values_mut() {
-            signal_group(&r.child, libc::SIGKILL);
-            let _ = r.child.wait();
+            r.proc.signal(libc::SIGKILL);
+            if let Proc::Child(c) = &mut r.proc {
+                let _ = c.wait();
+            }
         }
         self.children.clear();
     }
@@ -483,13 +662,6 @@ impl Supervisor {
 fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
-}
-
-fn signal_group(child: &Child, sig: i32) {
-    // Actors lead their own process group, so this reaches their children too.
-    unsafe {
-        libc::kill(-(child.id() as i32), sig);
-    }
 }
 
 fn spawn_process(
@@ -508,6 +680,7 @@ fn spawn_process(
     cmd.args(&a.spec.args)
         .envs(&a.spec.env)
         .env("FLOTILLA_ACTOR_ID", &a.id)
+        .env("FLOTILLA_ACTOR_INCARNATION", a.incarnation.to_string())
         .env("FLOTILLA_NODE_ID", node_id)
         .env("FLOTILLA_NODE_IP", ip)
         .stdin(Stdio::null())
@@ -517,11 +690,14 @@ fn spawn_process(
         let ids: Vec<String> = a.gpus.iter().map(|g| g.id.to_string()).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
     }
+    // A session of its own (hence its own process group) and deliberately
+    // no parent-death signal: an actor outlives a crash of its agent, as
+    // containers outlive kubelet, and the restarted agent adopts it
+    // (adopt.rs). A clean stop, fencing and `actor kill` still stop it.
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setpgid(0, 0);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::setsid();
             Ok(())
         });
     }

@@ -117,6 +117,8 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
         address: String::new(),
         token: String::new(),
         ttl_s: 3,
+        health: Default::default(),
+        etcd_members: false,
     };
     let mut sim_ms = Vec::new();
     for strategy in ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] {

@@ -72,6 +72,32 @@ async fn dial(addr: &str, token: &str) -> Result<Client> {
     ))
 }
 
+/// Connects to `addr` and no other head, retrying until `patience` ends:
+/// for the head's own node agent, which must belong to its head (a head
+/// whose fresh etcd member is still catching up answers a moment later).
+pub async fn connect_only(addr: &str, token: &str, patience: Duration) -> Result<Client> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let err = match dial(addr, token).await {
+            Ok(mut c) => match c.hello(HelloRequest {}).await {
+                Ok(_) => return Ok(c),
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    return Err(Error::Unauthenticated(e.message().to_string()));
+                }
+                Err(e) => Error::Connect {
+                    address: addr.to_string(),
+                    reason: e.message().to_string(),
+                },
+            },
+            Err(e) => e,
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Connects to the first head that answers, preferring the given address.
 pub async fn connect(
     explicit: Option<&str>,

@@ -308,10 +308,16 @@ fn node_spec(a: &StartArgs, ip: &str) -> Result<NodeSpec> {
 }
 
 async fn start(a: StartArgs, root: &CacheRoot) -> Result<()> {
-    if a.head == a.address.is_some() {
+    if !a.head && a.address.is_none() {
         return Err(Error::invalid(
             "start",
-            "pass exactly one of --head or --address HEAD_IP:PORT",
+            "pass --head (a head; with --address FIRST_HEAD:PORT, one that joins the first head's etcd) or --address HEAD_IP:PORT (a node)",
+        ));
+    }
+    if a.head && a.address.is_some() && !a.etcd_endpoints.is_empty() {
+        return Err(Error::invalid(
+            "start",
+            "--head --address runs a member of the first head's etcd; with an external etcd (--etcd-endpoints) start further heads without --address",
         ));
     }
     if a.node_ttl_s < 2 {
@@ -427,16 +433,51 @@ async fn run_head(
     root: &CacheRoot,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let (owned, endpoints) = if a.etcd_endpoints.is_empty() {
-        // Started from this (the main) thread on purpose: etcd's parent-death
-        // signal follows the spawning thread, and this one lives as long as
-        // the head process.
-        let e = OwnedEtcd::start(root, &spec.ip)?;
-        eprintln!("started etcd at {}", e.endpoint);
+    let mut a = a;
+    let slot = format!("{}:{}", spec.ip, a.port);
+    // Started from this (the main) thread on purpose: etcd's parent-death
+    // signal follows the spawning thread, and this one lives as long as the
+    // head process (the main future is polled on the main thread).
+    let (owned, endpoints) = if !a.etcd_endpoints.is_empty() {
+        (None, a.etcd_endpoints.clone())
+    } else if let Some(first) = a.address.clone() {
+        // A further head: it joins the first head's cluster and its etcd.
+        let token = auth::client_token(a.token.as_deref(), root)?;
+        let (mut c, _) = client::connect(Some(&first), root, &token).await?;
+        let hello = c
+            .hello(proto::orchestrator::HelloRequest {})
+            .await?
+            .into_inner();
+        a.cluster_name = hello.cluster_prefix.clone();
+        if hello.node_ttl_s >= 2 {
+            a.node_ttl_s = hello.node_ttl_s as u64;
+        }
+        a.token = Some(token);
+        let existing = etcd_config(&a, hello.etcd_endpoints.clone());
+        let e = crate::members::join(root, &spec.ip, &slot, &existing).await?;
+        eprintln!(
+            "joined the etcd of head {first} as member {} at {}",
+            e.name, e.endpoint
+        );
+        let mut eps = vec![e.endpoint.clone()];
+        eps.extend(
+            hello
+                .etcd_endpoints
+                .into_iter()
+                .filter(|x| *x != e.endpoint),
+        );
+        (Some(e), eps)
+    } else {
+        // After a crash, the same member on the same data and ports: agents
+        // still dial it, and the cluster's state is all there.
+        let (m, what) = match crate::etcd_proc::saved(root, &slot) {
+            Some(s) => (crate::etcd_proc::Membership::Resume(s), "resumed"),
+            None => (crate::etcd_proc::Membership::New, "started"),
+        };
+        let e = OwnedEtcd::start(root, &spec.ip, &slot, m)?;
+        eprintln!("{what} etcd at {}", e.endpoint);
         let ep = e.endpoint.clone();
         (Some(e), vec![ep])
-    } else {
-        (None, a.etcd_endpoints.clone())
     };
     let etcd = etcd_config(&a, endpoints.clone());
     let store = Store::connect(&etcd, &a.cluster_name).await?;
@@ -445,6 +486,7 @@ async fn run_head(
     let listener = tokio::net::TcpListener::bind((spec.ip.as_str(), a.port))
         .await
         .map_err(|e| Error::io(format!("head port {address}"), e))?;
+    let health = head::SharedHealth::default();
     let svc = HeadService {
         store: store.clone(),
         etcd_endpoints: endpoints,
@@ -452,6 +494,8 @@ async fn run_head(
         address: address.clone(),
         token: token.clone(),
         ttl_s: a.node_ttl_s,
+        health: health.clone(),
+        etcd_members: owned.is_some(),
     };
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
@@ -475,6 +519,7 @@ async fn run_head(
         address.clone(),
         a.node_ttl_s,
         leading.clone(),
+        health,
         cancel.clone(),
     ));
     // The head file names the first live head on this machine.
@@ -530,10 +575,12 @@ async fn run_head(
                 agent.pid,
                 root.token_file().display()
             );
-            cancel.cancelled().await;
+            let agent = watch_head_node(agent, &a, &spec.ip, &address, root, &token, &cancel).await;
             // A graceful stop takes the head's node along; only a crash
             // leaves it running.
-            let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+            if let Some(agent) = agent {
+                let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+            }
             drop(pid);
             Ok(())
         }
@@ -555,8 +602,72 @@ async fn run_head(
     if read_trimmed(&root.head_address_file()).as_deref() == Some(address.as_str()) {
         let _ = std::fs::remove_file(root.head_address_file());
     }
-    drop(owned);
+    if let Some(e) = &owned {
+        // A clean stop leaves the etcd cluster, so the others' quorum no
+        // longer counts this member (a crash keeps it: it may come back).
+        let left = tokio::time::timeout(
+            Duration::from_secs(12),
+            crate::members::leave(&etcd, &e.peer_url),
+        )
+        .await;
+        match left {
+            Ok(Ok(true)) => eprintln!("removed etcd member {}", e.name),
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => eprintln!("could not remove etcd member {}: {err}", e.name),
+            Err(_) => eprintln!("could not remove etcd member {}: timed out", e.name),
+        }
+    }
+    if let Some(e) = owned {
+        e.stop_and_forget();
+    }
     result
+}
+
+/// Until `cancel`: starts the head's node agent again whenever it dies (a
+/// crash or kill -9; it takes its node id and actors back, see
+/// identity.rs and adopt.rs). Returns the agent running at the end.
+async fn watch_head_node(
+    mut agent: head_node::HeadNodeAgent,
+    a: &StartArgs,
+    ip: &str,
+    address: &str,
+    root: &CacheRoot,
+    token: &str,
+    cancel: &CancellationToken,
+) -> Option<head_node::HeadNodeAgent> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Some(agent),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        if agent.is_alive() {
+            continue;
+        }
+        tracing::warn!(
+            "the head's node agent (pid {}, node {}) died; starting it again",
+            agent.pid,
+            agent.node_id
+        );
+        let args = head_node::agent_args(a, ip, address);
+        let (r, h, t, e) = (
+            root.clone(),
+            address.to_string(),
+            token.to_string(),
+            a.etcd.clone(),
+        );
+        match tokio::task::spawn_blocking(move || head_node::spawn(&r, &h, &args, &t, &e)).await {
+            Ok(Ok(new)) => {
+                tracing::info!(
+                    "the head's node agent runs again (pid {}, node {})",
+                    new.pid,
+                    new.node_id
+                );
+                agent = new;
+            }
+            Ok(Err(e)) => tracing::warn!("restarting the head's node agent failed: {e}"),
+            Err(e) => tracing::warn!("restarting the head's node agent failed: {e}"),
+        }
+    }
 }
 
 fn start_agent(
@@ -576,7 +687,7 @@ fn start_agent(
         root: root.clone(),
         token: token.to_string(),
     };
-    let handle = agent::spawn(cfg, cancel, tx);
+    let handle = agent::spawn(cfg, cancel, tx)?;
     let id = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| Error::Timeout {
@@ -597,7 +708,13 @@ async fn run_node(
     cancel: CancellationToken,
 ) -> Result<()> {
     let token = auth::client_token(a.token.as_deref(), root)?;
-    let (mut c, addr) = client::connect(a.address.as_deref(), root, &token).await?;
+    let (mut c, addr) = match (a.head_node, a.address.as_deref()) {
+        (true, Some(head)) => (
+            client::connect_only(head, &token, Duration::from_secs(20)).await?,
+            head.to_string(),
+        ),
+        _ => client::connect(a.address.as_deref(), root, &token).await?,
+    };
     let hello = c
         .hello(proto::orchestrator::HelloRequest {})
         .await?

@@ -38,6 +38,19 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("etcd unreachable since {since} ({seconds:.1} s): {reason}")]
+    EtcdUnreachable {
+        since: String,
+        seconds: f64,
+        reason: String,
+    },
+
+    #[error("etcd membership: {0}")]
+    EtcdMembership(String),
+
+    #[error("the lease keep-alive thread stopped: {0}")]
+    KeeperStopped(String),
+
     #[error("etcd transaction kept conflicting after {attempts} attempts")]
     Contention { attempts: u32 },
 
@@ -90,9 +103,10 @@ impl From<Error> for tonic::Status {
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(msg),
             Error::NotImplemented(_) => tonic::Status::unimplemented(msg),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
-            Error::Etcd(_) | Error::EtcdConnect { .. } | Error::Contention { .. } => {
-                tonic::Status::unavailable(msg)
-            }
+            Error::Etcd(_)
+            | Error::EtcdConnect { .. }
+            | Error::EtcdUnreachable { .. }
+            | Error::Contention { .. } => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }
     }

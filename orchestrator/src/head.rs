@@ -17,6 +17,8 @@ use proto::orchestrator::{
 
 use crate::auth::{Bearer, Checker};
 use crate::error::{Error, Result};
+use crate::events::{self, Event, EventKind};
+use crate::health::{self, EtcdHealth};
 use crate::lease::{spawn_keeper, LeaseState};
 use crate::placement::{describe, place, PlaceError, Strategy};
 use crate::resources::{parse_bundles, Resources};
@@ -36,6 +38,28 @@ pub struct HeadService {
     pub address: String,
     pub token: String,
     pub ttl_s: u64,
+    /// This head's etcd health, kept by the leader loop.
+    pub health: SharedHealth,
+    /// Whether heads run the etcd members (no --etcd-endpoints): then
+    /// agents are told every member's client URL, so that losing one
+    /// machine leaves them a store to reach.
+    pub etcd_members: bool,
+}
+
+pub type SharedHealth = Arc<std::sync::Mutex<EtcdHealth>>;
+
+/// Records a failed etcd call in `h` when `e` says etcd did not answer.
+fn note_etcd_error(h: &SharedHealth, e: &Error) {
+    let away = match e {
+        Error::Etcd(e) => crate::store::unreachable(e),
+        Error::EtcdConnect { .. } => true,
+        _ => false,
+    };
+    if away {
+        if let Ok(mut h) = h.lock() {
+            h.failed(Instant::now(), now());
+        }
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> JsonReply {
@@ -68,6 +92,27 @@ pub async fn commit_changes(
 const ATTEMPTS: u32 = 50;
 
 impl HeadService {
+    /// A snapshot, or an error that says since when etcd is unreachable.
+    async fn snapshot(&self) -> Result<Snapshot> {
+        match self.store.snapshot().await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                note_etcd_error(&self.health, &e);
+                let since = self.health.lock().ok().and_then(|h| h.down_since());
+                Err(match since {
+                    Some(since) if matches!(&e, Error::Etcd(x) if crate::store::unreachable(x)) => {
+                        Error::EtcdUnreachable {
+                            since: crate::status::fmt_time(since),
+                            seconds: (now() - since).max(0.0),
+                            reason: e.to_string(),
+                        }
+                    }
+                    _ => e,
+                })
+            }
+        }
+    }
+
     pub(crate) async fn create_pg(&self, req: CreatePlacementGroupRequest) -> Result<PgRecord> {
         let bundles = parse_bundles(&req.bundles_json)?;
         let strategy: Strategy = req.strategy.parse()?;
@@ -358,9 +403,21 @@ impl HeadService {
 #[tonic::async_trait]
 impl Orchestrator for HeadService {
     async fn hello(&self, _r: Request<HelloRequest>) -> RpcResult<HelloReply> {
-        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        let snap = self.snapshot().await.map_err(Status::from)?;
+        let mut etcd_endpoints = self.etcd_endpoints.clone();
+        if self.etcd_members {
+            let mut c = self.store.client();
+            if let Ok(r) = c.member_list().await {
+                let ms: Vec<crate::members::MemberInfo> =
+                    r.members().iter().map(Into::into).collect();
+                let urls = crate::members::client_urls(&ms);
+                if !urls.is_empty() {
+                    etcd_endpoints = urls;
+                }
+            }
+        }
         Ok(Response::new(HelloReply {
-            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_endpoints,
             cluster_prefix: self.cluster.clone(),
             leader_address: snap.leader.unwrap_or_default(),
             head_addresses: snap.heads,
@@ -369,13 +426,13 @@ impl Orchestrator for HeadService {
     }
 
     async fn status(&self, _r: Request<StatusRequest>) -> RpcResult<JsonReply> {
-        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        let snap = self.snapshot().await.map_err(Status::from)?;
         Ok(Response::new(json(&status::report(&snap, now()))))
     }
 
     async fn list(&self, r: Request<ListRequest>) -> RpcResult<JsonReply> {
         let kind = r.into_inner().kind;
-        let snap = self.store.snapshot().await.map_err(Status::from)?;
+        let snap = self.snapshot().await.map_err(Status::from)?;
         let out = match kind.as_str() {
             "nodes" => {
                 let v: Vec<serde_json::Value> = snap
@@ -448,10 +505,17 @@ pub async fn leader_loop(
     address: String,
     ttl_s: u64,
     leading: Arc<AtomicBool>,
+    health: SharedHealth,
     cancel: CancellationToken,
 ) {
     let lease = Arc::new(LeaseState::default());
-    let keeper = spawn_keeper(etcd, lease.clone(), ttl_s, cancel.child_token());
+    let keeper = match spawn_keeper(etcd, lease.clone(), ttl_s, cancel.child_token()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("head {address} cannot lead or stand by: {e}");
+            return;
+        }
+    };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     let mut last_err: Option<Instant> = None;
     loop {
@@ -459,7 +523,42 @@ pub async fn leader_loop(
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        if let Err(e) = leader_step(&store, &address, ttl_s, &lease, &leading).await {
+        let lapse_means_dead = health
+            .lock()
+            .map(|h| h.lapse_means_dead(Instant::now(), health::grace(ttl_s)))
+            .unwrap_or(false);
+        let r = leader_step(&store, &address, ttl_s, &lease, &leading, lapse_means_dead).await;
+        if let Err(Error::Etcd(e)) = &r {
+            if crate::store::lease_not_found(e) {
+                // Our lease lapsed (etcd was away longer than the TTL):
+                // campaign again with a new one on the next step.
+                lease.lost.store(true, Ordering::SeqCst);
+            }
+        }
+        if r.is_ok() {
+            let ended = health.lock().ok().and_then(|mut h| h.ok(Instant::now()));
+            if let Some(o) = ended {
+                let msg = format!(
+                    "etcd was unreachable from head {address} for {:.1} s (since {})",
+                    o.lasted.as_secs_f64(),
+                    crate::status::fmt_time(o.since)
+                );
+                store
+                    .record_events(&[Event::new(now(), EventKind::EtcdUnreachable, &address, msg)])
+                    .await;
+                tracing::warn!(
+                    "head {address}: etcd is back after {:.1} s away (since {}); nodes whose lease lapsed meanwhile get {} s to register again before any is declared dead",
+                    o.lasted.as_secs_f64(),
+                    crate::status::fmt_time(o.since),
+                    health::grace(ttl_s).as_secs()
+                );
+            }
+        }
+        if let Err(e) = r {
+            if cancel.is_cancelled() {
+                break;
+            }
+            note_etcd_error(&health, &e);
             leading.store(false, Ordering::SeqCst);
             if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                 tracing::warn!("head {address}: {e}");
@@ -482,7 +581,13 @@ async fn leader_step(
     ttl_s: u64,
     lease: &LeaseState,
     leading: &AtomicBool,
+    lapse_means_dead: bool,
 ) -> Result<()> {
+    if lease.keeper_stopped.load(Ordering::SeqCst) {
+        return Err(Error::KeeperStopped(format!(
+            "head {address} has no lease keeper"
+        )));
+    }
     if lease.id.load(Ordering::SeqCst) == 0 || lease.lost.load(Ordering::SeqCst) {
         let mut c = store.client();
         let g = c.lease_grant(ttl_s as i64, None).await?;
@@ -508,20 +613,24 @@ async fn leader_step(
         return Ok(());
     }
     let snap = store.snapshot().await?;
-    let ch = reconcile(&snap, now());
+    let t = now();
+    let ch = reconcile(&snap, t, lapse_means_dead);
     if !ch.is_empty() {
-        for n in ch.nodes.values() {
-            tracing::warn!(
-                "node {} ({}) is dead: {}",
-                n.id,
-                n.ip,
-                n.death_reason.as_deref().unwrap_or("")
-            );
+        if commit_changes(store, &snap, &ch, true).await? {
+            let evs = events::from_changes(&snap, &ch, t);
+            for e in &evs {
+                tracing::warn!("{}: {}", e.kind, e.message);
+            }
+            store.record_events(&evs).await;
         }
-        commit_changes(store, &snap, &ch, true).await?;
         return Ok(());
     }
-    let old = expired(&|kind, id| store.record_key(kind, id), &snap, now());
+    let mut old = expired(&|kind, id| store.record_key(kind, id), &snap, t);
+    old.extend(
+        events::expired(snap.events.iter(), t)
+            .iter()
+            .map(|k| store.event_key(k)),
+    );
     if !old.is_empty() {
         store.delete_unchanged(&snap, &old).await?;
     }

@@ -143,6 +143,10 @@ pub fn spawn(
 }
 
 impl HeadNodeAgent {
+    pub fn is_alive(&self) -> bool {
+        alive(self.pid)
+    }
+
     /// SIGTERM (the agent stops its actors), SIGKILL if it lingers.
     pub fn stop(self) {
         // SAFETY: plain signals to a pid this head started or adopted.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use etcd_client::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Error, Result};
 use crate::store::EtcdConfig;
 
 /// Shared between the keeper thread and the lease's owner.
@@ -15,8 +16,23 @@ use crate::store::EtcdConfig;
 pub struct LeaseState {
     /// The lease to keep alive; 0 = none yet.
     pub id: AtomicI64,
-    /// Set when etcd says the lease is gone; the owner must re-register.
+    /// Set when etcd says the lease is gone, and whenever the keeper
+    /// stops: either way nobody renews it, so the owner must act.
     pub lost: AtomicBool,
+    /// Set when the keeper thread has ended (the owner cannot re-register
+    /// into a lease nobody keeps; it must stop or start a new keeper).
+    pub keeper_stopped: AtomicBool,
+}
+
+/// Marks the lease lost and the keeper stopped however the keeper ends:
+/// return, cancel, error or panic.
+struct StopGuard(Arc<LeaseState>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.0.lost.store(true, Ordering::SeqCst);
+        self.0.keeper_stopped.store(true, Ordering::SeqCst);
+    }
 }
 
 pub fn spawn_keeper(
@@ -24,10 +40,11 @@ pub fn spawn_keeper(
     state: Arc<LeaseState>,
     ttl_s: u64,
     cancel: CancellationToken,
-) -> std::thread::JoinHandle<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("lease-keepalive".into())
         .spawn(move || {
+            let _guard = StopGuard(state.clone());
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -35,18 +52,18 @@ pub fn spawn_keeper(
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("lease keep-alive runtime: {e}");
-                    state.lost.store(true, Ordering::SeqCst);
                     return;
                 }
             };
             rt.block_on(keep(cfg, state, ttl_s, cancel));
         })
-        .expect("spawn keep-alive thread")
+        .map_err(|e| Error::KeeperStopped(format!("cannot start its thread: {e}")))
 }
 
 async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: CancellationToken) {
     let period = Duration::from_millis((ttl_s * 1000 / 3).max(300));
     let mut client: Option<Client> = None;
+    let mut next = 0usize;
     let mut stream: Option<(
         i64,
         etcd_client::LeaseKeeper,
@@ -63,19 +80,24 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
             continue;
         }
         if client.is_none() {
-            let (Ok(urls), Ok(opts)) = (cfg.urls(), cfg.options()) else {
+            if let Err(e) = cfg.urls().and_then(|_| cfg.options()) {
+                tracing::error!("lease keep-alive cannot dial etcd: {e}");
                 return;
-            };
-            match Client::connect(&urls, Some(opts)).await {
-                Ok(c) => client = Some(c),
+            }
+            // One endpoint at a time, moving on past one that failed.
+            match cfg.connect_from("/flotilla/", next).await {
+                Ok((c, k)) => {
+                    client = Some(c);
+                    next = k + 1;
+                }
                 Err(e) => {
                     tracing::debug!("keep-alive: etcd unreachable: {e}");
                     continue;
                 }
             }
         }
+        let Some(c) = client.as_mut() else { continue };
         if stream.as_ref().is_none_or(|s| s.0 != id) {
-            let c = client.as_mut().expect("connected above");
             match c.lease_keep_alive(id).await {
                 Ok((k, s)) => stream = Some((id, k, s)),
                 Err(e) => {
@@ -85,7 +107,9 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
                 }
             }
         }
-        let (_, keeper, s) = stream.as_mut().expect("opened above");
+        let Some((_, keeper, s)) = stream.as_mut() else {
+            continue;
+        };
         let ok = match keeper.keep_alive().await {
             Ok(()) => tokio::time::timeout(Duration::from_secs(2), s.message()).await,
             Err(e) => Ok(Err(e)),
@@ -94,6 +118,11 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
             Ok(Ok(Some(_))) => {
                 tracing::warn!("lease {id:x} expired in etcd");
+                state.lost.store(true, Ordering::SeqCst);
+                stream = None;
+            }
+            Ok(Err(e)) if crate::store::lease_not_found(&e) => {
+                tracing::warn!("lease {id:x} is gone from etcd");
                 state.lost.store(true, Ordering::SeqCst);
                 stream = None;
             }

@@ -1,6 +1,7 @@
 //! Flotilla's orchestrator: a Ray-style cluster manager whose state lives in
 //! etcd — head, node agents, placement groups, actors, `status`.
 
+pub mod adopt;
 pub mod agent;
 pub mod auth;
 pub mod bench;
@@ -11,9 +12,13 @@ pub mod detach;
 pub mod detect;
 pub mod error;
 pub mod etcd_proc;
+pub mod events;
 pub mod head;
 pub mod head_node;
+pub mod health;
+pub mod identity;
 pub mod lease;
+pub mod members;
 pub mod paths;
 pub mod placement;
 pub mod resources;

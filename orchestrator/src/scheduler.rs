@@ -22,22 +22,25 @@ impl Changes {
 
 /// One pass: declare lost nodes dead, reschedule what they held, place
 /// pending placement groups and actors.
-pub fn reconcile(snap: &Snapshot, now: f64) -> Changes {
+///
+/// `lapse_means_dead`: whether a node without a lease is silent (etcd has
+/// been healthy for the grace, see `health.rs`). When false, such a node is
+/// only unreachable: nothing new lands on it, but it keeps its actors and
+/// reservations, so an etcd outage moves nothing.
+pub fn reconcile(snap: &Snapshot, now: f64, lapse_means_dead: bool) -> Changes {
     let mut ch = Changes::default();
     let mut nodes = snap.nodes.clone();
     for n in nodes.values_mut() {
-        if n.state == NodeState::Alive && !snap.live.contains(&n.id) {
+        if lapse_means_dead && n.state == NodeState::Alive && !snap.live.contains(&n.id) {
             n.state = NodeState::Dead;
             n.died_at = Some(now);
             n.death_reason = Some("node agent lease expired".into());
             ch.nodes.insert(n.id.clone(), n.clone());
         }
     }
-    let alive = |id: &str| {
-        nodes
-            .get(id)
-            .is_some_and(|n| n.state == NodeState::Alive && snap.live.contains(id))
-    };
+    // Whether what a node holds stays there: only a node declared dead
+    // gives up its actors and bundles (an unreachable one keeps them).
+    let alive = |id: &str| nodes.get(id).is_some_and(|n| n.state == NodeState::Alive);
 
     let mut pgs = snap.pgs.clone();
     for pg in pgs.values_mut().filter(|p| p.holds_resources()) {
@@ -357,7 +360,7 @@ mod tests {
             .insert("y".into(), actor("y", Some("pg"), 0, 0.5, 0));
         s.actors
             .insert("z".into(), actor("z", Some("pg"), 0, 0.5, 0));
-        let ch = reconcile(&s, 10.0);
+        let ch = reconcile(&s, 10.0, true);
         apply(&mut s, ch);
         assert_eq!(s.pgs["pg"].state, PgState::Created);
         let x = &s.actors["x"];
@@ -370,7 +373,7 @@ mod tests {
         assert_eq!(x.incarnation, 1);
         assert!(s.actors["z"].node_id.is_none(), "the bundle is full");
         // Nothing left to do: a second pass changes nothing.
-        assert!(reconcile(&s, 11.0).is_empty());
+        assert!(reconcile(&s, 11.0, true).is_empty());
     }
 
     #[test]
@@ -388,11 +391,11 @@ mod tests {
             .insert("keep".into(), actor("keep", Some("pg"), 0, 1.0, 3));
         s.actors
             .insert("once".into(), actor("once", Some("pg"), 1, 1.0, 0));
-        let ch = reconcile(&s, 10.0);
+        let ch = reconcile(&s, 10.0, true);
         apply(&mut s, ch);
         let lost = s.pgs["pg"].assignments[0].as_ref().unwrap().node_id.clone();
         s.live.remove(&lost);
-        let ch = reconcile(&s, 20.0);
+        let ch = reconcile(&s, 20.0, true);
         apply(&mut s, ch);
         assert_eq!(s.nodes[&lost].state, NodeState::Dead);
         assert_eq!(
@@ -406,7 +409,7 @@ mod tests {
         // A new node joins: the group is whole again and the actor comes back.
         s.nodes.insert("c".into(), node("c", 2));
         s.live.insert("c".into());
-        let ch = reconcile(&s, 30.0);
+        let ch = reconcile(&s, 30.0, true);
         apply(&mut s, ch);
         assert_eq!(s.pgs["pg"].state, PgState::Created);
         assert_eq!(s.pgs["pg"].assignments[0].as_ref().unwrap().node_id, "c");
@@ -415,14 +418,45 @@ mod tests {
     }
 
     #[test]
+    fn lapsed_lease_during_an_outage_moves_nothing() {
+        let mut s = cluster(&["a", "b"]);
+        s.pgs.insert(
+            "pg".into(),
+            pg("pg", vec![Resources::new().with(GPU, 1.0)], Strategy::Pack),
+        );
+        s.actors
+            .insert("x".into(), actor("x", Some("pg"), 0, 1.0, -1));
+        s.actors.insert("y".into(), actor("y", None, 0, 1.0, 0));
+        let ch = reconcile(&s, 1.0, true);
+        apply(&mut s, ch);
+        let before = s.clone();
+        // etcd was away: every lease lapsed.
+        s.live.clear();
+        let ch = reconcile(&s, 2.0, false);
+        assert!(ch.is_empty(), "{ch:?}");
+        // Only one node comes back before the grace ends: still nothing moves,
+        // and a new actor waits rather than land on the unreachable node.
+        s.live.insert("a".into());
+        s.actors.insert("z".into(), actor("z", None, 0, 2.0, 0));
+        let ch = reconcile(&s, 3.0, false);
+        assert!(ch.nodes.is_empty() && ch.pgs.is_empty(), "{ch:?}");
+        for id in ["x", "y"] {
+            assert_eq!(s.actors[id], before.actors[id]);
+        }
+        // Silent past the grace while etcd is healthy: now it is dead.
+        let ch = reconcile(&s, 9.0, true);
+        assert_eq!(ch.nodes.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
     fn non_restartable_actor_dies_with_its_node() {
         let mut s = cluster(&["a"]);
         s.actors.insert("x".into(), actor("x", None, 0, 1.0, 0));
-        let ch = reconcile(&s, 1.0);
+        let ch = reconcile(&s, 1.0, true);
         apply(&mut s, ch);
         assert_eq!(s.actors["x"].node_id.as_deref(), Some("a"));
         s.live.clear();
-        let ch = reconcile(&s, 2.0);
+        let ch = reconcile(&s, 2.0, true);
         apply(&mut s, ch);
         assert_eq!(s.actors["x"].state, ActorState::Dead);
         assert!(s.actors["x"]
@@ -441,7 +475,7 @@ mod tests {
                 pg(id, vec![Resources::new().with(GPU, 2.0)], Strategy::Pack),
             );
         }
-        let ch = reconcile(&s, 1.0);
+        let ch = reconcile(&s, 1.0, true);
         apply(&mut s, ch);
         let created = s
             .pgs

@@ -137,6 +137,8 @@ pub struct Snapshot {
     pub mod_revs: BTreeMap<String, i64>,
     pub leader: Option<String>,
     pub heads: Vec<String>,
+    /// Recent events by key suffix (time-ordered).
+    pub events: BTreeMap<String, crate::events::Event>,
 }
 
 impl Snapshot {

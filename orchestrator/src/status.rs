@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{self, Event};
 use crate::resources::{fmt_amount, fmt_bytes, to_float, Resources, MEMORY};
 use crate::state::{ActorState, NodeState, PgState, Snapshot};
 
@@ -42,6 +43,9 @@ pub struct Report {
     pub failures: Vec<Failure>,
     pub usage: Vec<Usage>,
     pub demands: Vec<String>,
+    /// Newest first.
+    #[serde(default)]
+    pub events: Vec<Event>,
 }
 
 /// Failures older than this drop out of "Recent failures".
@@ -147,6 +151,13 @@ pub fn report(s: &Snapshot, now: f64) -> Report {
         failures,
         usage,
         demands,
+        events: s
+            .events
+            .values()
+            .rev()
+            .take(events::SHOWN)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -183,7 +194,7 @@ fn usage_line(name: &str, used: u64, total: u64) -> String {
     }
 }
 
-fn fmt_time(t: f64) -> String {
+pub fn fmt_time(t: f64) -> String {
     chrono::DateTime::from_timestamp(t as i64, ((t.fract()) * 1e9) as u32)
         .map(|d| d.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
         .unwrap_or_default()
@@ -253,6 +264,13 @@ pub fn render(r: &Report, verbose: bool) -> String {
     }
     for d in &r.demands {
         o += &format!(" {d}\n");
+    }
+    o += "\nRecent events:\n";
+    if r.events.is_empty() {
+        o += " (no events)\n";
+    }
+    for e in &r.events {
+        o += &format!(" {} {}: {}\n", fmt_time(e.time), e.kind, e.message);
     }
     if verbose {
         for n in &r.active {
@@ -337,8 +355,20 @@ mod tests {
                 ended_at: None,
             },
         );
+        for (k, t) in [("0001", 1.0), ("0002", 2.0)] {
+            s.events.insert(
+                k.into(),
+                Event::new(
+                    t,
+                    crate::events::EventKind::NodeLost,
+                    "d",
+                    format!("node d lost at {t}"),
+                ),
+            );
+        }
         let r = report(&s, 100.0);
         assert_eq!(r.active.len(), 2);
+        assert_eq!(r.events[0].time, 2.0, "newest first");
         assert_eq!(r.failures.len(), 1);
         let text = render(&r, true);
         assert!(
@@ -353,6 +383,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Node: a (127.0.0.2)"), "{text}");
+        assert!(
+            text.contains(
+                "Recent events:\n 1970-01-01 00:00:02.000000 NODE_LOST: node d lost at 2\n"
+            ),
+            "{text}"
+        );
         let ai = text.find("Active:").unwrap();
         let ri = text.find("Resources").unwrap();
         let di = text.find("Pending Demands:").unwrap();

@@ -1,6 +1,8 @@
 //! The thin etcd layer: key layout under one prefix per cluster, one-range
 //! snapshots, and the guarded transactions that make reservations atomic.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use etcd_client::{
@@ -137,24 +139,42 @@ impl EtcdConfig {
     /// Connects and makes one read, so that TLS and auth failures surface
     /// here with the options named rather than on some later call.
     pub async fn connect(&self, probe_key: &str) -> Result<Client> {
+        Ok(self.connect_from(probe_key, 0).await?.0)
+    }
+
+    /// A client of one endpoint: the first, from `start` on (wrapping),
+    /// that answers a read; and its index. One endpoint at a time rather
+    /// than etcd-client's balanced channel, which keeps sending a share of
+    /// the requests to a member that is gone.
+    pub async fn connect_from(&self, probe_key: &str, start: usize) -> Result<(Client, usize)> {
         let urls = self.urls()?;
         let opts = self.options()?;
-        let fail = |e: etcd_client::Error| {
-            let mut reason = error_chain(&e);
-            if self.tls() && self.cert.is_none() {
-                reason += " (an etcd with --client-cert-auth also needs --etcd-cert/--etcd-key)";
+        let mut reasons = Vec::new();
+        for i in 0..urls.len() {
+            let k = (start + i) % urls.len();
+            let attempt = async {
+                let mut c = Client::connect([urls[k].as_str()], Some(opts.clone())).await?;
+                c.get(probe_key, Some(GetOptions::new().with_keys_only()))
+                    .await?;
+                Ok::<_, etcd_client::Error>(c)
+            };
+            match attempt.await {
+                Ok(c) => return Ok((c, k)),
+                Err(e) if urls.len() > 1 => {
+                    reasons.push(format!("{}: {}", urls[k], error_chain(&e)))
+                }
+                Err(e) => reasons.push(error_chain(&e)),
             }
-            Error::EtcdConnect {
-                endpoints: urls.join(","),
-                transport: self.transport(),
-                reason,
-            }
-        };
-        let mut c = Client::connect(&urls, Some(opts)).await.map_err(fail)?;
-        c.get(probe_key, Some(GetOptions::new().with_keys_only()))
-            .await
-            .map_err(fail)?;
-        Ok(c)
+        }
+        let mut reason = reasons.join("; ");
+        if self.tls() && self.cert.is_none() {
+            reason += " (an etcd with --client-cert-auth also needs --etcd-cert/--etcd-key)";
+        }
+        Err(Error::EtcdConnect {
+            endpoints: urls.join(","),
+            transport: self.transport(),
+            reason,
+        })
     }
 }
 
@@ -174,6 +194,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether `e` means etcd did not answer (down, paused, unreachable), as
+/// opposed to etcd answering with an error: only the former is an outage.
+pub fn unreachable(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+/// Whether etcd says a lease does not exist (it expired or was revoked).
+pub fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::NotFound && s.message().contains("lease not found"))
+}
+
 /// A record write guarded by the record's mod_revision (0 = must not exist).
 #[derive(Debug, Clone)]
 pub struct Guarded {
@@ -184,19 +224,60 @@ pub struct Guarded {
 
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    /// The client in use and the index of its endpoint in `cfg`.
+    client: Arc<RwLock<(Client, usize)>>,
+    cfg: EtcdConfig,
     prefix: String,
+    failing_over: Arc<AtomicBool>,
 }
 
 impl Store {
     pub async fn connect(cfg: &EtcdConfig, cluster: &str) -> Result<Self> {
         let prefix = format!("/flotilla/{cluster}/");
-        let client = cfg.connect(&prefix).await?;
-        Ok(Store { client, prefix })
+        let client = cfg.connect_from(&prefix, 0).await?;
+        Ok(Store {
+            client: Arc::new(RwLock::new(client)),
+            cfg: cfg.clone(),
+            prefix,
+            failing_over: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Passes `r` on; when etcd did not answer and other endpoints are
+    /// configured, switches to the next one that does.
+    async fn check<T>(&self, r: std::result::Result<T, etcd_client::Error>) -> Result<T> {
+        if let Err(e) = &r {
+            if unreachable(e) {
+                self.failover().await;
+            }
+        }
+        Ok(r?)
+    }
+
+    async fn failover(&self) {
+        if self.cfg.endpoints.len() < 2 || self.failing_over.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let current = self.client.read().unwrap_or_else(|p| p.into_inner()).1;
+        if let Ok((c, k)) = self.cfg.connect_from(&self.prefix, current + 1).await {
+            if k != current {
+                tracing::warn!(
+                    "etcd at {} does not answer; now using {}",
+                    self.cfg.endpoints[current % self.cfg.endpoints.len()],
+                    self.cfg.endpoints[k]
+                );
+            }
+            *self.client.write().unwrap_or_else(|p| p.into_inner()) = (c, k);
+        }
+        self.failing_over.store(false, Ordering::SeqCst);
     }
 
     pub fn prefix(&self) -> &str {
@@ -224,15 +305,21 @@ impl Store {
     pub fn head_key(&self, addr: &str) -> String {
         format!("{}heads/{addr}", self.prefix)
     }
+    pub fn event_key(&self, suffix: &str) -> String {
+        format!("{}events/{suffix}", self.prefix)
+    }
     pub fn token_key(&self) -> String {
         format!("{}token", self.prefix)
     }
 
     /// Everything under the prefix in one range read, so all records agree.
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        let mut c = self.client.clone();
-        let resp = c
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        let mut c = self.client();
+        let resp = self
+            .check(
+                c.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                    .await,
+            )
             .await?;
         let mut s = Snapshot {
             revision: resp.header().map(|h| h.revision()).unwrap_or(0),
@@ -256,6 +343,12 @@ impl Store {
             } else if let Some(id) = rest.strip_prefix("actors/") {
                 let a: ActorRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
                 s.actors.insert(id.to_string(), a);
+            } else if let Some(k) = rest.strip_prefix("events/") {
+                // An event that does not parse is skipped, not fatal: events
+                // only inform.
+                if let Ok(e) = serde_json::from_slice(kv.value()) {
+                    s.events.insert(k.to_string(), e);
+                }
             } else if let Some(addr) = rest.strip_prefix("heads/") {
                 s.heads.push(addr.to_string());
                 continue;
@@ -295,8 +388,10 @@ impl Store {
             ));
             ops.push(TxnOp::put(r.key.as_str(), r.value.as_str(), None));
         }
-        let mut c = self.client.clone();
-        let resp = c.txn(Txn::new().when(cmps).and_then(ops)).await?;
+        let mut c = self.client();
+        let resp = self
+            .check(c.txn(Txn::new().when(cmps).and_then(ops)).await)
+            .await?;
         Ok(resp.succeeded())
     }
 
@@ -310,15 +405,18 @@ impl Store {
     }
 
     pub async fn put(&self, key: &str, value: &str, lease: Option<i64>) -> Result<()> {
-        let mut c = self.client.clone();
-        c.put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
-            .await?;
+        let mut c = self.client();
+        self.check(
+            c.put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
+                .await,
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn get_string(&self, key: &str) -> Result<Option<String>> {
-        let mut c = self.client.clone();
-        let r = c.get(key, None).await?;
+        let mut c = self.client();
+        let r = self.check(c.get(key, None).await).await?;
         Ok(r.kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
@@ -332,7 +430,7 @@ impl Store {
         value: &str,
         lease: Option<i64>,
     ) -> Result<String> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
@@ -341,7 +439,7 @@ impl Store {
                 lease.map(|l| PutOptions::new().with_lease(l)),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let resp = c.txn(txn).await?;
+        let resp = self.check(c.txn(txn).await).await?;
         if resp.succeeded() {
             return Ok(value.to_string());
         }
@@ -353,6 +451,24 @@ impl Store {
             }
         }
         Ok(value.to_string())
+    }
+
+    /// Appends events (best effort: they inform, they decide nothing).
+    pub async fn record_events(&self, events: &[crate::events::Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let ops: Vec<TxnOp> = events
+            .iter()
+            .filter_map(|e| {
+                let v = serde_json::to_string(e).ok()?;
+                Some(TxnOp::put(self.event_key(&e.key_suffix()), v, None))
+            })
+            .collect();
+        let mut c = self.client();
+        if let Err(e) = c.txn(Txn::new().and_then(ops)).await {
+            tracing::debug!("recording {} event(s) failed: {e}", events.len());
+        }
     }
 
     /// Deletes records that nobody changed since `snap` was read.
@@ -371,8 +487,9 @@ impl Store {
             .iter()
             .map(|k| TxnOp::delete(k.as_str(), None))
             .collect();
-        let mut c = self.client.clone();
-        Ok(c.txn(Txn::new().when(cmps).and_then(ops))
+        let mut c = self.client();
+        Ok(self
+            .check(c.txn(Txn::new().when(cmps).and_then(ops)).await)
             .await?
             .succeeded())
     }
@@ -383,8 +500,8 @@ impl Store {
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
-        let mut c = self.client.clone();
-        c.delete(key, None).await?;
+        let mut c = self.client();
+        self.check(c.delete(key, None).await).await?;
         Ok(())
     }
 }

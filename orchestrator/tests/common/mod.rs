@@ -48,12 +48,35 @@ pub fn kill_listed(cache: &Path) {
     }
 }
 
+/// SIGKILLs the actor processes agents of this cache root started: actors
+/// outlive a killed agent by design, so a test must end them itself. They
+/// carry the agent's environment, hence its FLOTILLA_CACHE_ROOT.
+pub fn kill_actors(cache: &Path) {
+    let want = format!("FLOTILLA_CACHE_ROOT={}", cache.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if vars.contains(&want.as_bytes())
+            && vars.iter().any(|x| x.starts_with(b"FLOTILLA_ACTOR_ID="))
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Calls [`kill_listed`] on drop, also on panic.
 pub struct KillListed(pub PathBuf);
 
 impl Drop for KillListed {
     fn drop(&mut self) {
         kill_listed(&self.0);
+        kill_actors(&self.0);
     }
 }
 
@@ -87,9 +110,13 @@ impl Drop for TempDir {
 }
 
 pub fn wait_port(port: u16, timeout: Duration) {
+    wait_port_on("127.0.0.1", port, timeout)
+}
+
+pub fn wait_port_on(ip: &str, port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((ip, port)).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -207,20 +234,30 @@ impl Pki {
 /// etcd on 127.0.0.1:`client`; with `pki`, clients must speak TLS and show a
 /// certificate the CA signed (--client-cert-auth).
 pub fn start_etcd_with(dir: &Path, client: u16, peer: u16, pki: Option<&Pki>) -> Proc {
+    start_etcd_on(dir, "127.0.0.1", client, peer, pki)
+}
+
+/// etcd serving clients on 127.0.0.1 and `ip` (when another address).
+pub fn start_etcd_on(dir: &Path, ip: &str, client: u16, peer: u16, pki: Option<&Pki>) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("etcd.log"))
         .unwrap();
     let scheme = if pki.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://127.0.0.1:{client}");
+    let url = format!("{scheme}://{ip}:{client}");
+    let listen = if ip == "127.0.0.1" {
+        url.clone()
+    } else {
+        format!("{url},{scheme}://127.0.0.1:{client}")
+    };
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Command::new("etcd")
         .args(["--name", "t", "--data-dir"])
         .arg(dir.join("etcd-data"))
         .args([
             "--listen-client-urls",
-            &url,
+            &listen,
             "--advertise-client-urls",
             &url,
         ])
@@ -263,6 +300,9 @@ pub struct Cluster {
     pub etcd_peer: u16,
     pub root: TempDir,
     pub head_port: u16,
+    /// Where the head and etcd are reached (127.0.0.1 unless a test puts
+    /// nodes in network namespaces).
+    pub head_ip: String,
     /// "http" or "https" for the etcd endpoint.
     pub scheme: &'static str,
     /// etcd TLS/auth flags added to every head and node agent started.
@@ -271,8 +311,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(tag: &str, base_port: u16) -> Self {
+        Self::new_on(tag, base_port, "127.0.0.1")
+    }
+
+    /// A cluster whose etcd and heads are reached at `ip`.
+    pub fn new_on(tag: &str, base_port: u16, ip: &str) -> Self {
         let root = TempDir::new(tag);
-        let etcd = start_etcd(&root.0, base_port, base_port + 1);
+        let etcd = start_etcd_on(&root.0, ip, base_port, base_port + 1, None);
         Cluster {
             procs: Vec::new(),
             etcd: Some(etcd),
@@ -280,6 +325,22 @@ impl Cluster {
             etcd_peer: base_port + 1,
             root,
             head_port: base_port + 2,
+            head_ip: ip.into(),
+            scheme: "http",
+            etcd_args: Vec::new(),
+        }
+    }
+
+    /// A cluster without a test etcd: its heads run the etcd members.
+    pub fn bare(tag: &str, base_port: u16) -> Self {
+        Cluster {
+            procs: Vec::new(),
+            etcd: None,
+            etcd_client: base_port,
+            etcd_peer: base_port + 1,
+            root: TempDir::new(tag),
+            head_port: base_port + 2,
+            head_ip: "127.0.0.1".into(),
             scheme: "http",
             etcd_args: Vec::new(),
         }
@@ -301,6 +362,7 @@ impl Cluster {
             etcd_peer: base_port + 1,
             root,
             head_port: base_port + 2,
+            head_ip: "127.0.0.1".into(),
             scheme: "https",
             etcd_args: vec![
                 "--etcd-cacert".into(),
@@ -319,16 +381,30 @@ impl Cluster {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.etcd_client)
+        format!("{}://{}:{}", self.scheme, self.head_ip, self.etcd_client)
     }
 
     pub fn head_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.head_port)
+        format!("{}:{}", self.head_ip, self.head_port)
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        self.spawn_in(None, name, args)
+    }
+
+    /// Runs the binary, inside network namespace `netns` when given.
+    fn spawn_in(&mut self, netns: Option<&str>, name: &str, args: &[&str]) -> usize {
         let log = std::fs::File::create(self.root.0.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the binary: the child's pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(args)
             .args(&self.etcd_args)
             .env("FLOTILLA_CACHE_ROOT", self.cache())
@@ -355,6 +431,7 @@ impl Cluster {
         let ep = self.endpoint();
         let gpus = gpus.to_string();
         let port_s = port.to_string();
+        let head_ip = self.head_ip.clone();
         let mut args = vec![
             "start",
             "--head",
@@ -362,7 +439,7 @@ impl Cluster {
             "--port",
             &port_s,
             "--node-ip-address",
-            "127.0.0.1",
+            &head_ip,
             "--etcd-endpoints",
             &ep,
             "--num-gpus",
@@ -372,14 +449,53 @@ impl Cluster {
         ];
         args.extend(extra);
         let i = self.spawn(name, &args);
-        wait_port(port, Duration::from_secs(30));
+        wait_port_on(&self.head_ip.clone(), port, Duration::from_secs(30));
         self.wait_file(&self.cache().join("cluster_token"));
         i
     }
 
+    /// A head at `ip:port` that runs an etcd member: a new etcd cluster, or
+    /// (with `join`, a head's address) a member added to that head's.
+    pub fn start_member_head(
+        &mut self,
+        name: &str,
+        ip: &str,
+        port: u16,
+        join: Option<&str>,
+    ) -> usize {
+        let port_s = port.to_string();
+        let mut args = vec![
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            &port_s,
+            "--node-ip-address",
+            ip,
+            "--num-gpus",
+            "0",
+            "--num-cpus",
+            "4",
+        ];
+        if let Some(j) = join {
+            args.extend(["--address", j]);
+        }
+        let i = self.spawn(name, &args);
+        let log = self.root.0.join(format!("{name}.log"));
+        wait_until(Duration::from_secs(40), "the head and its node up", || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("head listening on"))
+        });
+        i
+    }
+
     pub fn start_node(&mut self, name: &str, ip: &str, gpus: u32) -> usize {
+        self.start_node_in(None, name, ip, gpus)
+    }
+
+    pub fn start_node_in(&mut self, netns: Option<&str>, name: &str, ip: &str, gpus: u32) -> usize {
         let addr = self.head_addr();
-        self.spawn(
+        self.spawn_in(
+            netns,
             name,
             &[
                 "start",
@@ -394,6 +510,30 @@ impl Cluster {
                 "4",
             ],
         )
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) this cluster's etcd.
+    pub fn pause_etcd(&self, stop: bool) {
+        let pid = self.etcd.as_ref().expect("etcd runs").pid() as i32;
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// kill -9 of etcd, then a new etcd on the same data directory.
+    pub fn kill_etcd(&mut self) {
+        if let Some(mut e) = self.etcd.take() {
+            e.kill9();
+        }
+    }
+
+    pub fn restart_etcd(&mut self) {
+        self.etcd = Some(start_etcd_on(
+            &self.root.0,
+            &self.head_ip.clone(),
+            self.etcd_client,
+            self.etcd_peer,
+            None,
+        ));
     }
 
     fn wait_file(&self, p: &Path) {
@@ -493,6 +633,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         kill_listed(&self.cache());
+        kill_actors(&self.cache());
     }
 }
 
@@ -516,4 +657,93 @@ pub fn pid_alive(pid: u64) -> bool {
             .unwrap_or("")
             .trim_start()
             .starts_with('Z')
+}
+
+/// A network namespace joined to the root namespace by a veth pair:
+/// `host_ip` on the root side, `ns_ip` inside. Cutting the link inside
+/// partitions whatever runs in the namespace from etcd and the heads while
+/// both stay healthy. Deleted on drop (with its end of the pair).
+pub struct NetNs {
+    pub name: String,
+    pub ns_if: String,
+    pub host_if: String,
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl NetNs {
+    /// Err when namespaces cannot be made here (not root, no `ip`).
+    pub fn create(tag: &str, host_ip: &str, ns_ip: &str) -> Result<NetNs, String> {
+        let ns = NetNs {
+            name: format!("flt-{tag}"),
+            ns_if: format!("vf{tag}b"),
+            host_if: format!("vf{tag}a"),
+        };
+        let _ = ip_cmd(&["netns", "del", &ns.name]);
+        let _ = ip_cmd(&["link", "del", &ns.host_if]);
+        ip_cmd(&["netns", "add", &ns.name])?;
+        ip_cmd(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
+        ])?;
+        ip_cmd(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
+        ip_cmd(&["addr", "add", &format!("{host_ip}/24"), "dev", &ns.host_if])?;
+        ip_cmd(&["link", "set", &ns.host_if, "up"])?;
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_ip}/24"),
+            "dev",
+            &ns.ns_if,
+        ])?;
+        ns.exec(&["ip", "link", "set", &ns.ns_if, "up"])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut a = vec!["netns", "exec", &self.name];
+        a.extend(args);
+        ip_cmd(&a)
+    }
+
+    /// Link down (`false`) or up inside the namespace.
+    pub fn link(&self, up: bool) {
+        self.exec(&[
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip_cmd(&["netns", "del", &self.name]);
+        let _ = ip_cmd(&["link", "del", &self.host_if]);
+    }
 }

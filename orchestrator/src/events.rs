@@ -1,0 +1,263 @@
+//! Cluster events for `status` ("Recent events"): what the leader and the
+//! node agents decided about failures, and why. Kept in etcd under
+//! `events/`, one key per event, named by time so a prefix read is
+//! chronological; the leader forgets old ones.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::Changes;
+use crate::state::{ActorState, NodeState, PgState, Snapshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    /// A node was declared dead (silent while etcd was healthy).
+    NodeLost,
+    /// A node registered again under its id (lease lapsed, or it returned
+    /// after being declared dead).
+    NodeRecovered,
+    /// An actor restarts elsewhere because its node died.
+    ActorRestarted,
+    /// An actor that may not restart died with its node.
+    ActorDied,
+    /// A returning node stopped a superseded copy of an actor.
+    ActorFenced,
+    /// A restarted agent took back an actor process it found running.
+    ActorAdopted,
+    /// A placement group lost bundles with a node and is placed again.
+    PlacementGroupRescheduling,
+    /// A head could not reach etcd for a while.
+    EtcdUnreachable,
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: f64,
+    pub kind: EventKind,
+    /// The node, actor, placement group or head concerned.
+    pub subject: String,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(time: f64, kind: EventKind, subject: &str, message: String) -> Self {
+        Event {
+            time,
+            kind,
+            subject: subject.to_string(),
+            message,
+        }
+    }
+
+    /// The key suffix under `events/`: time first, so keys sort by time.
+    pub fn key_suffix(&self) -> String {
+        let u = uuid::Uuid::new_v4().simple().to_string();
+        format!("{:016}-{}", (self.time * 1000.0) as u64, &u[..8])
+    }
+}
+
+/// How many events are kept, and for how long.
+pub const KEEP: usize = 200;
+pub const KEEP_S: f64 = 3600.0;
+/// How many `status` shows.
+pub const SHOWN: usize = 20;
+
+/// The events one reconcile decision makes: nodes declared dead and what
+/// that did to their actors and placement groups.
+pub fn from_changes(snap: &Snapshot, ch: &Changes, now: f64) -> Vec<Event> {
+    let mut out = Vec::new();
+    for n in ch.nodes.values() {
+        let was_alive = snap
+            .nodes
+            .get(&n.id)
+            .is_some_and(|b| b.state == NodeState::Alive);
+        if was_alive && n.state == NodeState::Dead {
+            out.push(Event::new(
+                now,
+                EventKind::NodeLost,
+                &n.id,
+                format!(
+                    "node {} ({}) declared dead: {} while etcd was healthy",
+                    n.id,
+                    n.ip,
+                    n.death_reason.as_deref().unwrap_or("its lease expired")
+                ),
+            ));
+        }
+    }
+    for p in ch.pgs.values() {
+        let before = snap.pgs.get(&p.id).map(|b| b.state);
+        if p.state == PgState::Rescheduling && before != Some(PgState::Rescheduling) {
+            out.push(Event::new(
+                now,
+                EventKind::PlacementGroupRescheduling,
+                &p.id,
+                format!(
+                    "placement group {} lost bundles with a dead node; placing them again",
+                    p.id
+                ),
+            ));
+        }
+    }
+    for a in ch.actors.values() {
+        let Some(old_node) = snap.actors.get(&a.id).and_then(|b| b.node_id.clone()) else {
+            continue;
+        };
+        let moved_off = a.node_id.as_deref() != Some(old_node.as_str());
+        if !moved_off {
+            continue;
+        }
+        let node_dead = ch
+            .nodes
+            .get(&old_node)
+            .or_else(|| snap.nodes.get(&old_node))
+            .is_none_or(|n| n.state == NodeState::Dead);
+        let (kind, what) = match a.state {
+            ActorState::Dead => (EventKind::ActorDied, "died (no restarts left)".to_string()),
+            _ => (
+                EventKind::ActorRestarted,
+                format!(
+                    "restarts (restart {}) at incarnation {}",
+                    a.restarts, a.incarnation
+                ),
+            ),
+        };
+        if a.state == ActorState::Dead && !node_dead {
+            continue; // removed with its placement group: not a failure
+        }
+        let why = if node_dead {
+            format!("its node {old_node} died")
+        } else {
+            format!("its bundle moved off node {old_node}")
+        };
+        out.push(Event::new(
+            now,
+            kind,
+            &a.id,
+            format!("actor {} {what}: {why}", a.id),
+        ));
+    }
+    out
+}
+
+/// Keys (suffixes) of events to forget: older than `KEEP_S`, or beyond the
+/// newest `KEEP`. `suffixes` are in key (= time) order.
+pub fn expired<'a>(
+    events: impl DoubleEndedIterator<Item = (&'a String, &'a Event)>,
+    now: f64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, (k, e)) in events.rev().enumerate() {
+        if i >= KEEP || now - e.time > KEEP_S {
+            out.push(k.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::Resources;
+    use crate::scheduler::reconcile;
+    use crate::state::{ActorRecord, ActorSpec, NodeRecord};
+
+    fn node(id: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            ip: "10.0.0.1".into(),
+            agent_address: String::new(),
+            is_head: false,
+            total: Resources::new().with("CPU", 4.0),
+            gpu_ids: vec![],
+            gpu_model: None,
+            gpu_memory_bytes: 0,
+            state: NodeState::Alive,
+            started_at: 0.0,
+            died_at: None,
+            death_reason: None,
+        }
+    }
+
+    fn actor(id: &str, max_restarts: i64) -> ActorRecord {
+        ActorRecord {
+            id: id.into(),
+            name: String::new(),
+            spec: ActorSpec {
+                command: "true".into(),
+                args: vec![],
+                env: Default::default(),
+                resources: Resources::new().with("CPU", 1.0),
+                placement_group: None,
+                bundle_index: None,
+                max_restarts,
+            },
+            state: ActorState::Alive,
+            node_id: Some("a".into()),
+            gpus: vec![],
+            incarnation: 1,
+            started_incarnation: 1,
+            pid: Some(1),
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at: 0.0,
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn a_lost_node_names_itself_and_its_actors() {
+        let mut s = Snapshot::default();
+        s.nodes.insert("a".into(), node("a"));
+        s.nodes.insert("b".into(), node("b"));
+        s.live.insert("b".into());
+        s.actors.insert("keep".into(), actor("keep", -1));
+        s.actors.insert("once".into(), actor("once", 0));
+        let ch = reconcile(&s, 10.0, true);
+        let ev = from_changes(&s, &ch, 10.0);
+        let kinds: Vec<(EventKind, &str)> =
+            ev.iter().map(|e| (e.kind, e.subject.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::NodeLost, "a"),
+                (EventKind::ActorRestarted, "keep"),
+                (EventKind::ActorDied, "once")
+            ]
+        );
+        assert!(ev[0].message.contains("while etcd was healthy"), "{ev:?}");
+        assert!(ev[1].message.contains("its node a died"), "{ev:?}");
+        // Nothing happened: no events.
+        assert!(from_changes(&s, &Changes::default(), 10.0).is_empty());
+        assert!(from_changes(&s, &reconcile(&s, 10.0, false), 10.0).is_empty());
+    }
+
+    #[test]
+    fn old_and_surplus_events_expire() {
+        let mut m = std::collections::BTreeMap::new();
+        for i in 0..(KEEP + 3) {
+            let e = Event::new(5000.0 + i as f64, EventKind::NodeLost, "n", String::new());
+            m.insert(format!("{i:05}"), e);
+        }
+        let old = Event::new(0.0, EventKind::NodeLost, "n", String::new());
+        m.insert("00000-old".into(), old);
+        let gone = expired(m.iter(), 5000.0 + KEEP as f64);
+        assert_eq!(gone.len(), 4, "{gone:?}");
+        assert!(gone.contains(&"00000-old".to_string()));
+        assert!(gone.contains(&"00000".to_string()));
+        assert!(!gone.contains(&format!("{:05}", KEEP + 2)));
+        assert_eq!(EventKind::ActorFenced.to_string(), "ACTOR_FENCED");
+    }
+}
