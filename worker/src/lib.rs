@@ -16,6 +16,7 @@ pub mod rope;
 pub mod sampler;
 pub mod sampling_params;
 pub mod step;
+pub mod wire;
 
 pub use backend::Device;
 pub use config::{GenerationConfig, ModelConfig, RopeScaling};
