@@ -15,6 +15,7 @@ pub mod parallel;
 pub mod rope;
 pub mod sampler;
 pub mod sampling_params;
+pub mod service;
 pub mod step;
 pub mod wire;
 
