@@ -3,7 +3,7 @@
 use worker::config::ModelConfig;
 use worker::{ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
-use super::{Executor, Result};
+use super::{Executor, KvCacheCapacity, Result};
 
 pub struct InProcessExecutor {
     runner: ModelRunner,
@@ -23,8 +23,11 @@ impl Executor for InProcessExecutor {
         self.runner.model_config()
     }
 
-    fn kv_cache_bytes_per_block(&self) -> usize {
-        self.runner.kv_cache_bytes_per_block()
+    fn kv_cache_capacity(&self) -> Result<KvCacheCapacity> {
+        Ok(KvCacheCapacity {
+            bytes_per_block: self.runner.kv_cache_bytes_per_block(),
+            available_bytes: runtime::envs::cpu_kvcache_space_bytes()?,
+        })
     }
 
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {

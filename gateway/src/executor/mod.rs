@@ -1,13 +1,17 @@
-//! Executors run scheduler steps on workers. `InProcess` runs the model in
-//! this process (TP=1, the embedded default); the multi-process and cluster
-//! executors come with the orchestrator.
+//! Executors run scheduler steps on workers: `uni` runs the model in this
+//! process (world size 1), `mp` in worker processes on this machine, `ray`
+//! (not available yet) in worker actors the orchestrator places. The engine
+//! sees only the `Executor` trait; `build` picks and starts the right one.
 
 pub mod in_process;
+pub mod multiproc;
+pub mod worker_env;
 
 use worker::config::ModelConfig;
-use worker::{ModelRunnerOutput, SchedulerOutput};
+use worker::{ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
 pub use in_process::InProcessExecutor;
+pub use multiproc::MultiprocExecutor;
 
 pub type Result<T> = std::result::Result<T, ExecutorError>;
 
@@ -16,24 +20,126 @@ pub enum ExecutorError {
     #[error(transparent)]
     Worker(#[from] worker::error::Error),
 
+    #[error(transparent)]
+    Env(#[from] runtime::envs::EnvError),
+
     /// A panic in model code, caught so that the engine loop survives it.
     #[error("model execution panicked: {message}")]
     Panicked { message: String },
 
-    #[error(
-        "{what}={size} needs the multi-process or cluster executor, which is not available yet; \
-         only 1 runs now"
-    )]
-    ParallelismUnavailable { what: &'static str, size: usize },
+    #[error("{what}={size} is not available yet: {reason}")]
+    ParallelismUnavailable {
+        what: &'static str,
+        size: usize,
+        reason: &'static str,
+    },
+
+    #[error("the {backend} distributed executor backend is not available yet: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: &'static str,
+    },
+
+    #[error("cannot start worker rank {rank}: {message}")]
+    Spawn { rank: usize, message: String },
+
+    /// A set-up call (init, load, KV cache) a worker refused or failed.
+    #[error("worker rank {rank}: {call} failed: {message}")]
+    Call {
+        rank: usize,
+        call: &'static str,
+        message: String,
+    },
+
+    /// A step a worker rejected for its requests' sake; the workers go on.
+    #[error("worker rank {rank}: {message}")]
+    StepRejected { rank: usize, message: String },
+
+    /// A worker, its connection or its collective group is gone: the
+    /// executor cannot run steps any more.
+    #[error("lost worker rank {rank}: {reason}")]
+    WorkerLost { rank: usize, reason: String },
+}
+
+impl ExecutorError {
+    /// True when the executor is unusable (the engine must stop and report
+    /// unhealthy); false when only the step's requests failed.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ExecutorError::WorkerLost { .. })
+    }
+}
+
+/// Bytes of one KV block, and how many blocks fit on every worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheCapacity {
+    pub bytes_per_block: usize,
+    /// Bytes the KV cache may take on the most constrained worker, expressed
+    /// in that worker's blocks times `bytes_per_block`.
+    pub available_bytes: usize,
 }
 
 /// Runs steps of the step protocol on one model replica.
 pub trait Executor: Send {
     fn model_config(&self) -> &ModelConfig;
 
-    fn kv_cache_bytes_per_block(&self) -> usize;
+    fn kv_cache_capacity(&self) -> Result<KvCacheCapacity>;
 
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
+
+    /// Checked while the engine is idle: a fatal error when a worker died
+    /// between steps.
+    fn check_health(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// vLLM's `--distributed-executor-backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistributedBackend {
+    /// The model in this process (world size 1).
+    Uni,
+    /// One worker process per rank on this machine.
+    Mp,
+    /// Worker actors placed by the orchestrator.
+    Ray,
+}
+
+impl DistributedBackend {
+    /// vLLM's default: `uni` for a world of one, else `mp`.
+    pub fn default_for(world_size: usize) -> Self {
+        if world_size <= 1 {
+            Self::Uni
+        } else {
+            Self::Mp
+        }
+    }
+}
+
+/// Starts the executor `backend` names for `config` (whose `parallel` gives
+/// the world: tp_size x pp_size ranks) and loads the model on it.
+pub fn build(backend: DistributedBackend, config: &WorkerConfig) -> Result<Box<dyn Executor>> {
+    let world = config.parallel.tp_size * config.parallel.pp_size;
+    if config.parallel.pp_size > 1 {
+        return Err(ExecutorError::ParallelismUnavailable {
+            what: "pipeline_parallel_size",
+            size: config.parallel.pp_size,
+            reason: "layers cannot be split over stages yet; use --pipeline-parallel-size 1",
+        });
+    }
+    match backend {
+        DistributedBackend::Uni if world > 1 => Err(ExecutorError::ParallelismUnavailable {
+            what: "tensor_parallel_size",
+            size: config.parallel.tp_size,
+            reason: "the uni executor runs one rank; use --distributed-executor-backend mp",
+        }),
+        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(config)?)),
+        DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config)?)),
+        DistributedBackend::Ray => Err(ExecutorError::BackendUnavailable {
+            backend: "ray",
+            reason: "worker actors placed by the orchestrator come in a later increment; \
+                     use --distributed-executor-backend mp on one machine",
+        }),
+    }
 }
