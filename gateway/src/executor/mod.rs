@@ -5,6 +5,7 @@
 
 pub mod in_process;
 pub mod multiproc;
+mod remote;
 pub mod worker_env;
 
 use worker::config::ModelConfig;
