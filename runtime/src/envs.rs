@@ -58,6 +58,12 @@ env_vars! {
         "Milliseconds an internal call (executor to worker, collective between ranks) may take before it is an error.";
     VLLM_ENGINE_ITERATION_TIMEOUT_S = "VLLM_ENGINE_ITERATION_TIMEOUT_S", "60",
         "Seconds one step on distributed workers may take before the executor counts its workers as lost.";
+    FLOTILLA_ADDRESS = "FLOTILLA_ADDRESS", "",
+        "Orchestrator head address(es) the gateway's ray executor uses (as RAY_ADDRESS); default: the head recorded under the cache root.";
+    VLLM_RAY_PER_WORKER_GPUS = "VLLM_RAY_PER_WORKER_GPUS", "1.0",
+        "GPUs per worker actor with --distributed-executor-backend ray on CUDA (fractions share a GPU).";
+    VLLM_RAY_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES", "",
+        "Comma-separated placement-group bundle index for each rank (ray executor); default: driver node first, then by node IP.";
     FLOTILLA_WORKER_BIN = "FLOTILLA_WORKER_BIN", "",
         "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",

@@ -255,14 +255,6 @@ impl EngineArgs {
                 ),
             );
         }
-        if backend == DistributedBackend::Ray {
-            return Err(ExecutorError::BackendUnavailable {
-                backend: "ray",
-                reason: "worker actors placed by the orchestrator come in a later increment; \
-                         use --distributed-executor-backend mp on one machine",
-            }
-            .into());
-        }
         Ok(())
     }
 
@@ -560,10 +552,6 @@ mod tests {
         assert_eq!(parse(&[]).executor_backend(), DistributedBackend::Uni);
         for (args, wanted) in [
             (vec!["--pipeline-parallel-size", "2"], "not available yet"),
-            (
-                vec!["--tp", "2", "--distributed-executor-backend", "ray"],
-                "ray distributed executor backend is not available yet",
-            ),
             (
                 vec!["--tp", "2", "--distributed-executor-backend", "uni"],
                 "uni runs a world of one rank",

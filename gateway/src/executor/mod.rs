@@ -1,8 +1,9 @@
 //! Executors run scheduler steps on workers: `uni` runs the model in this
 //! process (world size 1), `mp` in worker processes on this machine, `ray`
-//! (not available yet) in worker actors the orchestrator places. The engine
+//! in worker actors the orchestrator places. The engine
 //! sees only the `Executor` trait; `build` picks and starts the right one.
 
+pub mod cluster;
 pub mod in_process;
 pub mod multiproc;
 mod remote;
@@ -11,6 +12,7 @@ pub mod worker_env;
 use worker::config::ModelConfig;
 use worker::{ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
+pub use cluster::ClusterExecutor;
 pub use in_process::InProcessExecutor;
 pub use multiproc::MultiprocExecutor;
 
@@ -35,12 +37,6 @@ pub enum ExecutorError {
         reason: &'static str,
     },
 
-    #[error("the {backend} distributed executor backend is not available yet: {reason}")]
-    BackendUnavailable {
-        backend: &'static str,
-        reason: &'static str,
-    },
-
     #[error("cannot start worker rank {rank}: {message}")]
     Spawn { rank: usize, message: String },
 
@@ -55,6 +51,13 @@ pub enum ExecutorError {
     /// A step a worker rejected for its requests' sake; the workers go on.
     #[error("worker rank {rank}: {message}")]
     StepRejected { rank: usize, message: String },
+
+    #[error("invalid {name}: {message}")]
+    InvalidEnv { name: &'static str, message: String },
+
+    /// The orchestrator refused or failed a request (placement, actors).
+    #[error("cluster: {message}")]
+    Cluster { message: String },
 
     /// A worker, its connection or its collective group is gone: the
     /// executor cannot run steps any more.
@@ -137,10 +140,6 @@ pub fn build(backend: DistributedBackend, config: &WorkerConfig) -> Result<Box<d
         }),
         DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(config)?)),
         DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config)?)),
-        DistributedBackend::Ray => Err(ExecutorError::BackendUnavailable {
-            backend: "ray",
-            reason: "worker actors placed by the orchestrator come in a later increment; \
-                     use --distributed-executor-backend mp on one machine",
-        }),
+        DistributedBackend::Ray => Ok(Box::new(ClusterExecutor::start(config)?)),
     }
 }

@@ -34,7 +34,8 @@ impl MultiprocExecutor {
         let model_config =
             ModelConfig::load(&config.model, config.load_format, &config.hf_overrides)?;
         let bin = locate_worker_bin()?;
-        let collective_address = collective_address()?;
+        let host = envs::raw(envs::VLLM_HOST_IP).unwrap_or_else(|| "127.0.0.1".into());
+        let collective_address = collective_address(&host)?;
         tracing::info!(
             "Starting {world} worker processes ({}), collective group at {collective_address}",
             bin.display()

@@ -40,6 +40,22 @@ const OUTPUT_RANK: usize = 0;
 /// `execute_model`).
 const FATAL_GRACE: Duration = Duration::from_secs(1);
 
+/// Runs `fut` to completion on `handle`'s runtime from any thread, including
+/// one inside another runtime (set-up runs under `block_in_place` in the
+/// server), where `Handle::block_on` itself would panic.
+pub(crate) fn block_on<F>(handle: &tokio::runtime::Handle, fut: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    let handle = handle.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || handle.block_on(fut))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 pub(crate) struct RemoteWorkers {
     /// Owns the gRPC connections; `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
@@ -98,25 +114,13 @@ impl RemoteWorkers {
         Ok(workers)
     }
 
-    /// Runs `fut` to completion on the executor's runtime from any thread,
-    /// including one inside another runtime (set-up runs under
-    /// `block_in_place` in the server).
     fn block_on<F>(&self, fut: F) -> F::Output
     where
         F: std::future::Future + Send,
         F::Output: Send,
     {
-        let handle = self
-            .runtime
-            .as_ref()
-            .expect("the runtime lives until drop")
-            .handle()
-            .clone();
-        std::thread::scope(|s| {
-            s.spawn(move || handle.block_on(fut))
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        let rt = self.runtime.as_ref().expect("the runtime lives until drop");
+        block_on(rt.handle(), fut)
     }
 
     fn set_up(
@@ -539,18 +543,20 @@ pub(crate) fn locate_worker_bin() -> Result<PathBuf> {
     })
 }
 
-/// Where the tensor-parallel group meets: `VLLM_HOST_IP` (else loopback) at
-/// `VLLM_PORT`, else at a port free right now.
-pub(crate) fn collective_address() -> Result<String> {
-    let host = envs::raw(envs::VLLM_HOST_IP).unwrap_or_else(|| "127.0.0.1".into());
+/// Where the tensor-parallel group meets: rank 0's `host` at `VLLM_PORT`,
+/// else at a port free right now (found by binding it, so `host` must be an
+/// address of this machine unless `VLLM_PORT` is set).
+pub(crate) fn collective_address(host: &str) -> Result<String> {
     let port = match envs::get::<u16>(envs::VLLM_PORT)? {
         Some(p) => p,
-        None => std::net::TcpListener::bind((host.as_str(), 0))
+        None => std::net::TcpListener::bind((host, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| ExecutorError::Spawn {
                 rank: 0,
-                message: format!("cannot find a free port on {host}: {e}"),
+                message: format!(
+                    "cannot find a free port on {host} ({e}); set VLLM_PORT when rank 0 runs on another node"
+                ),
             })?,
     };
     Ok(if host.contains(':') {
