@@ -3,7 +3,8 @@
 //! SIGKILL mid-generation. The in-flight requests must end with an error
 //! (HTTP 500 JSON, an error event on a stream), `/health` must answer 503,
 //! the gateway must stay up and answer, and its other workers must die with
-//! it when it is killed in turn.
+//! it when it is killed in turn. A worker lost while the engine is idle
+//! makes `/health` answer 503 too.
 
 #[path = "../../tests/support/fixtures.rs"]
 mod fixtures;
@@ -45,11 +46,9 @@ fn sigkill(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
-    let Some(model) = fixtures::smollm2_gguf() else {
-        return;
-    };
+/// `gateway serve --tensor-parallel-size tp` on `model`; returns it, its
+/// base URL and each worker rank's pid (from the log prefixes).
+fn start_gateway(model: &std::path::Path, tp: usize) -> (Gateway, String, HashMap<usize, u32>) {
     fixtures::build_worker_binary();
     let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["serve", model.to_str().unwrap()])
@@ -61,16 +60,18 @@ async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
             "--served-model-name",
             "smol",
         ])
-        .args(["--tensor-parallel-size", "3", "--max-model-len", "1024"])
+        .args([
+            "--tensor-parallel-size",
+            &tp.to_string(),
+            "--max-model-len",
+            "1024",
+        ])
         .args(["--num-gpu-blocks-override", "128"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start gateway");
     let mut gw = Gateway(child);
-    let gateway_pid = gw.0.id();
-
-    // Log lines: the API address, and each worker's pid from its prefix.
     let (tx, rx) = mpsc::channel::<String>();
     let stdout = gw.0.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -83,7 +84,7 @@ async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
     let mut base = None;
     let mut workers: HashMap<usize, u32> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while base.is_none() || workers.len() < 3 {
+    while base.is_none() || workers.len() < tp {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("gateway starts within 120 s");
@@ -102,8 +103,56 @@ async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
             workers.insert(rank, pid);
         }
     }
-    drop(rx);
-    let base = base.unwrap();
+    (gw, base.unwrap(), workers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_between_requests_makes_the_gateway_unhealthy() {
+    let Some(model) = fixtures::smollm2_gguf() else {
+        return;
+    };
+    let (mut gw, base, workers) = start_gateway(&model, 3);
+    let c = reqwest::Client::new();
+    let health = || {
+        c.get(format!("{base}/health"))
+            .timeout(Duration::from_secs(10))
+            .send()
+    };
+    assert_eq!(health().await.unwrap().status(), 200);
+    // Idle: no step notices the loss; the engine's idle check does.
+    sigkill(workers[&0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health().await.unwrap().status() != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/health still 200 after a worker died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "smol", "prompt": "Hello", "max_tokens": 2}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    assert!(gw.0.try_wait().unwrap().is_none(), "the gateway exited");
+    // The engine stopped and dropped its executor: the other ranks are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while [1, 2].iter().any(|r| process_alive(workers[r])) {
+        assert!(Instant::now() < deadline, "workers outlived their executor");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
+    let Some(model) = fixtures::smollm2_gguf() else {
+        return;
+    };
+    let (mut gw, base, workers) = start_gateway(&model, 3);
+    let gateway_pid = gw.0.id();
     let c = reqwest::Client::new();
     let health = |c: &reqwest::Client| {
         let url = format!("{base}/health");
