@@ -277,14 +277,17 @@ impl Worker for WorkerService {
             .returns_output();
         let (tx, rx) = mpsc::channel(4);
         let state = self.state.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match steps.message().await {
                     Ok(Some(m)) => m,
-                    // The executor closed its side: nothing more to run.
-                    Ok(None) => break,
+                    Ok(None) => {
+                        tracing::info!("The executor closed the step stream; stopping");
+                        break;
+                    }
                     Err(e) => {
-                        tracing::warn!("step stream from the executor failed: {e}");
+                        tracing::warn!("Step stream from the executor failed ({e}); stopping");
                         break;
                     }
                 };
@@ -329,6 +332,11 @@ impl Worker for WorkerService {
                     break;
                 }
             }
+            // A worker serves one executor for its whole life: once that
+            // executor's stream is gone (closed, or its gateway killed),
+            // nothing will drive this rank again, and a worker actor left
+            // running would hold its CPU or GPU for nothing.
+            shutdown.notify_one();
         });
         let out = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))

@@ -1,10 +1,10 @@
 //! The `worker` binary on its own, driven over gRPC as an executor drives
 //! it: set-up calls out of order or with a bad layout are clear errors, then
-//! a tiny random-weight Llama runs a step on the Execute stream, and
-//! Shutdown ends the process.
+//! a tiny random-weight Llama runs a step on the Execute stream; the end of
+//! that stream (its executor gone) or Shutdown ends the process.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use proto::worker as pb;
@@ -24,19 +24,8 @@ fn init(rank: u32, world: u32, tp: u32, pp: u32) -> pb::InitRequest {
     }
 }
 
-#[tokio::test]
-async fn worker_binary_serves_the_worker_service() {
-    let dir = std::env::temp_dir().join(format!("flotilla-worker-svc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 128, "tie_word_embeddings": true,
-        "bos_token_id": 1, "eos_token_id": 2
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-
+/// Starts the worker binary; returns it and the address it printed.
+fn spawn_worker() -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -50,6 +39,40 @@ async fn worker_binary_serves_the_worker_service() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// Waits up to 5 s for `child` to exit; true when it exited with success.
+async fn exits_successfully(mut child: Child) -> bool {
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn worker_binary_serves_the_worker_service() {
+    let dir = std::env::temp_dir().join(format!("flotilla-worker-svc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let (child, addr) = spawn_worker();
     let mut c = WorkerClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -161,20 +184,17 @@ async fn worker_binary_serves_the_worker_service() {
     let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert_eq!(h.num_requests, 1);
 
-    c.shutdown(pb::ShutdownRequest {}).await.unwrap();
+    // The executor going away (its stream closed) ends the worker.
     drop(tx);
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            if let Some(s) = child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        None
-    })
-    .await
-    .unwrap();
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    drop(out);
+    assert!(exits_successfully(child).await);
+
+    // So does Shutdown, before any stream.
+    let (child, addr) = spawn_worker();
+    let mut c = WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.shutdown(pb::ShutdownRequest {}).await.unwrap();
+    assert!(exits_successfully(child).await);
     std::fs::remove_dir_all(&dir).unwrap();
 }
