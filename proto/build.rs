@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if protos.is_empty() {
         return Ok(());
     }
-    tonic_prost_build::configure().compile_protos(&protos, &[dir.to_path_buf()])?;
+    // A step's encoded bytes are shared by every rank's stream: `Bytes`
+    // clones are reference counts, `Vec<u8>` clones would copy each step.
+    tonic_prost_build::configure()
+        .bytes(".flotilla.worker.ExecuteRequest.scheduler_output")
+        .compile_protos(&protos, &[dir.to_path_buf()])?;
     Ok(())
 }

@@ -4,3 +4,7 @@
 pub mod orchestrator {
     tonic::include_proto!("flotilla.orchestrator");
 }
+
+pub mod worker {
+    tonic::include_proto!("flotilla.worker");
+}

@@ -52,6 +52,20 @@ env_vars! {
         "Cache directory for compiled GPU kernels when FLOTILLA_CACHE_ROOT is unset (kernels go under <root>/kernels).";
     VLLM_DISABLE_COMPILE_CACHE = "VLLM_DISABLE_COMPILE_CACHE", "0",
         "1: compile the CUDA kernels at every start instead of reusing the on-disk cache.";
+    VLLM_PORT = "VLLM_PORT", "",
+        "First internal port (collective rendezvous of worker ranks); an ephemeral port when unset.";
+    VLLM_RPC_TIMEOUT = "VLLM_RPC_TIMEOUT", "10000",
+        "Milliseconds an internal call (executor to worker, collective between ranks) may take before it is an error.";
+    VLLM_ENGINE_ITERATION_TIMEOUT_S = "VLLM_ENGINE_ITERATION_TIMEOUT_S", "60",
+        "Seconds one step on distributed workers may take before the executor counts its workers as lost.";
+    FLOTILLA_ADDRESS = "FLOTILLA_ADDRESS", "",
+        "Orchestrator head address(es) the gateway's ray executor uses (as RAY_ADDRESS); default: the head recorded under the cache root.";
+    VLLM_RAY_PER_WORKER_GPUS = "VLLM_RAY_PER_WORKER_GPUS", "1.0",
+        "GPUs per worker actor with --distributed-executor-backend ray on CUDA (fractions share a GPU).";
+    VLLM_RAY_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES", "",
+        "Comma-separated placement-group bundle index for each rank (ray executor); default: driver node first, then by node IP.";
+    FLOTILLA_WORKER_BIN = "FLOTILLA_WORKER_BIN", "",
+        "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
 }
@@ -113,6 +127,19 @@ pub fn cpu_kvcache_space_bytes() -> Result<usize, EnvError> {
         });
     }
     Ok((gib * (1u64 << 30) as f64) as usize)
+}
+
+/// `VLLM_RPC_TIMEOUT` as a duration (milliseconds in the variable).
+pub fn rpc_timeout() -> Result<std::time::Duration, EnvError> {
+    let ms: u64 = get(VLLM_RPC_TIMEOUT)?.unwrap_or(10_000);
+    if ms == 0 {
+        return Err(EnvError {
+            name: VLLM_RPC_TIMEOUT.name,
+            value: "0".into(),
+            expected: "positive number of milliseconds",
+        });
+    }
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// Keys are shown as "(set)", never printed.

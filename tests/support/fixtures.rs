@@ -50,3 +50,42 @@ pub fn require<T>(found: Option<T>, what: &str, how: &str) -> Option<T> {
 pub fn smollm2_gguf() -> Option<PathBuf> {
     require(find_smollm2_gguf(), "SmolLM2 GGUF", "run scripts/setup.sh")
 }
+
+/// Builds `bin` of workspace package `package` into the target directory
+/// this test binary runs from (`target/<profile>`), and returns its path. A
+/// test crate cannot name another package's binary, so it asks cargo, which
+/// finishes at once when the binary is up to date.
+pub fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary under target/<profile>/deps")
+        .to_path_buf();
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(repo())
+        .args(["build", "-q", "-p", package, "--bin", bin]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// The `worker` binary, where the gateway's executors look for it (next to
+/// the test binary's `deps` folder).
+pub fn build_worker_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binary("flotilla-worker", "worker"))
+        .clone()
+}

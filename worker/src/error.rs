@@ -62,6 +62,17 @@ pub enum Error {
     PositionOutOfRange { position: usize, max_len: usize },
     #[error("token id {token_id} is out of the vocabulary (size {vocab_size})")]
     TokenOutOfRange { token_id: u32, vocab_size: usize },
+    /// A collective between tensor-parallel ranks failed: a peer is gone or
+    /// timed out. The group cannot be used again.
+    #[error("collective {op} failed{peer}: {msg}")]
+    Collective {
+        op: &'static str,
+        /// ", peer rank N" when one peer is at fault.
+        peer: String,
+        msg: String,
+    },
+    #[error("cannot decode the {what} received from the wire: {msg}")]
+    Wire { what: &'static str, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A CUDA driver, NVRTC, cuBLAS or NCCL call failed.
@@ -78,6 +89,12 @@ impl Error {
             op: op.to_string(),
             msg: format!("{e:?}"),
         }
+    }
+
+    /// True when the process cannot go on serving steps (its group is
+    /// broken); false when only the step's requests are at fault.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::Collective { .. })
     }
 
     pub(crate) fn config(msg: impl Into<String>) -> Self {

@@ -15,13 +15,15 @@ pub mod parallel;
 pub mod rope;
 pub mod sampler;
 pub mod sampling_params;
+pub mod service;
 pub mod step;
+pub mod wire;
 
 pub use backend::Device;
 pub use config::{GenerationConfig, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use loader::LoadFormat;
-pub use model_runner::{KvBudget, ModelRunner, WorkerConfig};
+pub use model_runner::{KvBudget, KvSizing, MemoryProfile, ModelRunner, WorkerConfig};
 pub use parallel::ParallelConfig;
 pub use sampling_params::SamplingParams;
 pub use step::{

@@ -83,6 +83,26 @@ trait StepRunner: Send {
     ) -> Result<Option<KvBudget>>;
 }
 
+/// vLLM's profile run settings: how much of a GPU the engine may use, and
+/// the largest step it will run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryProfile {
+    pub gpu_memory_utilization: f64,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+}
+
+/// How big one KV block is and how many bytes the KV cache may take on this
+/// rank: from a GPU profile, or `VLLM_CPU_KVCACHE_SPACE` on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSizing {
+    pub device: Device,
+    pub bytes_per_block: usize,
+    pub available_bytes: usize,
+    /// What the GPU profile found, when one ran.
+    pub profile: Option<KvBudget>,
+}
+
 /// What the memory profile found (bytes): the KV cache may take `available`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvBudget {
@@ -151,17 +171,37 @@ impl ModelRunner {
 
     /// On a GPU: runs one step of `max_num_batched_tokens` tokens over up to
     /// `max_num_seqs` sequences, as vLLM's profile run does, and returns how
-    /// much of `utilization` × the device's memory is left for the KV cache
-    /// after the weights and that step's peak. `None` on the CPU, whose KV
-    /// cache is sized by `VLLM_CPU_KVCACHE_SPACE`.
-    pub fn profile_kv_cache_bytes(
-        &mut self,
-        utilization: f64,
-        max_num_batched_tokens: usize,
-        max_num_seqs: usize,
-    ) -> Result<Option<KvBudget>> {
-        self.inner
-            .profile_kv_cache_bytes(utilization, max_num_batched_tokens, max_num_seqs)
+    /// much of `gpu_memory_utilization` × the device's memory is left for the
+    /// KV cache after the weights and that step's peak. `None` on the CPU.
+    pub fn profile_kv_cache_bytes(&mut self, p: &MemoryProfile) -> Result<Option<KvBudget>> {
+        self.inner.profile_kv_cache_bytes(
+            p.gpu_memory_utilization,
+            p.max_num_batched_tokens,
+            p.max_num_seqs,
+        )
+    }
+
+    /// The KV cache's room on this rank: a GPU profile when `profile` is
+    /// given (none is needed with a fixed block count), else on the CPU
+    /// `VLLM_CPU_KVCACHE_SPACE`.
+    pub fn kv_sizing(&mut self, profile: Option<&MemoryProfile>) -> Result<KvSizing> {
+        let budget = match profile {
+            Some(p) => self.profile_kv_cache_bytes(p)?,
+            None => None,
+        };
+        let available_bytes = match (&budget, self.device()) {
+            (Some(b), _) => b.available,
+            (None, Device::Cpu) => runtime::envs::cpu_kvcache_space_bytes()
+                .map_err(|e| Error::config(e.to_string()))?,
+            // A GPU without a profile: the block count is given (--num-gpu-blocks-override).
+            (None, _) => 0,
+        };
+        Ok(KvSizing {
+            device: self.device(),
+            bytes_per_block: self.kv_cache_bytes_per_block(),
+            available_bytes,
+            profile: budget,
+        })
     }
 }
 

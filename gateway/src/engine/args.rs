@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use worker::config::{GenerationConfig, ModelConfig};
-use worker::{Device, LoadFormat, ParallelConfig, WorkerConfig};
+use worker::{Device, LoadFormat, MemoryProfile, ParallelConfig, WorkerConfig};
 
 use super::block_manager::BlockManager;
 use super::client::EngineClient;
 use super::error::{EngineError, Result};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy};
 use crate::envs;
-use crate::executor::{Executor, ExecutorError, InProcessExecutor};
+use crate::executor::{self, DistributedBackend, ExecutorError};
 use crate::tokenizer::Tokenizer;
 
 pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
@@ -104,6 +104,12 @@ pub struct EngineArgs {
 
     #[arg(long, visible_alias = "pp", default_value_t = 1)]
     pub pipeline_parallel_size: usize,
+
+    /// uni (in this process), mp (worker processes on this machine) or ray
+    /// (worker actors placed by the orchestrator). Default: uni for a world
+    /// of one, else mp.
+    #[arg(long, value_enum)]
+    pub distributed_executor_backend: Option<DistributedBackend>,
 }
 
 impl Default for EngineArgs {
@@ -128,6 +134,7 @@ impl Default for EngineArgs {
             enforce_eager: false,
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
+            distributed_executor_backend: None,
         }
     }
 }
@@ -250,11 +257,37 @@ impl EngineArgs {
                     "must be at least 1".into(),
                 );
             }
-            if size > 1 {
-                return Err(ExecutorError::ParallelismUnavailable { what, size }.into());
+        }
+        if self.pipeline_parallel_size > 1 {
+            return Err(ExecutorError::ParallelismUnavailable {
+                what: "pipeline_parallel_size",
+                size: self.pipeline_parallel_size,
+                reason: "layers cannot be split over stages yet; use --pipeline-parallel-size 1",
             }
+            .into());
+        }
+        let backend = self.executor_backend();
+        if backend == DistributedBackend::Uni && self.world_size() > 1 {
+            return bad(
+                "--distributed-executor-backend",
+                format!(
+                    "uni runs a world of one rank, but tensor_parallel_size x pipeline_parallel_size is {}; use mp",
+                    self.world_size()
+                ),
+            );
         }
         Ok(())
+    }
+
+    /// Ranks in the world: tensor x pipeline parallel.
+    pub fn world_size(&self) -> usize {
+        self.tensor_parallel_size * self.pipeline_parallel_size
+    }
+
+    /// `--distributed-executor-backend`, or vLLM's default for the world size.
+    pub fn executor_backend(&self) -> DistributedBackend {
+        self.distributed_executor_backend
+            .unwrap_or_else(|| DistributedBackend::default_for(self.world_size()))
     }
 
     pub fn hf_overrides_json(&self) -> Result<serde_json::Value> {
@@ -302,7 +335,11 @@ impl EngineArgs {
             dtype: self.dtype.clone(),
             hf_overrides: self.hf_overrides_json()?,
             block_size: self.block_size,
-            parallel: ParallelConfig::default(),
+            parallel: ParallelConfig {
+                tp_size: self.tensor_parallel_size,
+                pp_size: self.pipeline_parallel_size,
+                ..ParallelConfig::default()
+            },
             seed: self.seed,
             max_model_len: 0,
         };
@@ -318,44 +355,44 @@ impl EngineArgs {
             max_model_len,
             ..worker_config
         };
-        let mut executor = InProcessExecutor::load(&worker_config)?;
+        // vLLM's profile run sizes a GPU's KV cache; a given block count needs none.
+        let profile = self
+            .num_gpu_blocks_override
+            .is_none()
+            .then_some(MemoryProfile {
+                gpu_memory_utilization: self.gpu_memory_utilization,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+            });
+        let mut executor = executor::build(self.executor_backend(), &worker_config, profile)?;
         let model_config = executor.model_config().clone();
 
-        let bytes_per_block = executor.kv_cache_bytes_per_block();
-        let profiled = match self.num_gpu_blocks_override {
-            Some(_) => None,
-            None => executor.profile_kv_cache_bytes(
+        let capacity = executor.kv_cache_capacity()?;
+        if let Some(b) = &capacity.profile {
+            const GIB: f64 = (1u64 << 30) as f64;
+            tracing::info!(
+                "Memory profiling: {:.2} GiB total x {} utilization; {:.2} GiB in use after loading, {:.2} GiB peak activations; {:.2} GiB for the KV cache",
+                b.total as f64 / GIB,
                 self.gpu_memory_utilization,
-                self.max_num_batched_tokens,
-                self.max_num_seqs,
-            )?,
-        };
-        let on_gpu = executor.device() == Device::Cuda;
-        let available = match &profiled {
-            Some(b) => {
-                const GIB: f64 = (1u64 << 30) as f64;
-                tracing::info!(
-                    "Memory profiling: {:.2} GiB total x {} utilization; {:.2} GiB in use after loading, {:.2} GiB peak activations; {:.2} GiB for the KV cache",
-                    b.total as f64 / GIB,
-                    self.gpu_memory_utilization,
-                    b.used_before as f64 / GIB,
-                    b.peak_activations as f64 / GIB,
-                    b.available as f64 / GIB
-                );
-                b.available
-            }
-            None => envs::cpu_kvcache_space_bytes()?,
-        };
+                b.used_before as f64 / GIB,
+                b.peak_activations as f64 / GIB,
+                b.available as f64 / GIB
+            );
+        }
         let num_blocks = num_kv_blocks(
             self.num_gpu_blocks_override,
-            available,
-            bytes_per_block,
+            capacity.available_bytes,
+            capacity.bytes_per_block,
             self.block_size,
             max_model_len,
         )?;
         tracing::info!(
             "# {} blocks: {num_blocks}",
-            if on_gpu { "GPU" } else { "CPU" }
+            if capacity.device == Device::Cuda {
+                "GPU"
+            } else {
+                "CPU"
+            }
         );
         tracing::info!(
             "Maximum concurrency for {max_model_len} tokens per request: {:.2}x",
@@ -401,8 +438,7 @@ impl EngineArgs {
         let interval: f64 = envs::get(envs::VLLM_LOG_STATS_INTERVAL)?.unwrap_or(10.0);
         let interval =
             Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(10));
-        let client =
-            EngineClient::spawn(scheduler, Box::new(executor), tokenizer.clone(), interval)?;
+        let client = EngineClient::spawn(scheduler, executor, tokenizer.clone(), interval)?;
         Ok(LoadedEngine {
             client,
             tokenizer,
@@ -556,10 +592,22 @@ mod tests {
         assert!(e.to_string().contains(
             "max_num_batched_tokens (256) must be greater than or equal to max_num_seqs (300)."
         ));
-        let e = parse(&["--tensor-parallel-size", "2"])
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("not available yet"), "{e}");
+        assert!(parse(&["--tensor-parallel-size", "2"]).validate().is_ok());
+        assert_eq!(
+            parse(&["--tp", "2"]).executor_backend(),
+            DistributedBackend::Mp
+        );
+        assert_eq!(parse(&[]).executor_backend(), DistributedBackend::Uni);
+        for (args, wanted) in [
+            (vec!["--pipeline-parallel-size", "2"], "not available yet"),
+            (
+                vec!["--tp", "2", "--distributed-executor-backend", "uni"],
+                "uni runs a world of one rank",
+            ),
+        ] {
+            let e = parse(&args).validate().unwrap_err().to_string();
+            assert!(e.contains(wanted), "{args:?}: {e}");
+        }
         assert!(parse(&[
             "--hf-overrides",
             r#"{"architectures": ["LlamaForCausalLM"]}"#

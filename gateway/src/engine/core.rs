@@ -67,6 +67,8 @@ pub(crate) struct EngineCore {
     /// Outputs held until the stats are published, so that a client that
     /// sees its request finish also sees its blocks freed.
     pending: Vec<Ready>,
+    /// Set when the executor failed for good (a worker lost): the loop stops.
+    fatal: Option<String>,
 }
 
 impl EngineCore {
@@ -85,6 +87,7 @@ impl EngineCore {
             step_num: 0,
             stat_logger: StatLogger::new(log_interval),
             pending: Vec::new(),
+            fatal: None,
         };
         core.publish_stats();
         core
@@ -98,14 +101,19 @@ impl EngineCore {
                 match rx.recv_timeout(Duration::from_secs(1)) {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
-                            break "shut down";
+                            break "shut down".to_string();
                         }
                     }
                     Err(RecvTimeoutError::Timeout) => {
                         self.maybe_log_stats();
+                        if let Err(e) = self.executor.check_health() {
+                            if e.is_fatal() {
+                                break format!("lost its executor: {e}");
+                            }
+                        }
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => break "all clients gone",
+                    Err(RecvTimeoutError::Disconnected) => break "all clients gone".to_string(),
                 }
             }
             let mut stop = None;
@@ -125,17 +133,20 @@ impl EngineCore {
                 }
             }
             if let Some(r) = stop {
-                break r;
+                break r.to_string();
             }
             if self.scheduler.has_unfinished() && !self.step() {
                 // Nothing could be scheduled: wait for a command instead of spinning.
                 if let Ok(cmd) = rx.recv_timeout(Duration::from_millis(10)) {
                     if !self.handle(cmd) {
-                        break "shut down";
+                        break "shut down".to_string();
                     }
                 }
             }
             self.flush_outputs();
+            if let Some(reason) = self.fatal.take() {
+                break reason;
+            }
             self.maybe_log_stats();
         };
         for id in self.scheduler.request_ids() {
@@ -146,7 +157,7 @@ impl EngineCore {
             );
         }
         self.flush_outputs();
-        *self.shared.dead.lock().expect("dead lock") = Some(reason.to_string());
+        *self.shared.dead.lock().expect("dead lock") = Some(reason.clone());
         tracing::info!("Engine loop stopped ({reason})");
     }
 
@@ -194,6 +205,20 @@ impl EngineCore {
                         self.pending.push(ready);
                     }
                 }
+            }
+            Err(e) if e.is_fatal() => {
+                // Workers are gone: nothing can run any more. Fail this
+                // step's requests with the cause; the loop then stops, fails
+                // the rest and reports the engine dead (/health 503).
+                tracing::error!(
+                    step = self.step_num,
+                    "Executor failed, stopping the engine: {e}"
+                );
+                let message = format!("model execution failed: {e}");
+                for (id, _) in &step.num_scheduled_tokens {
+                    self.finish(id, FinishReason::Abort, Some(message.clone()));
+                }
+                self.fatal = Some(format!("lost its executor: {e}"));
             }
             Err(e) => {
                 tracing::error!(

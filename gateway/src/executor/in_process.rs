@@ -1,19 +1,29 @@
 //! Runs the model in this process on the engine thread: one worker, TP=1.
 
 use worker::config::ModelConfig;
-use worker::{ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
+use worker::{MemoryProfile, ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
-use super::{Executor, Result};
+use super::{Executor, KvCacheCapacity, Result};
 
 pub struct InProcessExecutor {
     runner: ModelRunner,
+    capacity: KvCacheCapacity,
 }
 
 impl InProcessExecutor {
-    /// Loads the weights (the KV cache comes with `initialize_kv_cache`).
-    pub fn load(config: &WorkerConfig) -> Result<Self> {
+    /// Loads the weights and sizes the KV cache (allocated later, by
+    /// `initialize_kv_cache`).
+    pub fn load(config: &WorkerConfig, profile: Option<MemoryProfile>) -> Result<Self> {
+        let mut runner = ModelRunner::load(config)?;
+        let s = runner.kv_sizing(profile.as_ref())?;
         Ok(Self {
-            runner: ModelRunner::load(config)?,
+            runner,
+            capacity: KvCacheCapacity {
+                bytes_per_block: s.bytes_per_block,
+                available_bytes: s.available_bytes,
+                device: s.device,
+                profile: s.profile,
+            },
         })
     }
 }
@@ -23,23 +33,8 @@ impl Executor for InProcessExecutor {
         self.runner.model_config()
     }
 
-    fn kv_cache_bytes_per_block(&self) -> usize {
-        self.runner.kv_cache_bytes_per_block()
-    }
-
-    fn device(&self) -> worker::Device {
-        self.runner.device()
-    }
-
-    fn profile_kv_cache_bytes(
-        &mut self,
-        utilization: f64,
-        max_num_batched_tokens: usize,
-        max_num_seqs: usize,
-    ) -> Result<Option<worker::KvBudget>> {
-        Ok(self
-            .runner
-            .profile_kv_cache_bytes(utilization, max_num_batched_tokens, max_num_seqs)?)
+    fn kv_cache_capacity(&self) -> Result<KvCacheCapacity> {
+        Ok(self.capacity)
     }
 
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {

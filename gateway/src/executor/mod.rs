@@ -1,13 +1,20 @@
-//! Executors run scheduler steps on workers. `InProcess` runs the model in
-//! this process (TP=1, the embedded default); the multi-process and cluster
-//! executors come with the orchestrator.
+//! Executors run scheduler steps on workers: `uni` runs the model in this
+//! process (world size 1), `mp` in worker processes on this machine, `ray`
+//! in worker actors the orchestrator places. The engine
+//! sees only the `Executor` trait; `build` picks and starts the right one.
 
+pub mod cluster;
 pub mod in_process;
+pub mod multiproc;
+mod remote;
+pub mod worker_env;
 
 use worker::config::ModelConfig;
-use worker::{ModelRunnerOutput, SchedulerOutput};
+use worker::{MemoryProfile, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
+pub use cluster::ClusterExecutor;
 pub use in_process::InProcessExecutor;
+pub use multiproc::MultiprocExecutor;
 
 pub type Result<T> = std::result::Result<T, ExecutorError>;
 
@@ -16,36 +23,133 @@ pub enum ExecutorError {
     #[error(transparent)]
     Worker(#[from] worker::error::Error),
 
+    #[error(transparent)]
+    Env(#[from] runtime::envs::EnvError),
+
     /// A panic in model code, caught so that the engine loop survives it.
     #[error("model execution panicked: {message}")]
     Panicked { message: String },
 
-    #[error(
-        "{what}={size} needs the multi-process or cluster executor, which is not available yet; \
-         only 1 runs now"
-    )]
-    ParallelismUnavailable { what: &'static str, size: usize },
+    #[error("{what}={size} is not available yet: {reason}")]
+    ParallelismUnavailable {
+        what: &'static str,
+        size: usize,
+        reason: &'static str,
+    },
+
+    #[error("cannot start worker rank {rank}: {message}")]
+    Spawn { rank: usize, message: String },
+
+    /// A set-up call (init, load, KV cache) a worker refused or failed.
+    #[error("worker rank {rank}: {call} failed: {message}")]
+    Call {
+        rank: usize,
+        call: &'static str,
+        message: String,
+    },
+
+    /// A step a worker rejected for its requests' sake; the workers go on.
+    #[error("worker rank {rank}: {message}")]
+    StepRejected { rank: usize, message: String },
+
+    #[error("invalid {name}: {message}")]
+    InvalidEnv { name: &'static str, message: String },
+
+    /// The orchestrator refused or failed a request (placement, actors).
+    #[error("cluster: {message}")]
+    Cluster { message: String },
+
+    /// A worker, its connection or its collective group is gone: the
+    /// executor cannot run steps any more.
+    #[error("lost worker rank {rank}: {reason}")]
+    WorkerLost { rank: usize, reason: String },
+}
+
+impl ExecutorError {
+    /// True when the executor is unusable (the engine must stop and report
+    /// unhealthy); false when only the step's requests failed.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ExecutorError::WorkerLost { .. })
+    }
+}
+
+/// Bytes of one KV block, and how many blocks fit on every worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheCapacity {
+    pub bytes_per_block: usize,
+    /// Bytes the KV cache may take on the most constrained worker, expressed
+    /// in that worker's blocks times `bytes_per_block`.
+    pub available_bytes: usize,
+    /// Where the model runs (rank 0's device).
+    pub device: worker::Device,
+    /// The GPU memory profile of the most constrained worker, when one ran.
+    pub profile: Option<worker::KvBudget>,
 }
 
 /// Runs steps of the step protocol on one model replica.
 pub trait Executor: Send {
     fn model_config(&self) -> &ModelConfig;
 
-    fn kv_cache_bytes_per_block(&self) -> usize;
-
-    /// The device the model runs on.
-    fn device(&self) -> worker::Device;
-
-    /// Bytes the KV cache may take after a profiling step (GPU), or `None`
-    /// where the KV cache is sized by `VLLM_CPU_KVCACHE_SPACE` (CPU).
-    fn profile_kv_cache_bytes(
-        &mut self,
-        utilization: f64,
-        max_num_batched_tokens: usize,
-        max_num_seqs: usize,
-    ) -> Result<Option<worker::KvBudget>>;
+    fn kv_cache_capacity(&self) -> Result<KvCacheCapacity>;
 
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
+
+    /// Checked while the engine is idle: a fatal error when a worker died
+    /// between steps.
+    fn check_health(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// vLLM's `--distributed-executor-backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistributedBackend {
+    /// The model in this process (world size 1).
+    Uni,
+    /// One worker process per rank on this machine.
+    Mp,
+    /// Worker actors placed by the orchestrator.
+    Ray,
+}
+
+impl DistributedBackend {
+    /// vLLM's default: `uni` for a world of one, else `mp`.
+    pub fn default_for(world_size: usize) -> Self {
+        if world_size <= 1 {
+            Self::Uni
+        } else {
+            Self::Mp
+        }
+    }
+}
+
+/// Starts the executor `backend` names for `config` (whose `parallel` gives
+/// the world: tp_size x pp_size ranks), loads the model on it and sizes the
+/// KV cache (on a GPU by `profile`, vLLM's profile run; `None` when the block
+/// count is given).
+pub fn build(
+    backend: DistributedBackend,
+    config: &WorkerConfig,
+    profile: Option<MemoryProfile>,
+) -> Result<Box<dyn Executor>> {
+    let world = config.parallel.tp_size * config.parallel.pp_size;
+    if config.parallel.pp_size > 1 {
+        return Err(ExecutorError::ParallelismUnavailable {
+            what: "pipeline_parallel_size",
+            size: config.parallel.pp_size,
+            reason: "layers cannot be split over stages yet; use --pipeline-parallel-size 1",
+        });
+    }
+    match backend {
+        DistributedBackend::Uni if world > 1 => Err(ExecutorError::ParallelismUnavailable {
+            what: "tensor_parallel_size",
+            size: config.parallel.tp_size,
+            reason: "the uni executor runs one rank; use --distributed-executor-backend mp",
+        }),
+        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(config, profile)?)),
+        DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config, profile)?)),
+        DistributedBackend::Ray => Ok(Box::new(ClusterExecutor::start(config, profile)?)),
+    }
 }

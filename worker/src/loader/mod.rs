@@ -47,6 +47,16 @@ impl FromStr for LoadFormat {
 }
 
 impl LoadFormat {
+    /// The `--load-format` spelling (what `from_str` parses).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Safetensors => "safetensors",
+            Self::Gguf => "gguf",
+            Self::Dummy => "dummy",
+        }
+    }
+
     /// Resolves `Auto` from what `model` is on disk.
     pub fn resolve(self, model: &Path) -> Result<LoadFormat> {
         if !model.exists() {

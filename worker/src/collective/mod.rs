@@ -17,3 +17,7 @@ pub trait HostGroup: Send + Sync {
     /// (the last vocab shard can be short).
     fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>>;
 }
+
+pub mod tcp;
+
+pub use tcp::TcpGroup;

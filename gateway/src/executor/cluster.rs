@@ -1,0 +1,482 @@
+//! The `ray` executor (vLLM's name for it, so existing commands keep
+//! working): worker actors placed by the orchestrator, one per rank, in a
+//! placement group of world-size bundles (`{CPU: 1}` each, or
+//! `{GPU: VLLM_RAY_PER_WORKER_GPUS}` on CUDA), PACK. Once the actors listen,
+//! they are driven exactly as the `mp` executor drives its processes
+//! (`remote::RemoteWorkers`).
+//!
+//! The gateway finds the cluster as `ray.init(address="auto")` does:
+//! `FLOTILLA_ADDRESS`, else the head recorded under the cache root; the
+//! token as the orchestrator CLI finds it. The placement group is removed
+//! (and with it the actors) when the executor is dropped.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use orchestrator::client::Client;
+use orchestrator::paths::CacheRoot;
+use orchestrator::state::{ActorRecord, ActorState, NodeRecord, PgRecord, PgState};
+use proto::orchestrator::{CreateActorRequest, CreatePlacementGroupRequest, ListRequest, NameOrId};
+use worker::config::ModelConfig;
+use worker::{Device, MemoryProfile, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
+
+use super::remote::{block_on, collective_address, locate_worker_bin, RemoteWorkers, LISTENING};
+use super::{worker_env, Executor, ExecutorError, KvCacheCapacity, Result};
+use crate::envs;
+
+/// vLLM logs the pending demand this often while the group waits.
+const PENDING_LOG_EVERY: Duration = Duration::from_secs(10);
+/// vLLM's placement-group wait before it gives up.
+const PENDING_TIMEOUT: Duration = Duration::from_secs(1800);
+
+pub struct ClusterExecutor {
+    model_config: ModelConfig,
+    // Dropped first: the streams close before the group is removed.
+    workers: RemoteWorkers,
+    /// Held for its `Drop`, which removes the placement group and actors.
+    _group: ActorGroup,
+}
+
+fn cluster_err(message: impl Into<String>) -> ExecutorError {
+    ExecutorError::Cluster {
+        message: message.into(),
+    }
+}
+
+fn status_err(what: &str, s: tonic::Status) -> ExecutorError {
+    cluster_err(format!("{what}: {}", s.message()))
+}
+
+/// `VLLM_RAY_BUNDLE_INDICES` with vLLM's checks (and its messages), plus a
+/// range check against the group's `world` bundles. `None` when unset.
+pub fn parse_bundle_indices(raw: Option<&str>, world: usize) -> Result<Option<Vec<usize>>> {
+    let Some(raw) = raw.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = |message: String| ExecutorError::InvalidEnv {
+        name: envs::VLLM_RAY_BUNDLE_INDICES.name,
+        message,
+    };
+    let indices = raw
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| {
+            bad(format!(
+                "{raw:?} is not a comma-separated list of bundle indices"
+            ))
+        })?;
+    let shown = format!(
+        "[{}]",
+        indices
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if indices.len() != world {
+        return Err(bad(format!(
+            "VLLM_RAY_BUNDLE_INDICES must have the same size as the world size, but got \
+             bundle_indices={shown} and self.parallel_config.world_size={world}"
+        )));
+    }
+    let mut seen = indices.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != indices.len() {
+        return Err(bad(format!(
+            "VLLM_RAY_BUNDLE_INDICES cannot have duplicate values, but got bundle_indices={shown}"
+        )));
+    }
+    if let Some(i) = indices.iter().find(|&&i| i >= world) {
+        return Err(bad(format!(
+            "bundle index {i} is out of range: the placement group has {world} bundles (0..{world})"
+        )));
+    }
+    Ok(Some(indices))
+}
+
+/// Bundle per rank as vLLM orders them: the driver's node first, then by
+/// node IP (bundle order within a node).
+pub fn order_bundles(bundle_ips: &[String], driver_ip: &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..bundle_ips.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (bundle_ips[i] != driver_ip, bundle_ips[i].clone(), i);
+        key(a).cmp(&key(b))
+    });
+    order
+}
+
+/// The placement group and its actors, removed on drop.
+struct ActorGroup {
+    runtime: Option<tokio::runtime::Runtime>,
+    client: Client,
+    pg_id: String,
+}
+
+impl ActorGroup {
+    fn call<F: std::future::Future + Send>(&self, fut: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        block_on(self.runtime.as_ref().expect("live").handle(), fut)
+    }
+}
+
+impl Drop for ActorGroup {
+    fn drop(&mut self) {
+        let mut client = self.client.clone();
+        let name_or_id = self.pg_id.clone();
+        let removed = self.call(async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                client.remove_placement_group(NameOrId { name_or_id }),
+            )
+            .await
+        });
+        match removed {
+            Ok(Ok(_)) => tracing::info!("Removed placement group {} and its workers", self.pg_id),
+            Ok(Err(s)) => tracing::warn!(
+                "Cannot remove placement group {}: {} (remove it with `orchestrator placement-group remove {}`)",
+                self.pg_id,
+                s.message(),
+                self.pg_id
+            ),
+            Err(_) => tracing::warn!(
+                "Removing placement group {} timed out (remove it with `orchestrator placement-group remove {}`)",
+                self.pg_id,
+                self.pg_id
+            ),
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl ClusterExecutor {
+    pub fn start(config: &WorkerConfig, profile: Option<MemoryProfile>) -> Result<Self> {
+        let world = config.parallel.tp_size * config.parallel.pp_size;
+        let model_config =
+            ModelConfig::load(&config.model, config.load_format, &config.hf_overrides)?;
+        let indices =
+            parse_bundle_indices(envs::raw(envs::VLLM_RAY_BUNDLE_INDICES).as_deref(), world)?;
+        let bin = locate_worker_bin()?;
+        let bundle = match config.device.resolve()? {
+            Device::Cuda => {
+                let gpus: f64 = envs::get(envs::VLLM_RAY_PER_WORKER_GPUS)?.unwrap_or(1.0);
+                if !(gpus > 0.0 && gpus.is_finite()) {
+                    return Err(ExecutorError::InvalidEnv {
+                        name: envs::VLLM_RAY_PER_WORKER_GPUS.name,
+                        message: format!("must be a positive number of GPUs, got {gpus}"),
+                    });
+                }
+                serde_json::json!({ "GPU": gpus })
+            }
+            _ => serde_json::json!({ "CPU": 1 }),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cluster-client")
+            .enable_all()
+            .build()
+            .map_err(|e| cluster_err(format!("cannot start the async runtime: {e}")))?;
+
+        // Find and dial the head.
+        let root = CacheRoot::from_env();
+        let token = orchestrator::auth::client_token(
+            envs::raw(envs::FLOTILLA_CLUSTER_TOKEN).as_deref(),
+            &root,
+        )
+        .map_err(|e| cluster_err(e.to_string()))?;
+        let address = envs::raw(envs::FLOTILLA_ADDRESS);
+        let (client, head) = block_on(runtime.handle(), async {
+            orchestrator::client::connect(address.as_deref(), &root, &token).await
+        })
+        .map_err(|e| cluster_err(format!("cannot reach the orchestrator: {e}")))?;
+        tracing::info!("Connected to the orchestrator head at {head}");
+
+        // The placement group: created here, removed when `group` drops.
+        let name = format!(
+            "flotilla-gateway-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let bundles = serde_json::Value::Array(vec![bundle.clone(); world]);
+        let pg = create_placement_group(&runtime, &client, &name, &bundles)?;
+        let group = ActorGroup {
+            runtime: Some(runtime),
+            client: client.clone(),
+            pg_id: pg.id.clone(),
+        };
+        let pg = wait_created(&group, pg, &bundles)?;
+
+        // Rank -> bundle, and each bundle's node.
+        let nodes: Vec<NodeRecord> = list(&group, "nodes")?;
+        let ip_of: HashMap<&str, &str> = nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.ip.as_str()))
+            .collect();
+        let bundle_ips: Vec<String> = pg
+            .assignments
+            .iter()
+            .map(|a| {
+                a.as_ref()
+                    .and_then(|a| ip_of.get(a.node_id.as_str()))
+                    .map(|ip| ip.to_string())
+                    .ok_or_else(|| {
+                        cluster_err(format!("placement group {} has an unplaced bundle", pg.id))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let driver_ip = orchestrator::detect::node_ip(None, Some(&head)).0;
+        let rank_bundles = indices.unwrap_or_else(|| order_bundles(&bundle_ips, &driver_ip));
+
+        // One actor per rank, running the worker binary on its node.
+        let forwarded = worker_env::forwarded(std::env::vars());
+        tracing::info!(
+            "Copying the following environment variables to workers: {:?}",
+            forwarded
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+        );
+        let mut per_node: HashMap<&str, usize> = HashMap::new();
+        let mut actors = Vec::with_capacity(world);
+        for (rank, &b) in rank_bundles.iter().enumerate() {
+            let ip = bundle_ips[b].as_str();
+            let local_rank = {
+                let n = per_node.entry(ip).or_default();
+                *n += 1;
+                *n - 1
+            };
+            let mut env: HashMap<String, String> = forwarded.iter().cloned().collect();
+            env.insert("LOCAL_RANK".into(), local_rank.to_string());
+            if bundle.get("CPU").is_some() && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                // The bundle reserves one CPU for this worker.
+                env.insert("RAYON_NUM_THREADS".into(), "1".into());
+            }
+            let req = CreateActorRequest {
+                command: bin.to_string_lossy().into_owned(),
+                args: vec!["--listen".into(), format!("{ip}:0")],
+                env,
+                resources_json: bundle.to_string(),
+                placement_group: pg.id.clone(),
+                bundle_index: b as i64,
+                max_restarts: 0,
+                name: format!("{name}-rank{rank}"),
+            };
+            let mut c = client.clone();
+            let reply = group
+                .call(async move { c.create_actor(req).await })
+                .map_err(|s| status_err(&format!("creating the actor of rank {rank}"), s))?;
+            let actor: ActorRecord = serde_json::from_str(&reply.into_inner().json)
+                .map_err(|e| cluster_err(format!("bad actor record from the head: {e}")))?;
+            tracing::info!(
+                "Worker rank {rank}: actor {} in bundle {b} on {ip}",
+                actor.id
+            );
+            actors.push(actor.id);
+        }
+
+        let timeout = envs::rpc_timeout()?.max(Duration::from_secs(30));
+        let mut addresses = Vec::with_capacity(world);
+        for (rank, id) in actors.iter().enumerate() {
+            addresses.push(wait_listening(&group, rank, id, timeout)?);
+        }
+        let collective = collective_address(&bundle_ips[rank_bundles[0]])?;
+        tracing::info!("Workers listen at {addresses:?}; collective group at {collective}");
+        let workers = RemoteWorkers::connect(&addresses, config, &collective, profile)?;
+        Ok(Self {
+            model_config,
+            workers,
+            _group: group,
+        })
+    }
+}
+
+fn create_placement_group(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    name: &str,
+    bundles: &serde_json::Value,
+) -> Result<PgRecord> {
+    let mut c = client.clone();
+    let req = CreatePlacementGroupRequest {
+        bundles_json: bundles.to_string(),
+        strategy: "PACK".into(),
+        name: name.to_string(),
+        // Short: the wait below logs while the group is pending.
+        timeout_s: 1.0,
+    };
+    match block_on(runtime.handle(), async move {
+        c.create_placement_group(req).await
+    }) {
+        Ok(r) => serde_json::from_str(&r.into_inner().json)
+            .map_err(|e| cluster_err(format!("bad placement group record from the head: {e}"))),
+        // Still pending: it stays queued under its name.
+        Err(s) if s.code() == tonic::Code::DeadlineExceeded => Ok(PgRecord {
+            id: name.to_string(),
+            name: name.to_string(),
+            bundles: Vec::new(),
+            strategy: orchestrator::placement::Strategy::Pack,
+            state: PgState::Pending,
+            assignments: Vec::new(),
+            created_at: 0.0,
+            ended_at: None,
+        }),
+        Err(s) => Err(status_err("creating the placement group", s)),
+    }
+}
+
+fn list<T: serde::de::DeserializeOwned>(group: &ActorGroup, kind: &str) -> Result<Vec<T>> {
+    let mut c = group.client.clone();
+    let kind_s = kind.to_string();
+    let reply = group
+        .call(async move { c.list(ListRequest { kind: kind_s }).await })
+        .map_err(|s| status_err(&format!("listing {kind}"), s))?;
+    serde_json::from_str(&reply.into_inner().json)
+        .map_err(|e| cluster_err(format!("bad {kind} list from the head: {e}")))
+}
+
+/// Waits for a pending group, logging the demand as vLLM does.
+fn wait_created(group: &ActorGroup, pg: PgRecord, bundles: &serde_json::Value) -> Result<PgRecord> {
+    if pg.state == PgState::Created {
+        return Ok(pg);
+    }
+    let started = Instant::now();
+    let mut logged = Instant::now() - PENDING_LOG_EVERY;
+    loop {
+        let pgs: Vec<PgRecord> = list(group, "placement-groups")?;
+        match pgs
+            .into_iter()
+            .find(|p| p.id == group.pg_id || p.name == group.pg_id)
+        {
+            Some(p) if p.state == PgState::Created => return Ok(p),
+            Some(p) if p.state == PgState::Removed => {
+                return Err(cluster_err(format!(
+                    "placement group {} was removed while pending",
+                    p.id
+                )))
+            }
+            _ => {}
+        }
+        if started.elapsed() > PENDING_TIMEOUT {
+            return Err(cluster_err(format!(
+                "the placement group {bundles} was not placed within {PENDING_TIMEOUT:?}"
+            )));
+        }
+        if logged.elapsed() >= PENDING_LOG_EVERY {
+            tracing::info!(
+                "Waiting for creating a placement group of specs for {:.0} seconds. specs={bundles}. \
+                 Check `orchestrator status` to see if you have enough resources.",
+                started.elapsed().as_secs_f64()
+            );
+            logged = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The worker's gRPC address, read from its log once it listens.
+fn wait_listening(group: &ActorGroup, rank: usize, id: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut c = group.client.clone();
+        let name_or_id = id.to_string();
+        if let Ok(r) = group.call(async move { c.actor_logs(NameOrId { name_or_id }).await }) {
+            let text = String::from_utf8_lossy(&r.into_inner().data).into_owned();
+            if let Some(addr) = text.lines().find_map(|l| l.strip_prefix(LISTENING)) {
+                return Ok(addr.trim().to_string());
+            }
+        }
+        let actors: Vec<ActorRecord> = list(group, "actors")?;
+        if let Some(a) = actors
+            .iter()
+            .find(|a| a.id == id && a.state == ActorState::Dead)
+        {
+            return Err(ExecutorError::Spawn {
+                rank,
+                message: format!(
+                    "worker actor {id} died before it listened: {}",
+                    a.death_cause.as_deref().unwrap_or("no cause recorded")
+                ),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(ExecutorError::Spawn {
+                rank,
+                message: format!("worker actor {id} did not report its address within {timeout:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Executor for ClusterExecutor {
+    fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    fn kv_cache_capacity(&self) -> Result<KvCacheCapacity> {
+        self.workers.kv_cache_capacity()
+    }
+
+    fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        self.workers.initialize_kv_cache(num_blocks)
+    }
+
+    fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.workers.execute_model(step)
+    }
+
+    fn check_health(&mut self) -> Result<()> {
+        self.workers.check_health()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_indices_are_checked_as_vllm_checks_them() {
+        assert_eq!(parse_bundle_indices(None, 2).unwrap(), None);
+        assert_eq!(parse_bundle_indices(Some(" "), 2).unwrap(), None);
+        assert_eq!(
+            parse_bundle_indices(Some("1,0"), 2).unwrap(),
+            Some(vec![1, 0])
+        );
+        let e = parse_bundle_indices(Some("0,1"), 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("VLLM_RAY_BUNDLE_INDICES must have the same size as the world size, but got bundle_indices=[0, 1] and self.parallel_config.world_size=4"),
+            "{e}"
+        );
+        let e = parse_bundle_indices(Some("1,1"), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("VLLM_RAY_BUNDLE_INDICES cannot have duplicate values, but got bundle_indices=[1, 1]"),
+            "{e}"
+        );
+        let e = parse_bundle_indices(Some("0,2"), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let e = parse_bundle_indices(Some("0,x"), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("VLLM_RAY_BUNDLE_INDICES"), "{e}");
+    }
+
+    #[test]
+    fn ranks_start_on_the_driver_node_then_go_by_ip() {
+        let ips: Vec<String> = ["10.0.0.3", "10.0.0.2", "10.0.0.9", "10.0.0.2"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(order_bundles(&ips, "10.0.0.9"), vec![2, 1, 3, 0]);
+        assert_eq!(order_bundles(&ips, "10.0.0.1"), vec![1, 3, 0, 2]);
+    }
+}
