@@ -160,10 +160,21 @@ async fn run(
     let mut last_register_error: Option<Instant> = None;
     let result = loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => break Ok(()),
             _ = ticker.tick() => {}
         }
+        // A stop cancels the keeper (a child token) too: that is a clean
+        // stop, not a keeper that died, so cancellation is checked first.
+        if cancel.is_cancelled() {
+            break Ok(());
+        }
         if lease.keeper_stopped.load(Ordering::SeqCst) {
+            // Read after the flag: a cancel that stopped the keeper is
+            // already visible here.
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
             // Nobody renews our lease any more: leave the actors running
             // for the next agent to adopt, as a crash would.
             break Err(Error::KeeperStopped(format!(

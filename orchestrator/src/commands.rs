@@ -637,11 +637,18 @@ async fn watch_head_node(
 ) -> Option<head_node::HeadNodeAgent> {
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => return Some(agent),
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
         if agent.is_alive() {
             continue;
+        }
+        // `stop` signals the agent and the head together: an agent that
+        // ended because of it is not one to start again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if cancel.is_cancelled() {
+            return Some(agent);
         }
         tracing::warn!(
             "the head's node agent (pid {}, node {}) died; starting it again",

@@ -30,6 +30,11 @@ struct StopGuard(Arc<LeaseState>);
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the lease keep-alive thread panicked");
+        } else {
+            tracing::debug!("the lease keep-alive thread ended");
+        }
         self.0.lost.store(true, Ordering::SeqCst);
         self.0.keeper_stopped.store(true, Ordering::SeqCst);
     }
@@ -60,6 +65,19 @@ pub fn spawn_keeper(
         .map_err(|e| Error::KeeperStopped(format!("cannot start its thread: {e}")))
 }
 
+/// Marks lease `id` lost, unless the owner has meanwhile moved on to a new
+/// lease: a late verdict on the old one must not stop renewing the new one.
+fn mark_lost(state: &LeaseState, id: i64) {
+    if state.id.load(Ordering::SeqCst) != id {
+        return;
+    }
+    state.lost.store(true, Ordering::SeqCst);
+    if state.id.load(Ordering::SeqCst) != id {
+        // The owner registered between the check and the store.
+        state.lost.store(false, Ordering::SeqCst);
+    }
+}
+
 async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: CancellationToken) {
     let period = Duration::from_millis((ttl_s * 1000 / 3).max(300));
     let mut client: Option<Client> = None;
@@ -71,7 +89,10 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
     )> = None;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                tracing::debug!("lease keep-alive cancelled");
+                return;
+            }
             _ = tokio::time::sleep(period) => {}
         }
         let id = state.id.load(Ordering::SeqCst);
@@ -100,6 +121,11 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
         if stream.as_ref().is_none_or(|s| s.0 != id) {
             match c.lease_keep_alive(id).await {
                 Ok((k, s)) => stream = Some((id, k, s)),
+                Err(e) if crate::store::lease_not_found(&e) => {
+                    tracing::warn!("lease {id:x} is gone from etcd");
+                    mark_lost(&state, id);
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!("keep-alive: {e}");
                     client = None;
@@ -118,12 +144,12 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
             Ok(Ok(Some(_))) => {
                 tracing::warn!("lease {id:x} expired in etcd");
-                state.lost.store(true, Ordering::SeqCst);
+                mark_lost(&state, id);
                 stream = None;
             }
             Ok(Err(e)) if crate::store::lease_not_found(&e) => {
                 tracing::warn!("lease {id:x} is gone from etcd");
-                state.lost.store(true, Ordering::SeqCst);
+                mark_lost(&state, id);
                 stream = None;
             }
             other => {
@@ -134,5 +160,23 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
                 client = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_verdict_on_an_old_lease_spares_the_new_one() {
+        let s = LeaseState::default();
+        s.id.store(7, Ordering::SeqCst);
+        mark_lost(&s, 7);
+        assert!(s.lost.load(Ordering::SeqCst));
+        // The owner registers again: new lease, not lost.
+        s.id.store(8, Ordering::SeqCst);
+        s.lost.store(false, Ordering::SeqCst);
+        mark_lost(&s, 7);
+        assert!(!s.lost.load(Ordering::SeqCst));
     }
 }

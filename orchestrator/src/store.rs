@@ -210,8 +210,14 @@ pub fn unreachable(e: &etcd_client::Error) -> bool {
 
 /// Whether etcd says a lease does not exist (it expired or was revoked).
 pub fn lease_not_found(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s)
-        if s.code() == tonic::Code::NotFound && s.message().contains("lease not found"))
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::NotFound && s.message().contains("lease not found")
+        }
+        // What etcd-client makes of a keep-alive stream's first answer.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
 }
 
 /// A record write guarded by the record's mod_revision (0 = must not exist).

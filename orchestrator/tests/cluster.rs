@@ -40,6 +40,7 @@ fn wait_actor_state(c: &Cluster, id: &str, state: &str, secs: u64) -> serde_json
 
 #[test]
 fn three_nodes_strategies_and_shared_gpus() {
+    let _serial = common::serial();
     let mut c = Cluster::new("strategies", 32100);
     c.start_head("head", c.head_port, 2);
     c.start_node("n2", "127.0.0.2", 2);
@@ -191,6 +192,7 @@ fn three_nodes_strategies_and_shared_gpus() {
 
 #[test]
 fn bad_input_and_tokens_change_nothing() {
+    let _serial = common::serial();
     // This head starts and owns its etcd (no --etcd-endpoints).
     let root = common::TempDir::new("badinput");
     let cache = root.0.join("cache");
@@ -416,8 +418,10 @@ fn bad_input_and_tokens_change_nothing() {
 
 #[test]
 fn node_failure_reschedules_and_restarts() {
+    let _serial = common::serial();
     let mut c = Cluster::new("failure", 32300);
     c.start_head("head", c.head_port, 0);
+    let head_up = std::time::Instant::now();
     let mut a = c.start_node("n2", "127.0.0.2", 1);
     wait_until(Duration::from_secs(20), "two nodes", || {
         c.alive_nodes() == 2
@@ -477,6 +481,9 @@ fn node_failure_reschedules_and_restarts() {
     // kill -9 the node agent: dead within 6 s. Its actor process is not
     // tied to the agent and keeps running (a restarted agent would adopt
     // it); once the actor runs elsewhere, the returning agent stops it.
+    // A head that just started gives lapsed leases 2 TTLs (health.rs); the
+    // 6 s bound is for a head that has been up longer, as in service.
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(head_up.elapsed()));
     let t = std::time::Instant::now();
     c.procs[a].kill9();
     wait_until(Duration::from_secs(8), "node shown dead", || {
@@ -520,6 +527,7 @@ fn node_failure_reschedules_and_restarts() {
 
 #[test]
 fn standby_head_takes_over_without_killing_actors() {
+    let _serial = common::serial();
     let mut c = Cluster::new("failover", 32400);
     let h1 = c.start_head("head1", c.head_port, 0);
     c.start_head("head2", 32410, 0);
@@ -584,6 +592,7 @@ fn standby_head_takes_over_without_killing_actors() {
 
 #[test]
 fn head_crash_leaves_its_node_and_actors_running() {
+    let _serial = common::serial();
     let mut c = Cluster::new("headcrash", 31900);
     let h = c.start_head_with("head", c.head_port, 0, &["--resources", r#"{"on_head":1}"#]);
     c.start_node("n2", "127.0.0.2", 1);
@@ -713,6 +722,7 @@ fn converges(
 
 #[test]
 fn etcd_pause_and_restart_keep_every_actor() {
+    let _serial = common::serial();
     let mut c = Cluster::new("outage", 32500);
     c.start_head_with("head", c.head_port, 0, &["--resources", r#"{"on_head":1}"#]);
     c.start_node("n2", "127.0.0.2", 2);
@@ -794,11 +804,11 @@ fn etcd_pause_and_restart_keep_every_actor() {
     let log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
     assert!(!log.contains("is dead:"), "{log}");
     assert!(log.contains("etcd is back after"), "{log}");
-    let st = c.ok(&["status"]);
-    assert!(
-        st.contains("ETCD_UNREACHABLE: etcd was unreachable from head"),
-        "{st}"
-    );
+    let mut st = String::new();
+    wait_until(Duration::from_secs(10), "an ETCD_UNREACHABLE event", || {
+        st = c.ok(&["status"]);
+        st.contains("ETCD_UNREACHABLE: etcd was unreachable from head")
+    });
     assert!(!st.contains("NODE_LOST"), "{st}");
 
     // The books still balance: two GPUs, one held, one more fits, a third never does.
@@ -846,6 +856,7 @@ fn head_node_agent_pid(c: &Cluster) -> Option<i32> {
 
 #[test]
 fn agent_kill9_leaves_actors_and_its_restart_adopts_them() {
+    let _serial = common::serial();
     let mut c = Cluster::new("adopt", 32600);
     c.start_head_with("head", c.head_port, 0, &["--resources", r#"{"on_head":1}"#]);
     let n = c.start_node("n2", "127.0.0.2", 1);
@@ -899,8 +910,10 @@ fn agent_kill9_leaves_actors_and_its_restart_adopts_them() {
     assert!(pids.iter().all(|p| pid_alive(*p)));
     let log = std::fs::read_to_string(c.root.0.join("n2-again.log")).unwrap();
     assert!(log.contains("adopted actor"), "{log}");
-    let st = c.ok(&["status"]);
-    assert_eq!(st.matches("ACTOR_ADOPTED").count(), 2, "{st}");
+    // Each agent records its adoption on its first pass.
+    wait_until(Duration::from_secs(10), "two ACTOR_ADOPTED events", || {
+        c.ok(&["status"]).matches("ACTOR_ADOPTED").count() == 2
+    });
     let head_log = std::fs::read_to_string(c.root.0.join("head.log")).unwrap();
     assert!(head_log.contains("starting it again"), "{head_log}");
     assert!(!head_log.contains("is dead:"), "{head_log}");
@@ -915,6 +928,7 @@ fn agent_kill9_leaves_actors_and_its_restart_adopts_them() {
 
 #[test]
 fn silent_node_is_declared_dead_and_fenced_when_it_returns() {
+    let _serial = common::serial();
     let mut c = Cluster::new("fence", 32800);
     c.start_head("head", c.head_port, 0);
     let head_up = std::time::Instant::now();
@@ -998,6 +1012,7 @@ fn silent_node_is_declared_dead_and_fenced_when_it_returns() {
 
 #[test]
 fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
+    let _serial = common::serial();
     // The node runs in a network namespace; etcd and the head in the root
     // one, reached over a veth pair that the test cuts.
     let ns = match common::NetNs::create("31600", "10.213.16.1", "10.213.16.2") {
@@ -1078,6 +1093,7 @@ fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
 
 #[test]
 fn etcd_paused_45_s_keeps_every_actor() {
+    let _serial = common::serial();
     let mut c = Cluster::new("pause45", 31500);
     c.start_head("head", c.head_port, 0);
     c.start_node("n2", "127.0.0.2", 2);
@@ -1153,6 +1169,7 @@ fn member_count(endpoint: &str) -> usize {
 
 #[test]
 fn three_heads_with_etcd_members_survive_losing_one() {
+    let _serial = common::serial();
     let mut c = Cluster::bare("members", 31400);
     let h1 = c.start_member_head("head1", "127.0.0.1", 31402, None);
     c.start_member_head("head2", "127.0.0.2", 31412, Some("127.0.0.1:31402"));
@@ -1290,6 +1307,7 @@ fn head_node_agent_pid_of(c: &Cluster, head: &str) -> Option<i32> {
 
 #[test]
 fn head_owning_its_etcd_crashes_and_resumes_on_the_same_data() {
+    let _serial = common::serial();
     // No external etcd: the head's own, which dies with it (kill -9).
     let mut c = Cluster::bare("resume", 31300);
     let h = c.start_member_head("head", "127.0.0.1", 31302, None);
@@ -1344,9 +1362,17 @@ fn head_owning_its_etcd_crashes_and_resumes_on_the_same_data() {
     wait_actor_state(&c, fresh.trim(), "ALIVE", 15);
     assert!(pids.iter().all(|p| pid_alive(*p)));
 
-    // A clean stop forgets the store: the next head starts a new cluster.
+    // A clean stop ends every actor (they are not tied to their agents, so
+    // the agents must) and forgets the store: the next head starts anew.
+    let all = live_pids(&c);
+    assert_eq!(all.len(), 2);
     let out = c.cli_raw(&["stop"]);
     assert!(out.status.success());
+    wait_until(
+        Duration::from_secs(10),
+        "actors stopped with their nodes",
+        || !all.iter().any(|p| pid_alive(*p)),
+    );
     assert!(!c
         .cache()
         .join("etcd-members")

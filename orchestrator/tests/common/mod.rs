@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
 
+/// Held for the whole of each cluster test: every test runs etcd, heads
+/// and agents whose timing is what it checks (detection within 6 s,
+/// convergence within 10 s), so they run one at a time rather than a dozen
+/// clusters at once competing for two cores.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub child: Child,
