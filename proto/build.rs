@@ -1,8 +1,10 @@
 //! Compiles every `.proto` file in this crate's root, so adding a service is
 //! adding a file (and one `pub mod` line in lib.rs).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut protos: Vec<_> = std::fs::read_dir(dir)?
+    // Read when the script runs, not baked in when it is compiled: a build
+    // script binary can be reused for another checkout of the same crate.
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let mut protos: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
@@ -18,6 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // clones are reference counts, `Vec<u8>` clones would copy each step.
     tonic_prost_build::configure()
         .bytes(".flotilla.worker.ExecuteRequest.scheduler_output")
-        .compile_protos(&protos, &[dir.to_path_buf()])?;
+        .compile_protos(&protos, &[dir.clone()])?;
     Ok(())
 }
