@@ -20,6 +20,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // clones are reference counts, `Vec<u8>` clones would copy each step.
     tonic_prost_build::configure()
         .bytes(".flotilla.worker.ExecuteRequest.scheduler_output")
-        .compile_protos(&protos, &[dir.clone()])?;
+        .compile_protos(&protos, std::slice::from_ref(&dir))?;
     Ok(())
 }
