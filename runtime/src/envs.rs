@@ -66,6 +66,10 @@ env_vars! {
         "Comma-separated placement-group bundle index for each rank (ray executor); default: driver node first, then by node IP.";
     FLOTILLA_WORKER_BIN = "FLOTILLA_WORKER_BIN", "",
         "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
+    VLLM_CUDART_SO_PATH = "VLLM_CUDART_SO_PATH", "",
+        "Path of libcudart. Flotilla's CUDA backend uses the driver API (libcuda, found by the loader and LD_LIBRARY_PATH), never libcudart; setting it has no effect and says so.";
+    VLLM_NCCL_SO_PATH = "VLLM_NCCL_SO_PATH", "",
+        "Path of libnccl for GPU collectives. Not used yet (tensor parallel on CUDA is not available); setting it logs a warning.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
 }
