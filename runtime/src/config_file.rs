@@ -99,14 +99,18 @@ pub enum ConfigFileError {
 
 /// Parses the process's command line with its `--config FILE` spliced in;
 /// exits with clap's message on a command-line error, as `P::parse` does.
-pub fn parse<P: clap::Parser>() -> Result<P, ConfigFileError> {
+/// (Errors are boxed: they are large and rare.)
+pub fn parse<P: clap::Parser>() -> Result<P, Box<ConfigFileError>> {
     let argv = expand_args(&P::command(), std::env::args_os().collect())?;
     Ok(P::parse_from(argv))
 }
 
 /// `argv` with the settings of its `--config FILE` inserted right after the
 /// subcommand; `argv` itself when no subcommand that takes `--config` got one.
-pub fn expand_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, ConfigFileError> {
+pub fn expand_args(
+    cmd: &Command,
+    argv: Vec<OsString>,
+) -> Result<Vec<OsString>, Box<ConfigFileError>> {
     let mentions_config = argv.iter().skip(1).any(|a| {
         let a = a.to_string_lossy();
         a == "--config" || a.starts_with("--config=")
@@ -118,7 +122,7 @@ pub fn expand_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
     root.build();
     // A lenient first pass finds the subcommand, the file and what the user
     // gave; any error in the user's own arguments is left to the real parse.
-    let Ok(matches) = root.clone().ignore_errors(true).try_get_matches_from(&argv) else {
+    let Ok(matches) = lenient(root.clone()).try_get_matches_from(&argv) else {
         return Ok(argv);
     };
     let mut leaf = &root;
@@ -153,10 +157,17 @@ pub fn expand_args(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>, 
         .collect::<Vec<_>>()
         .join(" ");
     let file_args = file_args(leaf, &command_name, &file, &text, &given)?;
+
     let mut out = argv[..insert_at].to_vec();
     out.extend(file_args);
     out.extend_from_slice(&argv[insert_at..]);
     Ok(out)
+}
+
+/// `cmd` ignoring errors, down to its nested subcommands (clap's setting is
+/// not inherited).
+fn lenient(cmd: Command) -> Command {
+    cmd.ignore_errors(true).mut_subcommands(lenient)
 }
 
 /// The index just past the subcommand names (or aliases) in `argv`.
@@ -786,6 +797,18 @@ mod tests {
             #[arg(long)]
             x: Option<String>,
         },
+        #[command(subcommand)]
+        Nested(NestedCmd),
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum NestedCmd {
+        Leaf {
+            #[arg(value_name = "MODEL")]
+            model: String,
+            #[arg(long)]
+            config: Option<PathBuf>,
+        },
     }
 
     #[derive(Debug, clap::Args)]
@@ -849,7 +872,7 @@ mod tests {
         }
     }
 
-    fn expand(yaml: &str, args: &[&str]) -> Result<Vec<OsString>, ConfigFileError> {
+    fn expand(yaml: &str, args: &[&str]) -> Result<Vec<OsString>, Box<ConfigFileError>> {
         let f = File::new(yaml);
         let argv: Vec<OsString> = std::iter::once("tool")
             .map(str::to_string)
@@ -1017,6 +1040,27 @@ mod tests {
             panic!()
         };
         assert_eq!((model.as_str(), n), ("/cli", 3));
+        // A required positional under a nested subcommand.
+        let argv = expand_args(
+            &Cli::command(),
+            ["tool", "nested", "leaf", "--config", f.path()]
+                .map(OsString::from)
+                .to_vec(),
+        );
+        assert!(argv.unwrap_err().to_string().contains("unknown key 'n'"));
+        let g = File::new("model: /m\n");
+        let argv = expand_args(
+            &Cli::command(),
+            ["tool", "nested", "leaf", "--config", g.path()]
+                .map(OsString::from)
+                .to_vec(),
+        )
+        .unwrap();
+        let Cmd::Nested(NestedCmd::Leaf { model, .. }) = Cli::try_parse_from(argv).unwrap().cmd
+        else {
+            panic!()
+        };
+        assert_eq!(model, "/m");
     }
 
     #[test]
