@@ -313,6 +313,22 @@ block: true
     }
 
     #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```yaml\n# head.yaml")
+            .expect("README's head.yaml");
+        let body = &readme[start + "```yaml\n".len()..];
+        let a = self::start(
+            &body[..body.find("```").unwrap()],
+            &["start", "--config", "FILE"],
+        );
+        assert!(a.head);
+        assert_eq!((a.port, a.num_gpus), (6379, Some(8.0)));
+        assert_eq!(a.etcd_endpoints.len(), 3);
+    }
+
+    #[test]
     fn start_file_errors_name_key_and_line() {
         let e = parse("head: true\nnum_gpu: 2\n", &["start", "--config", "FILE"]).unwrap_err();
         assert!(

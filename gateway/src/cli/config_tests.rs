@@ -212,3 +212,21 @@ fn bench_throughput_takes_model_and_engine_flags_from_the_file() {
         "{e}"
     );
 }
+
+/// The YAML block of the README that starts with `first_line`.
+fn readme_yaml(first_line: &str) -> String {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find(&format!("```yaml\n{first_line}"))
+        .unwrap_or_else(|| panic!("README has no yaml block starting {first_line:?}"));
+    let body = &readme[start + "```yaml\n".len()..];
+    body[..body.find("```").unwrap()].to_string()
+}
+
+#[test]
+fn readme_example_parses() {
+    let a = serve(&readme_yaml("# serve.yaml"), &["serve", "--config", "FILE"]);
+    assert_eq!(a.model_path().unwrap(), "/models/SmolLM2-135M-Instruct");
+    assert_eq!(a.engine.max_model_len, Some(4000));
+    a.engine.validate().unwrap();
+}
