@@ -272,6 +272,9 @@ fn file_args(
         path: path.to_path_buf(),
         line: key_line(text, index),
     };
+    // Checks the file's arguments alone, without the environment: a bad
+    // variable is not the file's fault (the real parse reports it).
+    let mut checker = leaf.clone().no_binary_name(true).mut_args(|a| a.env(None));
     // (arg id, key, index) of the keys seen, for duplicates.
     let mut seen: Vec<(String, String, usize)> = Vec::new();
     let mut positionals: Vec<(usize, Vec<OsString>)> = Vec::new();
@@ -309,7 +312,7 @@ fn file_args(
         seen.push((id.clone(), key.clone(), index));
         let tokens =
             tokens_for(leaf, arg, value).map_err(|mismatch| mismatch.error(&key, at(index)))?;
-        check_alone(leaf, arg, &key, value, &tokens, at(index))?;
+        check_alone(&mut checker, arg, &key, value, &tokens, || at(index))?;
         if overridden(leaf, arg, given) {
             continue;
         }
@@ -336,7 +339,7 @@ fn file_args(
     let mut out: Vec<OsString> = positionals.into_iter().flat_map(|(_, t)| t).collect();
     out.extend(flags);
     // The keys together, for conflicts between them.
-    if let Err(e) = leaf.clone().no_binary_name(true).try_get_matches_from(&out) {
+    if let Err(e) = checker.try_get_matches_from_mut(&out) {
         if e.kind() == clap::error::ErrorKind::ArgumentConflict {
             return Err(ConfigFileError::Invalid {
                 path: path.to_path_buf(),
@@ -391,22 +394,19 @@ fn unknown_key(leaf: &Command, command_name: &str, key: &str, at: At) -> ConfigF
 /// Parses one key's arguments alone, so a value clap refuses is reported
 /// against its key and line rather than as a command-line error.
 fn check_alone(
-    leaf: &Command,
+    checker: &mut Command,
     arg: &Arg,
     key: &str,
     value: &Value,
     tokens: &[OsString],
-    at: At,
+    // Lazily: finding a key's line parses the file again.
+    at: impl FnOnce() -> At,
 ) -> Result<(), ConfigFileError> {
     use clap::error::ErrorKind;
     if tokens.is_empty() {
         return Ok(());
     }
-    let Err(e) = leaf
-        .clone()
-        .no_binary_name(true)
-        .try_get_matches_from(tokens)
-    else {
+    let Err(e) = checker.try_get_matches_from_mut(tokens) else {
         return Ok(());
     };
     match e.kind() {
@@ -420,14 +420,14 @@ fn check_alone(
                 .map(|s| format!(" ({s})"))
                 .unwrap_or_default();
             Err(ConfigFileError::WrongType {
-                at,
+                at: at(),
                 key: key.into(),
                 expected: expected(arg),
                 got: format!("{}{reason}", shown(value)),
             })
         }
         _ => Err(ConfigFileError::Rejected {
-            at,
+            at: at(),
             key: key.into(),
             message: clap_message(&e),
         }),
@@ -1174,6 +1174,43 @@ mod tests {
     fn subcommands_without_config_are_left_to_clap() {
         let argv = expand("x: 1", &["no-config", "--config", "FILE"]).unwrap();
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn a_bad_environment_variable_is_not_blamed_on_the_file() {
+        #[derive(Debug, Parser)]
+        struct EnvCli {
+            #[command(subcommand)]
+            cmd: EnvCmd,
+        }
+        #[derive(Debug, Subcommand)]
+        enum EnvCmd {
+            Start {
+                #[arg(long)]
+                config: Option<PathBuf>,
+                #[arg(long, default_value_t = 1)]
+                port: u16,
+                #[arg(long, env = "FLOTILLA_CONFIG_FILE_TEST_TTL", default_value_t = 3)]
+                ttl: u64,
+            },
+        }
+        // Only this test's command reads the variable.
+        std::env::set_var("FLOTILLA_CONFIG_FILE_TEST_TTL", "soon");
+        let f = File::new("port: 2\n");
+        let argv = ["x", "start", "--config", f.path()]
+            .map(OsString::from)
+            .to_vec();
+        let argv = expand_args(&EnvCli::command(), argv).unwrap();
+        let e = EnvCli::try_parse_from(&argv).unwrap_err().to_string();
+        assert!(e.contains("--ttl"), "{e}");
+        // The file wins over the environment.
+        let f = File::new("ttl: 5\n");
+        let argv = ["x", "start", "--config", f.path()]
+            .map(OsString::from)
+            .to_vec();
+        let argv = expand_args(&EnvCli::command(), argv).unwrap();
+        let EnvCmd::Start { ttl, .. } = EnvCli::try_parse_from(&argv).unwrap().cmd;
+        assert_eq!(ttl, 5);
     }
 
     #[test]
