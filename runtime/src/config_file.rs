@@ -378,7 +378,11 @@ fn unknown_key(leaf: &Command, command_name: &str, key: &str, at: At) -> ConfigF
         .flat_map(|a| long_names(a).map(str::to_string).collect::<Vec<_>>())
         .map(|name| (strsim::jaro_winkler(&wanted, &name), name))
         .max_by(|a, b| a.0.total_cmp(&b.0));
+    let undashed = key.trim_start_matches('-');
     let hint = match best {
+        _ if undashed != key && find_arg(leaf, undashed).is_some() => {
+            format!("; keys are flag names without the dashes: '{undashed}'")
+        }
         // clap's own threshold for its "similar argument" tip.
         Some((score, name)) if score > 0.7 => format!("; did you mean '{name}'?"),
         _ => String::new(),
@@ -1087,6 +1091,8 @@ mod tests {
             e.contains("line 1: 'config': a config file cannot name another"),
             "{e}"
         );
+        let e = error("--port: 1\n");
+        assert!(e.contains("without the dashes: 'port'"), "{e}");
         let e = error("help: true\n");
         assert!(e.contains("unknown key 'help'"), "{e}");
     }

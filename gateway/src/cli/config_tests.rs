@@ -176,7 +176,19 @@ fn every_serve_flag_can_come_from_the_file() {
             "'1'".to_string()
         };
         let yaml = format!("{}: {value}\n", long.replace('-', "_"));
-        parse(&yaml, &["serve", "--config", "FILE"]).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        let f = File::new(&yaml);
+        let argv = ["gateway", "serve", "--config", f.0.to_str().unwrap()].map(OsString::from);
+        let argv = runtime::config_file::expand_args(&cmd, argv.to_vec())
+            .unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        // A flag that needs another one (`requires`) may still refuse to
+        // stand alone; its value must not be what is refused.
+        if let Err(e) = Cli::try_parse_from(argv) {
+            use clap::error::ErrorKind::*;
+            assert!(
+                matches!(e.kind(), MissingRequiredArgument | ArgumentConflict),
+                "{yaml}: {e}"
+            );
+        }
         checked += 1;
     }
     assert!(checked > 30, "only {checked} flags");
