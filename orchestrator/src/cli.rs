@@ -131,6 +131,11 @@ pub struct StartArgs {
     pub node_ttl_s: u64,
     #[arg(long, env = envs::FLOTILLA_CLUSTER_TOKEN.name, hide_env_values = true)]
     pub token: Option<String>,
+    /// YAML file of these settings, as vLLM's `--config` (`port: 6379`,
+    /// `num-gpus: 2`, `etcd-endpoints: [...]`); flags given on the command
+    /// line override it, and it overrides environment variables.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,4 +213,142 @@ pub struct BenchArgs {
     /// Simulated nodes for the placement-at-scale measurement.
     #[arg(long, default_value_t = 1000)]
     pub sim_nodes: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    /// `orchestrator ARGS` with "FILE" standing for a file holding `yaml`.
+    fn parse(yaml: &str, args: &[&str]) -> Result<Cli, String> {
+        let path = std::env::temp_dir().join(format!(
+            "flotilla-orch-config-{}-{}.yaml",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::write(&path, yaml).unwrap();
+        let argv: Vec<OsString> = std::iter::once("orchestrator".to_string())
+            .chain(
+                args.iter()
+                    .map(|a| a.replace("FILE", path.to_str().unwrap())),
+            )
+            .map(OsString::from)
+            .collect();
+        let out = runtime::config_file::expand_args(&Cli::command(), argv)
+            .map_err(|e| e.to_string())
+            .and_then(|argv| Cli::try_parse_from(argv).map_err(|e| e.to_string()));
+        let _ = std::fs::remove_file(&path);
+        out
+    }
+
+    fn start(yaml: &str, args: &[&str]) -> StartArgs {
+        match parse(yaml, args).unwrap().cmd {
+            Cmd::Start(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const HEAD: &str = "\
+head: true
+port: 7000
+num-gpus: 2
+num_cpus: 8.5
+etcd-endpoints: [https://10.0.0.1:2379, https://10.0.0.2:2379]
+etcd-cacert: /etc/flotilla/ca.pem
+etcd-cert: /etc/flotilla/client.pem
+etcd-key: /etc/flotilla/client.key
+resources: {special: 2}
+cluster-name: prod
+block: true
+";
+
+    #[test]
+    fn start_reads_head_settings_from_the_file() {
+        let a = start(HEAD, &["start", "--config", "FILE"]);
+        assert!(a.head && a.block);
+        assert_eq!(
+            (a.port, a.num_gpus, a.num_cpus),
+            (7000, Some(2.0), Some(8.5))
+        );
+        assert_eq!(
+            a.etcd_endpoints,
+            ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
+        assert_eq!(a.etcd.etcd_cacert.as_deref(), Some("/etc/flotilla/ca.pem"));
+        assert_eq!(a.etcd.etcd_key.as_deref(), Some("/etc/flotilla/client.key"));
+        assert_eq!(a.resources.as_deref(), Some(r#"{"special":2}"#));
+        assert_eq!(a.cluster_name, "prod");
+        // Defaults stay for what neither sets.
+        assert_eq!(a.node_ttl_s, 3);
+    }
+
+    #[test]
+    fn start_command_line_wins_over_the_file() {
+        let a = start(
+            HEAD,
+            &[
+                "start",
+                "--num-gpus",
+                "0",
+                "--config",
+                "FILE",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379",
+            ],
+        );
+        assert_eq!(a.num_gpus, Some(0.0));
+        assert_eq!(a.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(a.port, 7000);
+        // An agent's file: negative numbers pass as values.
+        let a = start(
+            "address: 10.0.0.1:6379\nnum-gpus: -1\n",
+            &["start", "--config", "FILE"],
+        );
+        assert_eq!(a.address.as_deref(), Some("10.0.0.1:6379"));
+        assert_eq!(a.num_gpus, Some(-1.0));
+    }
+
+    #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```yaml\n# head.yaml")
+            .expect("README's head.yaml");
+        let body = &readme[start + "```yaml\n".len()..];
+        let a = self::start(
+            &body[..body.find("```").unwrap()],
+            &["start", "--config", "FILE"],
+        );
+        assert!(a.head);
+        assert_eq!((a.port, a.num_gpus), (6379, Some(8.0)));
+        assert_eq!(a.etcd_endpoints.len(), 3);
+    }
+
+    #[test]
+    fn start_file_errors_name_key_and_line() {
+        let e = parse("head: true\nnum_gpu: 2\n", &["start", "--config", "FILE"]).unwrap_err();
+        assert!(
+            e.contains(
+                "line 2: unknown key 'num_gpu': `orchestrator start` has no --num-gpu flag; \
+                 did you mean 'num-gpus'?"
+            ),
+            "{e}"
+        );
+        let e = parse("port: [1]\n", &["start", "--config", "FILE"]).unwrap_err();
+        assert!(
+            e.contains("line 1: 'port': expected a whole number from 0 to 65535, got a list [1]"),
+            "{e}"
+        );
+        let e = parse("head: 'yes'\n", &["start", "--config", "FILE"]).unwrap_err();
+        assert!(
+            e.contains("line 1: 'head': expected true or false, got \"yes\""),
+            "{e}"
+        );
+        // Only `start` takes a file.
+        assert!(parse("verbose: true\n", &["status", "--config", "FILE"]).is_err());
+    }
 }

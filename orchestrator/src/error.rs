@@ -69,6 +69,9 @@ pub enum Error {
     #[error("{0}")]
     Rpc(String),
 
+    #[error(transparent)]
+    ConfigFile(#[from] Box<runtime::config_file::ConfigFileError>),
+
     #[error("{0}")]
     Other(String),
 }

@@ -1,7 +1,5 @@
 //! The `orchestrator` binary.
 
-use clap::Parser;
-
 fn main() {
     // Same variables and line shape as the gateway; stderr because stdout
     // carries command output such as `status`.
@@ -16,7 +14,8 @@ fn main() {
 }
 
 fn run() -> orchestrator::Result<()> {
-    let cli = orchestrator::cli::Cli::parse();
+    // With the settings of a `--config FILE` (`start` takes one).
+    let cli: orchestrator::cli::Cli = runtime::config_file::parse()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

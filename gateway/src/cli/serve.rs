@@ -18,11 +18,18 @@ use crate::openai::{serve, ServerConfig};
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The model: an HF directory (config.json, safetensors, tokenizer) or a GGUF file.
-    #[arg(value_name = "MODEL")]
+    // Conflicting with --model makes the command line's MODEL win over a
+    // config file's `model:` (see runtime::config_file).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
     pub model_tag: Option<String>,
     /// Same as the positional MODEL.
     #[arg(long)]
     pub model: Option<String>,
+    /// YAML file of flag settings, as vLLM's (`port: 8000`,
+    /// `tensor-parallel-size: 1`, `model: ...`); flags given on the command
+    /// line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
@@ -91,9 +98,9 @@ impl ServeArgs {
             (Some(m), _) | (None, Some(m)) => Ok(m),
             (None, None) => Err(CliError::InvalidArg {
                 flag: "MODEL",
-                message:
-                    "give the model to serve: `gateway serve MODEL` (HF directory or .gguf file)"
-                        .into(),
+                message: "give the model to serve: `gateway serve MODEL` (HF directory or \
+                          .gguf file), or `model: ...` in the --config file"
+                    .into(),
             }),
         }
     }

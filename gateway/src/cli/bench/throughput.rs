@@ -33,6 +33,10 @@ pub struct ThroughputArgs {
     /// Write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<String>,
+    /// YAML file of flag settings (engine flags such as `max-num-seqs: 64`,
+    /// and `model: ...`); flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
