@@ -104,6 +104,14 @@ pub struct EngineArgs {
 
     #[arg(long, visible_alias = "pp", default_value_t = 1)]
     pub pipeline_parallel_size: usize,
+
+    /// CPU, GGUF weights: quantize activations to int8 per 32 values and
+    /// run sub-8-bit weights as Q8_0 (llama.cpp-equivalent numerics).
+    /// Faster, but not the model's own arithmetic: near-ties between tokens
+    /// can flip. By default the dequantized weights multiply f32
+    /// activations exactly, as HF transformers computes on the same file.
+    #[arg(long)]
+    pub cpu_int8_activations: bool,
 }
 
 impl Default for EngineArgs {
@@ -128,6 +136,7 @@ impl Default for EngineArgs {
             enforce_eager: false,
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
+            cpu_int8_activations: false,
         }
     }
 }
@@ -305,6 +314,7 @@ impl EngineArgs {
             parallel: ParallelConfig::default(),
             seed: self.seed,
             max_model_len: 0,
+            cpu_int8_activations: self.cpu_int8_activations,
         };
         // The runner sizes its rotary tables by max_model_len, so resolve it
         // from the config before loading the weights.
