@@ -193,7 +193,7 @@ fn rows_impl<S: WeightRows, const AVX2: bool>(
 /// Lane sums are combined in the same order by `dot1` and `dot4`, so a
 /// weight row gives the same bits whichever of the two computes it.
 #[inline(always)]
-fn reduce(acc: &[f32; 8], tail: &[f32], xt: &[f32]) -> f32 {
+pub(crate) fn reduce(acc: &[f32; 8], tail: &[f32], xt: &[f32]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (a, b) in tail.iter().zip(xt) {
         s += a * b;

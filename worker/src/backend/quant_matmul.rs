@@ -192,9 +192,259 @@ fn k_quant<T: GgmlType>(src: &[u8], dst: &mut [f32]) {
     T::to_float(blocks, dst);
 }
 
+/// Below this many activation rows, legacy types skip the f32 scratch: the
+/// AVX2 kernel dequantizes each block in registers right where the dot
+/// product needs it (a few rows cannot amortise writing and re-reading the
+/// scratch). Same values, same per-lane order: the same bits.
+const FUSED_MAX_ROWS: usize = 4;
+/// Output rows per parallel task of the fused kernel.
+const FUSED_CHUNK: usize = 32;
+
 /// y[m, n] = x[m, k] · w[n, k]^T.
 pub fn matmul(x: &[f32], m: usize, w: &QuantMatrix) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if m < FUSED_MAX_ROWS && fused::available() && fused::supports(w.dtype) {
+        return fused::matmul(x, m, w);
+    }
     half_matmul::matmul(x, m, w)
+}
+
+/// The fused AVX2 kernel for the legacy 32-value types. Each block becomes
+/// 32 signed bytes in value order plus its f16 scale (and min), converted to
+/// f32 and multiplied out (`q * d (+ m)`, no FMA) exactly as
+/// `dequantize_row` does, then multiply-added into 8 lane sums in the order
+/// `half_matmul`'s dot products use, and reduced by its `reduce`.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{QuantMatrix, FUSED_CHUNK, QK};
+    use crate::backend::half_matmul::reduce;
+    use crate::backend::simd_available;
+    use candle_core::quantized::GgmlDType;
+
+    pub(super) fn available() -> bool {
+        simd_available() && is_x86_feature_detected!("f16c")
+    }
+
+    pub(super) fn supports(dtype: GgmlDType) -> bool {
+        use GgmlDType as G;
+        matches!(dtype, G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0)
+    }
+
+    pub(super) fn matmul(x: &[f32], m: usize, w: &QuantMatrix) -> Vec<f32> {
+        let (n, k) = (w.n, w.k);
+        let mut out_t = vec![0f32; n * m];
+        if m == 0 || n == 0 {
+            return Vec::new();
+        }
+        let task = |(c, dst): (usize, &mut [f32])| {
+            let j0 = c * FUSED_CHUNK;
+            let rows = dst.len() / m;
+            for i in 0..m {
+                let xi = &x[i * k..(i + 1) * k];
+                // SAFETY: AVX2/FMA/F16C were detected (`available`).
+                let y = unsafe { rows_avx2(xi, w, j0, rows) };
+                for (r, v) in y[..rows].iter().enumerate() {
+                    dst[r * m + i] = *v;
+                }
+            }
+        };
+        if n * m * k < 1 << 16 {
+            out_t.chunks_mut(FUSED_CHUNK * m).enumerate().for_each(task);
+        } else {
+            out_t
+                .par_chunks_mut(FUSED_CHUNK * m)
+                .enumerate()
+                .for_each(task);
+        }
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; m * n];
+        for (j, col) in out_t.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + j] = v;
+            }
+        }
+        out
+    }
+
+    /// Outputs `j0 .. j0 + rows` (at most FUSED_CHUNK) for one activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(x: &[f32], w: &QuantMatrix, j0: usize, rows: usize) -> [f32; FUSED_CHUNK] {
+        use GgmlDType as G;
+        match w.dtype {
+            G::Q4_0 => rows_of::<Q4_0>(x, w, j0, rows),
+            G::Q4_1 => rows_of::<Q4_1>(x, w, j0, rows),
+            G::Q5_0 => rows_of::<Q5_0>(x, w, j0, rows),
+            G::Q5_1 => rows_of::<Q5_1>(x, w, j0, rows),
+            G::Q8_0 => rows_of::<Q8_0>(x, w, j0, rows),
+            other => unreachable!("fused kernel asked for {other:?}"),
+        }
+    }
+
+    /// A legacy block type: its size and how its 32 quants decode.
+    trait Legacy {
+        const BYTES: usize;
+        /// Whether values are `q * d + m` (else `q * d`).
+        const HAS_MIN: bool;
+        /// The 32 quants in value order, as signed bytes.
+        unsafe fn quants(b: *const u8) -> __m256i;
+    }
+
+    /// Low nibbles then high nibbles of 16 bytes: GGML's 4-bit value order.
+    #[inline(always)]
+    unsafe fn nibbles(q: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(q as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 5-bit quants: nibbles plus one high bit each from `qh` (scalar; Q5
+    /// files are rare).
+    #[inline(always)]
+    unsafe fn five_bits(qh: *const u8, qs: *const u8, offset: i32) -> __m256i {
+        let h = u32::from_le_bytes(std::ptr::read_unaligned(qh as *const [u8; 4]));
+        let mut q = [0u8; QK];
+        for i in 0..QK / 2 {
+            let b = *qs.add(i);
+            let h0 = (((h >> i) << 4) & 0x10) as u8;
+            let h1 = ((h >> (i + 12)) & 0x10) as u8;
+            q[i] = (((b & 0x0F) | h0) as i32 + offset) as u8;
+            q[i + 16] = (((b >> 4) | h1) as i32 + offset) as u8;
+        }
+        _mm256_loadu_si256(q.as_ptr() as *const __m256i)
+    }
+
+    struct Q4_0;
+    impl Legacy for Q4_0 {
+        const BYTES: usize = 18;
+        const HAS_MIN: bool = false;
+        #[inline(always)]
+        unsafe fn quants(b: *const u8) -> __m256i {
+            _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))
+        }
+    }
+
+    struct Q4_1;
+    impl Legacy for Q4_1 {
+        const BYTES: usize = 20;
+        const HAS_MIN: bool = true;
+        #[inline(always)]
+        unsafe fn quants(b: *const u8) -> __m256i {
+            nibbles(b.add(4))
+        }
+    }
+
+    struct Q5_0;
+    impl Legacy for Q5_0 {
+        const BYTES: usize = 22;
+        const HAS_MIN: bool = false;
+        #[inline(always)]
+        unsafe fn quants(b: *const u8) -> __m256i {
+            five_bits(b.add(2), b.add(6), -16)
+        }
+    }
+
+    struct Q5_1;
+    impl Legacy for Q5_1 {
+        const BYTES: usize = 24;
+        const HAS_MIN: bool = true;
+        #[inline(always)]
+        unsafe fn quants(b: *const u8) -> __m256i {
+            five_bits(b.add(4), b.add(8), 0)
+        }
+    }
+
+    struct Q8_0;
+    impl Legacy for Q8_0 {
+        const BYTES: usize = 34;
+        const HAS_MIN: bool = false;
+        #[inline(always)]
+        unsafe fn quants(b: *const u8) -> __m256i {
+            _mm256_loadu_si256(b.add(2) as *const __m256i)
+        }
+    }
+
+    /// An f16 at `p` as f32 (exact, as `half`'s conversion).
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> __m256 {
+        let bits = std::ptr::read_unaligned(p as *const u16);
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))))
+    }
+
+    #[inline(always)]
+    unsafe fn rows_of<T: Legacy>(
+        x: &[f32],
+        w: &QuantMatrix,
+        j0: usize,
+        rows: usize,
+    ) -> [f32; FUSED_CHUNK] {
+        let mut out = [0f32; FUSED_CHUNK];
+        let mut r = 0;
+        while r + 4 <= rows {
+            let v = dot::<T, 4>(x, w, j0 + r);
+            out[r..r + 4].copy_from_slice(&v);
+            r += 4;
+        }
+        while r < rows {
+            out[r] = dot::<T, 1>(x, w, j0 + r)[0];
+            r += 1;
+        }
+        out
+    }
+
+    /// `G` weight rows from `j` against one activation row.
+    #[inline(always)]
+    unsafe fn dot<T: Legacy, const G: usize>(x: &[f32], w: &QuantMatrix, j: usize) -> [f32; G] {
+        debug_assert!(x.len() == w.k && j + G <= w.n);
+        let nb = w.k / QK;
+        let base = w.bytes().as_ptr().add(j * w.row_bytes);
+        let xp = x.as_ptr();
+        // No closures in here: they would not inherit the target features,
+        // and every intrinsic in them would become a call.
+        let mut acc = [_mm256_setzero_ps(); G];
+        for b in 0..nb {
+            let xb = xp.add(b * QK);
+            let xv = [
+                _mm256_loadu_ps(xb),
+                _mm256_loadu_ps(xb.add(8)),
+                _mm256_loadu_ps(xb.add(16)),
+                _mm256_loadu_ps(xb.add(24)),
+            ];
+            for (g, a) in acc.iter_mut().enumerate() {
+                let blk = base.add(g * w.row_bytes + b * T::BYTES);
+                let d = f16_at(blk);
+                let m = if T::HAS_MIN {
+                    f16_at(blk.add(2))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                let q = T::quants(blk);
+                let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                let chunks = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                for (c, qc) in chunks.into_iter().enumerate() {
+                    let mut wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qc)), d);
+                    if T::HAS_MIN {
+                        wv = _mm256_add_ps(wv, m);
+                    }
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(xv[c], wv));
+                }
+            }
+        }
+        let mut out = [0f32; G];
+        for (o, a) in out.iter_mut().zip(acc) {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+            *o = reduce(&lanes, &[], &[]);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -322,6 +572,23 @@ mod tests {
             let simd = half_matmul::matmul_on(&x, 7, &w, true);
             let portable = half_matmul::matmul_on(&x, 7, &w, false);
             assert_eq!(simd, portable, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn fused_kernel_gives_the_portable_bits() {
+        if !fused::available() {
+            eprintln!("SKIP: no AVX2/F16C");
+            return;
+        }
+        for dtype in TYPES.into_iter().filter(|t| fused::supports(*t)) {
+            let (w, _) = quantized(dtype, 70, 160);
+            for m in 1..FUSED_MAX_ROWS {
+                let x = data(m * 160, m);
+                let want = half_matmul::matmul_on(&x, m, &w, false);
+                assert_eq!(fused::matmul(&x, m, &w), want, "{dtype:?} m={m}");
+            }
         }
     }
 
