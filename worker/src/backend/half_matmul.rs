@@ -103,10 +103,21 @@ pub(crate) fn matmul_on<S: WeightRows>(x: &[f32], m: usize, w: &S, simd: bool) -
     if m == 1 {
         return out_t;
     }
+    transpose(&out_t, n, m)
+}
+
+/// [n, m] -> [m, n], in blocks of columns so that both sides stay in cache
+/// (a plain loop writes with a stride of n: slow for the vocab-sized head).
+pub(crate) fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
     let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + j] = v;
+    for j0 in (0..n).step_by(BLOCK) {
+        let j1 = (j0 + BLOCK).min(n);
+        for i in 0..m {
+            let row = &mut out[i * n + j0..i * n + j1];
+            for (o, j) in row.iter_mut().zip(j0..j1) {
+                *o = t[j * m + i];
+            }
         }
     }
     out

@@ -99,46 +99,11 @@ impl QuantMatrix {
         use GgmlDType as G;
         let src = self.row(j);
         match self.dtype {
-            G::Q4_0 => legacy::<18>(src, dst, |b, y| {
-                let d = f16_at(b, 0);
-                for (i, &q) in b[2..18].iter().enumerate() {
-                    y[i] = ((q & 0x0F) as i32 - 8) as f32 * d;
-                    y[i + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-                }
-            }),
-            G::Q4_1 => legacy::<20>(src, dst, |b, y| {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                for (i, &q) in b[4..20].iter().enumerate() {
-                    y[i] = (q & 0x0F) as f32 * d + m;
-                    y[i + 16] = (q >> 4) as f32 * d + m;
-                }
-            }),
-            G::Q5_0 => legacy::<22>(src, dst, |b, y| {
-                let d = f16_at(b, 0);
-                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                for (i, &q) in b[6..22].iter().enumerate() {
-                    let h0 = (((qh >> i) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (i + 12)) & 0x10) as u8;
-                    y[i] = (((q & 0x0F) | h0) as i32 - 16) as f32 * d;
-                    y[i + 16] = (((q >> 4) | h1) as i32 - 16) as f32 * d;
-                }
-            }),
-            G::Q5_1 => legacy::<24>(src, dst, |b, y| {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-                for (i, &q) in b[8..24].iter().enumerate() {
-                    let h0 = (((qh >> i) << 4) & 0x10) as u8;
-                    let h1 = ((qh >> (i + 12)) & 0x10) as u8;
-                    y[i] = ((q & 0x0F) | h0) as f32 * d + m;
-                    y[i + 16] = ((q >> 4) | h1) as f32 * d + m;
-                }
-            }),
-            G::Q8_0 => legacy::<34>(src, dst, |b, y| {
-                let d = f16_at(b, 0);
-                for (v, &q) in y.iter_mut().zip(&b[2..34]) {
-                    *v = (q as i8) as f32 * d;
-                }
-            }),
+            G::Q4_0 => legacy(src, dst, q4_0_block),
+            G::Q4_1 => legacy(src, dst, q4_1_block),
+            G::Q5_0 => legacy(src, dst, q5_0_block),
+            G::Q5_1 => legacy(src, dst, q5_1_block),
+            G::Q8_0 => legacy(src, dst, q8_0_block),
             G::Q2K => k_quant::<BlockQ2K>(src, dst),
             G::Q3K => k_quant::<BlockQ3K>(src, dst),
             G::Q4K => k_quant::<BlockQ4K>(src, dst),
@@ -173,10 +138,62 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// Dequantizes a row of `B`-byte, 32-value legacy blocks with `block`.
+/// The block functions are `#[inline(always)]` fn items, not closures: a
+/// closure would not inherit the AVX2 build's target features.
 #[inline(always)]
 fn legacy<const B: usize>(src: &[u8], dst: &mut [f32], block: impl Fn(&[u8; B], &mut [f32; QK])) {
     for (b, y) in src.chunks_exact(B).zip(dst.chunks_exact_mut(QK)) {
         block(b.try_into().unwrap(), y.try_into().unwrap());
+    }
+}
+
+#[inline(always)]
+fn q4_0_block(b: &[u8; 18], y: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    for (i, &q) in b[2..18].iter().enumerate() {
+        y[i] = ((q & 0x0F) as i32 - 8) as f32 * d;
+        y[i + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+#[inline(always)]
+fn q4_1_block(b: &[u8; 20], y: &mut [f32; QK]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for (i, &q) in b[4..20].iter().enumerate() {
+        y[i] = (q & 0x0F) as f32 * d + m;
+        y[i + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+#[inline(always)]
+fn q5_0_block(b: &[u8; 22], y: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    for (i, &q) in b[6..22].iter().enumerate() {
+        let h0 = (((qh >> i) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (i + 12)) & 0x10) as u8;
+        y[i] = (((q & 0x0F) | h0) as i32 - 16) as f32 * d;
+        y[i + 16] = (((q >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+#[inline(always)]
+fn q5_1_block(b: &[u8; 24], y: &mut [f32; QK]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    for (i, &q) in b[8..24].iter().enumerate() {
+        let h0 = (((qh >> i) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (i + 12)) & 0x10) as u8;
+        y[i] = ((q & 0x0F) | h0) as f32 * d + m;
+        y[i + 16] = ((q >> 4) | h1) as f32 * d + m;
+    }
+}
+
+#[inline(always)]
+fn q8_0_block(b: &[u8; 34], y: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    for (v, &q) in y.iter_mut().zip(&b[2..34]) {
+        *v = (q as i8) as f32 * d;
     }
 }
 
@@ -263,13 +280,7 @@ mod fused {
         if m == 1 {
             return out_t;
         }
-        let mut out = vec![0f32; m * n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + j] = v;
-            }
-        }
-        out
+        crate::backend::half_matmul::transpose(&out_t, n, m)
     }
 
     /// Outputs `j0 .. j0 + rows` (at most FUSED_CHUNK) for one activation row.
