@@ -494,6 +494,13 @@ mod tests {
     }
 
     #[test]
+    fn int8_activations_are_opt_in() {
+        assert!(!parse(&[]).cpu_int8_activations);
+        assert!(!EngineArgs::default().cpu_int8_activations);
+        assert!(parse(&["--cpu-int8-activations"]).cpu_int8_activations);
+    }
+
+    #[test]
     fn defaults_match_vllm() {
         let a = parse(&[]);
         assert_eq!(a.block_size, 16);
