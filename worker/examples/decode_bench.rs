@@ -103,6 +103,7 @@ fn run_bench() -> worker::Result<()> {
         parallel: ParallelConfig::default(),
         seed: 0,
         max_model_len: 2048,
+        cpu_int8_activations: false,
     })?;
     let blocks_per = (prompt_len + NEW_TOKENS).div_ceil(BLOCK);
     runner.initialize_kv_cache(blocks_per * conc.max(1))?;

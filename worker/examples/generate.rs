@@ -49,6 +49,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         parallel: ParallelConfig::default(),
         seed: 0,
         max_model_len: 0,
+        cpu_int8_activations: false,
     })?;
     let per: Vec<usize> = prompts
         .iter()

@@ -300,6 +300,7 @@ fn bench(a: &Args) -> worker::Result<()> {
         parallel: ParallelConfig::default(),
         seed: 0,
         max_model_len: a.prompt_len + a.new_tokens,
+        cpu_int8_activations: false,
     })?;
     let load_s = t.elapsed().as_secs_f64();
     let weight_bytes = num_params(r.model_config()) * r.dtype().bytes();

@@ -36,6 +36,9 @@ pub struct WorkerConfig {
     pub seed: u64,
     /// 0: the config's max_position_embeddings.
     pub max_model_len: usize,
+    /// CPU: run GGUF weights with int8-quantized activations (llama.cpp's
+    /// numerics) instead of exactly on their dequantized values.
+    pub cpu_int8_activations: bool,
 }
 
 /// One request of the persistent batch.
@@ -121,7 +124,7 @@ impl ModelRunner {
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
             Device::Cuda => load_cuda(cfg)?,
             _ => Box::new(Runner::load(cfg, Device::Cpu, |dtype| {
-                Ok(CpuBackend::new(dtype))
+                Ok(CpuBackend::new(dtype).with_int8_activations(cfg.cpu_int8_activations))
             })?),
         };
         Ok(ModelRunner { inner })
@@ -129,9 +132,11 @@ impl ModelRunner {
 
     /// A CPU rank of a tensor-parallel group whose collectives run over `group`.
     pub fn load_cpu_rank(cfg: &WorkerConfig, group: Arc<dyn HostGroup>) -> Result<ModelRunner> {
-        let runner = Runner::load(cfg, Device::Cpu, |dtype| {
-            Ok(CpuBackend::with_group(dtype, group))
-        })?;
+        let runner =
+            Runner::load(cfg, Device::Cpu, |dtype| {
+                Ok(CpuBackend::with_group(dtype, group)
+                    .with_int8_activations(cfg.cpu_int8_activations))
+            })?;
         Ok(ModelRunner {
             inner: Box::new(runner),
         })

@@ -195,6 +195,7 @@ impl Worker for WorkerService {
             parallel: layout.parallel,
             seed: req.seed,
             max_model_len: req.max_model_len as usize,
+            cpu_int8_activations: req.cpu_int8_activations,
         };
         let runner = blocking(move || {
             let runner = match group {

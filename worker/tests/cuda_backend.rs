@@ -359,6 +359,7 @@ fn runner(dir: &std::path::Path, device: Device, dtype: &str, block_size: usize)
         parallel: ParallelConfig::default(),
         seed: 7,
         max_model_len: 2048,
+        cpu_int8_activations: false,
     })
     .unwrap()
 }

@@ -28,6 +28,7 @@ fn dummy_weights_at_real_shapes_run_a_step() {
         parallel: ParallelConfig::default(),
         seed: 3,
         max_model_len: 512,
+        cpu_int8_activations: false,
     };
     let mut runner = ModelRunner::load(&cfg).unwrap();
     // 30 layers x (K + V) x 3 heads x 16 slots x 64 dims x 4 bytes.

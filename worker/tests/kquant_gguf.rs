@@ -125,6 +125,7 @@ fn load_runner(path: PathBuf) -> ModelRunner {
         parallel: ParallelConfig::default(),
         seed: 0,
         max_model_len: 2048,
+        cpu_int8_activations: false,
     })
     .unwrap()
 }

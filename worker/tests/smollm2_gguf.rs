@@ -48,6 +48,7 @@ fn greedy_capital_of_france_is_paris() {
             parallel: ParallelConfig::default(),
             seed: 0,
             max_model_len: 2048,
+            cpu_int8_activations: false,
         })
         .unwrap();
         let cfg = runner.model_config();

@@ -103,6 +103,7 @@ async fn worker_binary_serves_the_worker_service() {
         block_size: 16,
         seed: 1,
         max_model_len: 128,
+        cpu_int8_activations: false,
     };
     let e = c
         .load_model(pb::LoadModelRequest {

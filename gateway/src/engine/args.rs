@@ -110,6 +110,13 @@ pub struct EngineArgs {
     /// of one, else mp.
     #[arg(long, value_enum)]
     pub distributed_executor_backend: Option<DistributedBackend>,
+    /// CPU, GGUF weights: quantize activations to int8 per 32 values and
+    /// run sub-8-bit weights as Q8_0 (llama.cpp-equivalent numerics).
+    /// Faster, but not the model's own arithmetic: near-ties between tokens
+    /// can flip. By default the dequantized weights multiply f32
+    /// activations exactly, as HF transformers computes on the same file.
+    #[arg(long)]
+    pub cpu_int8_activations: bool,
 }
 
 impl Default for EngineArgs {
@@ -135,6 +142,7 @@ impl Default for EngineArgs {
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
             distributed_executor_backend: None,
+            cpu_int8_activations: false,
         }
     }
 }
@@ -342,6 +350,7 @@ impl EngineArgs {
             },
             seed: self.seed,
             max_model_len: 0,
+            cpu_int8_activations: self.cpu_int8_activations,
         };
         // The runner sizes its rotary tables by max_model_len, so resolve it
         // from the config before loading the weights.
@@ -517,6 +526,13 @@ mod tests {
         Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
             .unwrap()
             .engine
+    }
+
+    #[test]
+    fn int8_activations_are_opt_in() {
+        assert!(!parse(&[]).cpu_int8_activations);
+        assert!(!EngineArgs::default().cpu_int8_activations);
+        assert!(parse(&["--cpu-int8-activations"]).cpu_int8_activations);
     }
 
     #[test]

@@ -196,6 +196,7 @@ impl RemoteWorkers {
             block_size: config.block_size as u32,
             seed: config.seed,
             max_model_len: config.max_model_len as u64,
+            cpu_int8_activations: config.cpu_int8_activations,
         };
         // Loading takes as long as the weights take: no timeout, but a dead
         // worker still ends the call.

@@ -1,6 +1,8 @@
-//! CPU backend: quantized matmuls through our Q8_0 kernel (or candle's GGML
-//! kernels), dense f32 ones through candle's gemm, bf16/f16 ones through our
-//! dense kernel, and the rest as rayon loops over f32 rows.
+//! CPU backend: quantized matmuls through our exact dequantizing kernel
+//! (`quant_matmul`: the dequantized weights times f32 activations), or, with
+//! `int8_activations`, through our Q8_0 kernel / candle's GGML kernels
+//! (llama.cpp's numerics); dense f32 ones through candle's gemm, bf16/f16
+//! ones through our dense kernel, and the rest as rayon loops over f32 rows.
 //!
 //! `--dtype bfloat16|float16`: weights, embeddings and the KV cache are
 //! stored in that type, and every op rounds its output to it, so activations
@@ -18,6 +20,7 @@ use half::{bf16, f16};
 use super::elem::{self, Elem};
 use super::half_matmul::{self, DenseMatrix};
 use super::q8_matmul::{self, Q8Matrix};
+use super::quant_matmul::{self, QuantMatrix};
 use super::{Backend, ComputeDtype, RowTop, StepInputs};
 use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
 use crate::collective::HostGroup;
@@ -35,17 +38,36 @@ pub struct CpuBackend {
     dtype: ComputeDtype,
     /// The tensor-parallel group; `None` for a group of one.
     group: Option<Arc<dyn HostGroup>>,
+    /// Quantized matmuls quantize activations to int8 and run sub-8-bit
+    /// weights as Q8_0 (llama.cpp's numerics) instead of the exact kernel.
+    int8_activations: bool,
 }
 
 impl CpuBackend {
     pub fn new(dtype: ComputeDtype) -> Self {
-        Self { dtype, group: None }
+        Self {
+            dtype,
+            group: None,
+            int8_activations: false,
+        }
     }
 
     /// A backend whose collectives run over `group`.
     pub fn with_group(dtype: ComputeDtype, group: Arc<dyn HostGroup>) -> Self {
         let group = (group.size() > 1).then_some(group);
-        Self { dtype, group }
+        Self {
+            dtype,
+            group,
+            int8_activations: false,
+        }
+    }
+
+    /// Opts into llama.cpp-equivalent numerics for GGUF weights: activations
+    /// quantized to int8 per 32 values, sub-8-bit weights requantized to
+    /// Q8_0. Faster, but not the model's own arithmetic (near-ties can flip).
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8_activations = on;
+        self
     }
 
     pub fn dtype(&self) -> ComputeDtype {
@@ -108,8 +130,11 @@ impl CpuTensor {
 }
 
 enum Matrix {
-    /// Q8_0 run by our AVX2 kernel.
+    /// GGML blocks times f32 activations, exactly (the default).
+    Exact(QuantMatrix),
+    /// Q8_0 run by our int8-activation AVX2 kernel (opt-in).
     Q8(Q8Matrix),
+    /// candle's GGML kernels (int8 activations; opt-in, off x86).
     Quantized(Arc<QTensor>),
     /// [out, in] f32.
     Dense(Tensor),
@@ -176,7 +201,8 @@ fn fuse(parts: Vec<HostLinear>) -> Result<Vec<HostLinear>> {
     Ok(out)
 }
 
-/// On x86 every sub-8-bit GGML type is requantized to Q8_0 at load, for two
+/// With int8 activations on x86, every sub-8-bit GGML type is requantized to
+/// Q8_0 at load, for two
 /// reasons: candle's kernels for Q4_1/Q5_x are scalar there (~20x slower),
 /// and its K-quant kernels do one dot per (row, output), so a batch would
 /// need a different (dequantize + GEMM) path whose rounding depends on the
@@ -214,6 +240,7 @@ fn dense_matmul(x: &CpuTensor, w: &Tensor) -> Result<Vec<f32>> {
 
 fn matmul_part(x: &CpuTensor, p: &Part) -> Result<Vec<f32>> {
     let mut y = match &p.w {
+        Matrix::Exact(w) => quant_matmul::matmul(x.data(), x.rows, w),
         Matrix::Q8(w) => q8_matmul::matmul(x.data(), x.rows, w),
         Matrix::Quantized(q) if x.rows >= GEMM_MIN_ROWS => {
             dense_matmul(x, &q.dequantize(&Device::Cpu)?)?
@@ -267,6 +294,21 @@ pub struct CpuEmbedding {
 }
 
 impl CpuBackend {
+    /// A GGUF tensor for the exact path: GGML blocks stay as they are, and
+    /// float tensors (f16/bf16/f32 in the file) become dense weights.
+    fn exact(&self, q: Arc<QTensor>) -> Result<Matrix> {
+        let (n, k) = q.shape().dims2()?;
+        if let Some(m) = QuantMatrix::new(&q.data()?, q.dtype(), n, k) {
+            return Ok(Matrix::Exact(m));
+        }
+        if q.dtype() == GgmlDType::F16 && self.dtype != ComputeDtype::Bf16 {
+            // Kept as f16: the same values, half the memory of f32.
+            let v: Vec<f16> = bytemuck::pod_collect_to_vec(&q.data()?);
+            return Ok(Matrix::F16(DenseMatrix::new(v, n, k)));
+        }
+        self.dense(q.dequantize(&Device::Cpu)?)
+    }
+
     /// A dense weight in the compute dtype.
     fn dense(&self, t: Tensor) -> Result<Matrix> {
         let (n, k) = t.dims2()?;
@@ -289,15 +331,20 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CpuLinear> {
-        let parts = parts
-            .into_iter()
-            .map(to_fast_type)
-            .collect::<Result<Vec<_>>>()?;
+        let parts = if self.int8_activations {
+            parts
+                .into_iter()
+                .map(to_fast_type)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            parts
+        };
         let parts: Vec<Part> = fuse(parts)?
             .into_iter()
             .map(|p| {
                 let out = p.weight.dims().0;
                 let w = match p.weight {
+                    HostMatrix::Quantized(q) if !self.int8_activations => self.exact(q)?,
                     HostMatrix::Quantized(q) if q.dtype() == GgmlDType::Q8_0 => {
                         let (n, k) = q.shape().dims2()?;
                         match Q8Matrix::new(q.data()?.into_owned(), n, k) {

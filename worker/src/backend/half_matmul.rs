@@ -1,5 +1,6 @@
-//! Dense matmul y = x·Wᵀ for weights held as bf16/f16 (or f32), with f32
-//! activations and f32 accumulation. Each output is one dot product over k
+//! Matmul y = x·Wᵀ with f32 activations and f32 accumulation, for weights
+//! that can be widened to f32 a few rows at a time: bf16/f16/f32 here
+//! (`DenseMatrix`), GGML blocks in `quant_matmul` (any `WeightRows`). Each output is one dot product over k
 //! in a fixed order whatever the batch, so a row's result never depends on
 //! which other rows share its step (the batch invariance the engine's
 //! "32 concurrent == each alone" guarantee needs).
@@ -23,6 +24,33 @@ pub struct DenseMatrix<W> {
     pub k: usize,
 }
 
+/// Weights [n, k] that the kernel widens to f32 a tile of rows at a time
+/// (then reuses for every activation row). The widened values must not
+/// depend on the tile: row j's values are the same whichever call widens it.
+pub trait WeightRows: Sync {
+    fn n(&self) -> usize;
+    fn k(&self) -> usize;
+    /// Writes rows `r0 .. r0 + dst.len() / k` as f32 into `dst`.
+    fn widen(&self, r0: usize, dst: &mut [f32]);
+}
+
+impl<W: Elem> WeightRows for DenseMatrix<W> {
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    #[inline(always)]
+    fn widen(&self, r0: usize, dst: &mut [f32]) {
+        for (s, v) in dst.iter_mut().zip(&self.w[r0 * self.k..]) {
+            *s = v.to_f32();
+        }
+    }
+}
+
 impl<W: Elem> DenseMatrix<W> {
     pub fn new(w: Vec<W>, n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight length is not n*k");
@@ -39,22 +67,30 @@ thread_local! {
 }
 
 /// `x` is [m, k]; returns [m, n].
-pub fn matmul<W: Elem>(x: &[f32], m: usize, w: &DenseMatrix<W>) -> Vec<f32> {
-    let (n, k) = (w.n, w.k);
+pub fn matmul<S: WeightRows>(x: &[f32], m: usize, w: &S) -> Vec<f32> {
+    matmul_on(x, m, w, simd_available())
+}
+
+/// `matmul` on the AVX2 build (`simd`, which must be available) or the
+/// portable one; tests compare the two.
+pub(crate) fn matmul_on<S: WeightRows>(x: &[f32], m: usize, w: &S, simd: bool) -> Vec<f32> {
+    let (n, k) = (w.n(), w.k());
     debug_assert_eq!(x.len(), m * k);
+    assert!(
+        !simd || simd_available(),
+        "AVX2 build asked for without AVX2"
+    );
     let mut out_t = vec![0f32; n * m];
-    let simd = simd_available();
     let task = |(c, dst): (usize, &mut [f32])| {
         let r0 = c * CHUNK;
         let rows = dst.len() / m.max(1);
-        let wr = &w.w[r0 * k..(r0 + rows) * k];
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2/FMA were detected.
-            return unsafe { rows_avx2(x, m, wr, rows, k, dst) };
+            return unsafe { rows_avx2(x, m, w, r0, rows, dst) };
         }
         let _ = simd;
-        rows_portable(x, m, wr, rows, k, dst);
+        rows_portable(x, m, w, r0, rows, dst);
     };
     if m == 0 || n == 0 {
         return Vec::new();
@@ -67,10 +103,21 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, w: &DenseMatrix<W>) -> Vec<f32> {
     if m == 1 {
         return out_t;
     }
+    transpose(&out_t, n, m)
+}
+
+/// [n, m] -> [m, n], in blocks of columns so that both sides stay in cache
+/// (a plain loop writes with a stride of n: slow for the vocab-sized head).
+pub(crate) fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
     let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + j] = v;
+    for j0 in (0..n).step_by(BLOCK) {
+        let j1 = (j0 + BLOCK).min(n);
+        for i in 0..m {
+            let row = &mut out[i * n + j0..i * n + j1];
+            for (o, j) in row.iter_mut().zip(j0..j1) {
+                *o = t[j * m + i];
+            }
         }
     }
     out
@@ -80,34 +127,48 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, w: &DenseMatrix<W>) -> Vec<f32> {
 /// fuses a*b+c on its own, so the results equal the portable build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
-    rows_impl::<W, true>(x, m, w, rows, k, dst)
-}
-
-fn rows_portable<W: Elem>(x: &[f32], m: usize, w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
-    rows_impl::<W, false>(x, m, w, rows, k, dst)
-}
-
-/// Weight rows `w` ([rows, k]) against every activation row; `dst` is
-/// [rows, m] (transposed output).
-/// `AVX2`: called from `rows_avx2`, so the paired-row kernel may be used.
-#[inline(always)]
-fn rows_impl<W: Elem, const AVX2: bool>(
+unsafe fn rows_avx2<S: WeightRows>(
     x: &[f32],
     m: usize,
-    w: &[W],
+    w: &S,
+    r0: usize,
     rows: usize,
-    k: usize,
     dst: &mut [f32],
 ) {
+    rows_impl::<S, true>(x, m, w, r0, rows, dst)
+}
+
+fn rows_portable<S: WeightRows>(
+    x: &[f32],
+    m: usize,
+    w: &S,
+    r0: usize,
+    rows: usize,
+    dst: &mut [f32],
+) {
+    rows_impl::<S, false>(x, m, w, r0, rows, dst)
+}
+
+/// Weight rows `r0 .. r0 + rows` against every activation row; `dst` is
+/// [rows, m] (transposed output). Widening is inlined here, so under AVX2 it
+/// is compiled for AVX2 too (exact conversions: the same values either way).
+/// `AVX2`: called from `rows_avx2`, so the paired-row kernel may be used.
+#[inline(always)]
+fn rows_impl<S: WeightRows, const AVX2: bool>(
+    x: &[f32],
+    m: usize,
+    w: &S,
+    r0: usize,
+    rows: usize,
+    dst: &mut [f32],
+) {
+    let k = w.k();
     let mut scratch = SCRATCH.with(|c| c.take());
     scratch.resize(TILE * k, 0.0);
     let mut t = 0;
     while t < rows {
         let tr = TILE.min(rows - t);
-        for (s, v) in scratch.iter_mut().zip(&w[t * k..(t + tr) * k]) {
-            *s = v.to_f32();
-        }
+        w.widen(r0 + t, &mut scratch[..tr * k]);
         let mut first = 0;
         #[cfg(target_arch = "x86_64")]
         if AVX2 && tr == TILE {
@@ -143,7 +204,7 @@ fn rows_impl<W: Elem, const AVX2: bool>(
 /// Lane sums are combined in the same order by `dot1` and `dot4`, so a
 /// weight row gives the same bits whichever of the two computes it.
 #[inline(always)]
-fn reduce(acc: &[f32; 8], tail: &[f32], xt: &[f32]) -> f32 {
+pub(crate) fn reduce(acc: &[f32; 8], tail: &[f32], xt: &[f32]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (a, b) in tail.iter().zip(xt) {
         s += a * b;

@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod elem;
 pub mod half_matmul;
 pub mod q8_matmul;
+pub mod quant_matmul;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
