@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A CI build is cold and thrown away: incremental caches would only take disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 cargo build --workspace --bins
 cargo test --workspace
 # The CUDA backend builds without a GPU or a CUDA toolkit (cudarc loads the
@@ -13,3 +15,5 @@ cargo test --workspace
 cargo test -p flotilla-worker --features cuda --test cuda_backend
 cargo check -p flotilla-gateway --features cuda --bins
 FLOTILLA_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
+# What the build took on disk (CI machines have had little to spare).
+du -sh target 2>/dev/null || true
