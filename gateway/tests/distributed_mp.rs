@@ -5,6 +5,9 @@
 //!   in float32 (HF layout), the same greedy text for a dozen prompts and
 //!   logprobs within `LOGPROB_TOL`; the int8 GGUF path, see
 //!   `INT8_FIRST_TOKEN_TOL`.
+//! - SmolLM2 (30 layers) over pipeline stages: PP 2 (15 + 15) and TP 3 x
+//!   PP 2 with `VLLM_PP_LAYER_PARTITION=18,12`, against TP 1, and vLLM's
+//!   errors for bad partitions.
 //! - A tiny random-weight Llama (`--load-format dummy`) at TP 2 and TP 4
 //!   (4 query / 2 KV heads, so TP 4 replicates KV heads) against TP 1.
 
@@ -132,6 +135,63 @@ fn smollm2_tp3_matches_tp1() {
         "{:?}",
         got[0].outputs[0].text
     );
+}
+
+#[test]
+fn smollm2_pipeline_stages_match_tp1() {
+    let Some(model) = smollm2_hf() else {
+        return;
+    };
+    fixtures::build_worker_binary();
+    let prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
+    let layout = |tp: usize, pp: usize| EngineArgs {
+        dtype: "float32".into(),
+        pipeline_parallel_size: pp,
+        distributed_executor_backend: Some(if tp * pp == 1 {
+            DistributedBackend::Uni
+        } else {
+            DistributedBackend::Mp
+        }),
+        ..args(tp, 256)
+    };
+    let want = LLM::new(&model, layout(1, 1))
+        .expect("TP 1 loads")
+        .generate(prompts.clone(), &params(16))
+        .unwrap();
+    // The only test here that sets the variable; ranks without pipeline
+    // stages never read it.
+    for (tp, pp, partition) in [(1, 2, None), (3, 2, Some("18,12"))] {
+        match partition {
+            Some(p) => std::env::set_var("VLLM_PP_LAYER_PARTITION", p),
+            None => std::env::remove_var("VLLM_PP_LAYER_PARTITION"),
+        }
+        let label = format!("SmolLM2 float32 TP {tp} x PP {pp} ({partition:?})");
+        let llm = LLM::new(&model, layout(tp, pp)).expect("pipeline stages load through mp");
+        let started = std::time::Instant::now();
+        let got = llm.generate(prompts.clone(), &params(16)).unwrap();
+        eprintln!(
+            "{label}: {} prompts x 16 tokens in {:.2}s",
+            prompts.len(),
+            started.elapsed().as_secs_f64()
+        );
+        compare(&want, &got, &label);
+    }
+    // vLLM's checks and messages, before any worker starts.
+    for (partition, wanted) in [
+        ("15,x", "Invalid partition string: 15,x"),
+        ("10,10,10", "len(partitions)=3 does not match pp_size=2."),
+        (
+            "15,14",
+            "sum(partitions)=29 does not match num_hidden_layers=30.",
+        ),
+    ] {
+        std::env::set_var("VLLM_PP_LAYER_PARTITION", partition);
+        let e = LLM::new(&model, layout(1, 2))
+            .err()
+            .expect("a bad partition fails");
+        assert!(e.to_string().contains(wanted), "{partition}: {e}");
+    }
+    std::env::remove_var("VLLM_PP_LAYER_PARTITION");
 }
 
 /// The GGUF runs through the int8 kernel, which quantizes activations per

@@ -188,24 +188,52 @@ fn ray_executor_places_worker_actors_and_matches_tp1() {
         listed.contains("-rank0") && listed.contains("-rank1"),
         "{listed}"
     );
-    let got = llm.generate_token_ids(prompts.clone(), &params).unwrap();
-    for (w, g) in want.iter().zip(&got) {
-        assert_eq!(w.outputs[0].token_ids, g.outputs[0].token_ids);
-        for (a, b) in w.outputs[0]
-            .logprobs
-            .as_ref()
-            .unwrap()
-            .iter()
-            .zip(g.outputs[0].logprobs.as_ref().unwrap())
-        {
-            assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} vs {b:?}");
+    let matches_tp1 = |llm: &LLM| {
+        let got = llm.generate_token_ids(prompts.clone(), &params).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(w.outputs[0].token_ids, g.outputs[0].token_ids);
+            for (a, b) in w.outputs[0]
+                .logprobs
+                .as_ref()
+                .unwrap()
+                .iter()
+                .zip(g.outputs[0].logprobs.as_ref().unwrap())
+            {
+                assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} vs {b:?}");
+            }
         }
-    }
+    };
+    matches_tp1(&llm);
     drop(llm);
-    // The placement group goes with the executor, and its actors with it.
+    wait_actors_gone(&orchestrator, &cluster);
+
+    // Two pipeline stages (one layer each) on two worker actors.
+    let pp2 = EngineArgs {
+        pipeline_parallel_size: 2,
+        ..args(1, DistributedBackend::Ray)
+    };
+    let llm = LLM::new(&model, pp2).expect("PP 2 through ray");
+    matches_tp1(&llm);
+    drop(llm);
+    wait_actors_gone(&orchestrator, &cluster);
+
+    std::env::set_var("VLLM_RAY_BUNDLE_INDICES", "0,0");
+    let e = LLM::new(&model, args(2, DistributedBackend::Ray))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("VLLM_RAY_BUNDLE_INDICES cannot have duplicate values"),
+        "{e}"
+    );
+    std::env::remove_var("VLLM_RAY_BUNDLE_INDICES");
+}
+
+/// The placement group goes with the executor, and its actors with it.
+fn wait_actors_gone(orchestrator: &Path, cluster: &Cluster) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let listed = list_actors(&orchestrator, &cluster);
+        let listed = list_actors(orchestrator, cluster);
         let alive = listed
             .lines()
             .filter(|l| l.contains("-rank") && !l.contains("DEAD"))
@@ -219,15 +247,4 @@ fn ray_executor_places_worker_actors_and_matches_tp1() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-
-    std::env::set_var("VLLM_RAY_BUNDLE_INDICES", "0,0");
-    let e = LLM::new(&model, args(2, DistributedBackend::Ray))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("VLLM_RAY_BUNDLE_INDICES cannot have duplicate values"),
-        "{e}"
-    );
-    std::env::remove_var("VLLM_RAY_BUNDLE_INDICES");
 }

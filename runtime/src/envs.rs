@@ -53,7 +53,9 @@ env_vars! {
     VLLM_DISABLE_COMPILE_CACHE = "VLLM_DISABLE_COMPILE_CACHE", "0",
         "1: compile the CUDA kernels at every start instead of reusing the on-disk cache.";
     VLLM_PORT = "VLLM_PORT", "",
-        "First internal port (collective rendezvous of worker ranks); an ephemeral port when unset.";
+        "First internal port (collective rendezvous of worker ranks, pipeline links); further ones count up from it; ephemeral ports when unset.";
+    VLLM_PP_LAYER_PARTITION = "VLLM_PP_LAYER_PARTITION", "",
+        "Layers per pipeline stage, comma-separated (e.g. \"16,14\"); their count is --pipeline-parallel-size and their sum the model's layers. Unset: as even as possible.";
     VLLM_RPC_TIMEOUT = "VLLM_RPC_TIMEOUT", "10000",
         "Milliseconds an internal call (executor to worker, collective between ranks) may take before it is an error.";
     VLLM_ENGINE_ITERATION_TIMEOUT_S = "VLLM_ENGINE_ITERATION_TIMEOUT_S", "60",

@@ -53,6 +53,7 @@ fn run(runner: &mut ModelRunner, n: usize, prompt_len: usize) -> worker::Result<
             cached_requests: ids
                 .iter()
                 .map(|id| CachedRequestData {
+                    new_token_ids: Vec::new(),
                     req_id: id.clone(),
                     new_block_ids: vec![],
                     num_computed_tokens: prompt_len + k,

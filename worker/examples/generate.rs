@@ -106,6 +106,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .zip(&computed)
                 .map(|(id, &c)| CachedRequestData {
+                    new_token_ids: Vec::new(),
                     req_id: id.clone(),
                     new_block_ids: vec![],
                     num_computed_tokens: c,

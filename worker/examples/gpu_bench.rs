@@ -129,6 +129,7 @@ fn run(
             cached_requests: ids
                 .iter()
                 .map(|id| CachedRequestData {
+                    new_token_ids: Vec::new(),
                     req_id: id.clone(),
                     new_block_ids: vec![],
                     num_computed_tokens: prompt_len + k,

@@ -11,12 +11,12 @@ use rand::SeedableRng;
 
 use crate::attention::AttentionMetadata;
 use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
-use crate::collective::HostGroup;
+use crate::collective::{HostGroup, StageLink};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
 use crate::loader::{self, LoadFormat};
-use crate::models::{self, CausalLm};
+use crate::models::{self, CausalLm, IntermediateTensors, StageOutput};
 use crate::parallel::ParallelConfig;
 use crate::sampler::{self, SamplerState};
 use crate::sampling_params::SamplingParams;
@@ -122,24 +122,38 @@ impl ModelRunner {
     /// cache comes later (`initialize_kv_cache`).
     pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
-            Device::Cuda => load_cuda(cfg)?,
-            _ => Box::new(Runner::load(cfg, Device::Cpu, |dtype| {
+            Device::Cuda => load_cuda(cfg, None)?,
+            _ => Box::new(Runner::load(cfg, Device::Cpu, None, |dtype| {
                 Ok(CpuBackend::new(dtype).with_int8_activations(cfg.cpu_int8_activations))
             })?),
         };
         Ok(ModelRunner { inner })
     }
 
-    /// A CPU rank of a tensor-parallel group whose collectives run over `group`.
-    pub fn load_cpu_rank(cfg: &WorkerConfig, group: Arc<dyn HostGroup>) -> Result<ModelRunner> {
-        let runner =
-            Runner::load(cfg, Device::Cpu, |dtype| {
-                Ok(CpuBackend::with_group(dtype, group)
-                    .with_int8_activations(cfg.cpu_int8_activations))
-            })?;
-        Ok(ModelRunner {
-            inner: Box::new(runner),
-        })
+    /// One rank of a distributed model: its tensor-parallel collectives run
+    /// over `group` (CPU only for now: CUDA needs NCCL), its pipeline stage
+    /// talks to its neighbours over `link`.
+    pub fn load_rank(
+        cfg: &WorkerConfig,
+        group: Option<Arc<dyn HostGroup>>,
+        link: Option<Arc<dyn StageLink>>,
+    ) -> Result<ModelRunner> {
+        let inner: Box<dyn StepRunner> = match (cfg.device.resolve()?, group) {
+            (Device::Cuda, Some(_)) => {
+                return Err(Error::NotImplemented {
+                    feature: "tensor parallel on CUDA (needs NCCL); use --device cpu".into(),
+                })
+            }
+            (Device::Cuda, None) => load_cuda(cfg, link)?,
+            (_, group) => Box::new(Runner::load(cfg, Device::Cpu, link, |dtype| {
+                let b = match group {
+                    Some(g) => CpuBackend::with_group(dtype, g),
+                    None => CpuBackend::new(dtype),
+                };
+                Ok(b.with_int8_activations(cfg.cpu_int8_activations))
+            })?),
+        };
+        Ok(ModelRunner { inner })
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -211,15 +225,18 @@ impl ModelRunner {
 }
 
 #[cfg(feature = "cuda")]
-fn load_cuda(cfg: &WorkerConfig) -> Result<Box<dyn StepRunner>> {
+fn load_cuda(cfg: &WorkerConfig, link: Option<Arc<dyn StageLink>>) -> Result<Box<dyn StepRunner>> {
     use crate::backend::cuda::CudaBackend;
-    Ok(Box::new(Runner::load(cfg, Device::Cuda, |dtype| {
+    Ok(Box::new(Runner::load(cfg, Device::Cuda, link, |dtype| {
         CudaBackend::new(0, dtype)
     })?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn load_cuda(_cfg: &WorkerConfig) -> Result<Box<dyn StepRunner>> {
+fn load_cuda(
+    _cfg: &WorkerConfig,
+    _link: Option<Arc<dyn StageLink>>,
+) -> Result<Box<dyn StepRunner>> {
     Err(Device::cuda_not_built())
 }
 
@@ -235,6 +252,11 @@ struct Runner<B: Backend> {
     num_blocks: usize,
     max_model_len: usize,
     requests: HashMap<RequestId, CachedRequest>,
+    /// Pipeline parallel: the links to the neighbouring stages (`None`
+    /// without pipeline parallelism).
+    link: Option<Arc<dyn StageLink>>,
+    is_first_stage: bool,
+    is_last_stage: bool,
     rng: rand::rngs::StdRng,
     // Step buffers, reused so a step does not reallocate them.
     meta: AttentionMetadata,
@@ -248,16 +270,15 @@ impl<B: Backend> Runner<B> {
     fn load(
         cfg: &WorkerConfig,
         device: Device,
+        link: Option<Arc<dyn StageLink>>,
         make_backend: impl FnOnce(ComputeDtype) -> Result<B>,
     ) -> Result<Self> {
         cfg.parallel.validate()?;
-        if cfg.parallel.pp_size > 1 {
-            return Err(Error::NotImplemented {
-                feature: format!(
-                    "pipeline parallel execution (pp={}): layers cannot be split over stages yet",
-                    cfg.parallel.pp_size
-                ),
-            });
+        if cfg.parallel.pp_size > 1 && link.is_none() {
+            return Err(Error::config(format!(
+                "pipeline stage {} of {} needs links to its neighbouring stages",
+                cfg.parallel.pp_rank, cfg.parallel.pp_size
+            )));
         }
         if !BLOCK_SIZES.contains(&cfg.block_size) {
             return Err(Error::Unsupported {
@@ -332,6 +353,9 @@ impl<B: Backend> Runner<B> {
             num_blocks: 0,
             max_model_len,
             requests: HashMap::new(),
+            link,
+            is_first_stage: cfg.parallel.is_first_stage(),
+            is_last_stage: cfg.parallel.is_last_stage(),
             rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
             meta: AttentionMetadata::default(),
             input_ids: Vec::new(),
@@ -426,7 +450,21 @@ impl<B: Backend> StepRunner for Runner<B> {
             logits_rows: &rows,
         };
         let step = self.backend.prepare_step(inputs, self.model.rope())?;
-        if let Some(logits) = self.model.forward(&self.backend, &step, &mut kv, true)? {
+        // A later pipeline stage profiles on zeros in place of its input.
+        let input = if self.is_first_stage {
+            None
+        } else {
+            let zeros = vec![0f32; ids.len() * self.cfg.hidden_size];
+            let t = |b: &B| b.upload_activation(&zeros, ids.len(), self.cfg.hidden_size);
+            Some(IntermediateTensors {
+                hidden: t(&self.backend)?,
+                residual: t(&self.backend)?,
+            })
+        };
+        if let StageOutput::Logits(Some(logits)) =
+            self.model
+                .forward(&self.backend, &step, &mut kv, true, input)?
+        {
             self.backend.top_logits(&logits, 1)?;
         }
         let (free, _) = self.backend.memory_info()?.unwrap_or((free, total));
@@ -512,6 +550,7 @@ impl<B: Backend> Runner<B> {
         }
         for c in &step.cached_requests {
             self.check_blocks(&c.new_block_ids)?;
+            self.check_tokens(&c.req_id, &c.new_token_ids)?;
             let r = self
                 .requests
                 .get_mut(&c.req_id)
@@ -524,6 +563,22 @@ impl<B: Backend> Runner<B> {
                     expected: c.num_computed_tokens,
                     actual: r.num_computed,
                 });
+            }
+            if !self.is_last_stage && !c.new_token_ids.is_empty() {
+                // This stage never samples: it learns the last stage's tokens here.
+                let known = r.num_computed.max(r.prompt_len);
+                if r.tokens.len() != known {
+                    return Err(Error::bad_step(
+                        &c.req_id,
+                        format!(
+                            "{} new tokens after {} known, but this stage holds {}",
+                            c.new_token_ids.len(),
+                            known,
+                            r.tokens.len()
+                        ),
+                    ));
+                }
+                r.tokens.extend_from_slice(&c.new_token_ids);
             }
             r.block_table.extend_from_slice(&c.new_block_ids);
         }
@@ -646,13 +701,37 @@ impl<B: Backend> Runner<B> {
             };
             let prepared = self.backend.prepare_step(inputs, self.model.rope())?;
             let wants_logits = !self.logits_rows.is_empty();
+            let (rows, hidden) = (self.input_ids.len(), self.cfg.hidden_size);
+            let input = match &self.link {
+                Some(link) if !self.is_first_stage => {
+                    let (h, r) = link.recv(rows, hidden)?;
+                    Some(IntermediateTensors {
+                        hidden: self.backend.upload_activation(&h, rows, hidden)?,
+                        residual: self.backend.upload_activation(&r, rows, hidden)?,
+                    })
+                }
+                _ => None,
+            };
             match self
                 .model
-                .forward(&self.backend, &prepared, kv, wants_logits)?
+                .forward(&self.backend, &prepared, kv, wants_logits, input)?
             {
-                Some(t) if whole_rows => (self.backend.to_host(&t)?, Vec::new()),
-                Some(t) => (Vec::new(), self.backend.top_logits(&t, top_k)?),
-                None => (Vec::new(), Vec::new()),
+                StageOutput::Logits(Some(t)) if whole_rows => {
+                    (self.backend.to_host(&t)?, Vec::new())
+                }
+                StageOutput::Logits(Some(t)) => (Vec::new(), self.backend.top_logits(&t, top_k)?),
+                StageOutput::Logits(None) => (Vec::new(), Vec::new()),
+                StageOutput::Intermediate(t) => {
+                    let link = self.link.as_ref().ok_or_else(|| {
+                        Error::config("a pipeline stage before the last has no link to the next")
+                    })?;
+                    let (h, r) = (
+                        self.backend.to_host(&t.hidden)?,
+                        self.backend.to_host(&t.residual)?,
+                    );
+                    link.send(&h, &r, rows, hidden)?;
+                    (Vec::new(), Vec::new())
+                }
             }
         };
         let vocab = self.cfg.vocab_size;
@@ -663,7 +742,7 @@ impl<B: Backend> Runner<B> {
             let id = &step.num_scheduled_tokens[s.req_idx].0;
             let r = self.requests.get_mut(id).expect("looked up above");
             let mut prompt_lps: Vec<TokenLogprobs> = Vec::new();
-            if let Some(k) = r.params.prompt_logprobs {
+            if let Some(k) = r.params.prompt_logprobs.filter(|_| self.is_last_stage) {
                 for j in 0..s.prompt_rows.1 {
                     let row =
                         &logits[(s.prompt_rows.0 + j) * vocab..(s.prompt_rows.0 + j + 1) * vocab];
@@ -671,7 +750,8 @@ impl<B: Backend> Runner<B> {
                 }
             }
             let (mut token, mut lps) = (None, None);
-            if let Some(row) = s.sample_row {
+            // Stages before the last only ran their layers: the last samples.
+            if let Some(row) = s.sample_row.filter(|_| self.is_last_stage) {
                 let sampled = if whole_rows {
                     sampler::sample(
                         &mut logits[row * vocab..(row + 1) * vocab],

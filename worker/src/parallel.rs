@@ -78,11 +78,16 @@ impl ParallelConfig {
         start..((self.tp_rank + 1) * per).min(vocab)
     }
 
-    /// Transformer layers this pipeline stage runs.
-    pub fn layer_range(&self, num_layers: usize) -> Range<usize> {
-        let per = num_layers.div_ceil(self.pp_size);
-        let start = (self.pp_rank * per).min(num_layers);
-        start..((self.pp_rank + 1) * per).min(num_layers)
+    /// Transformer layers this pipeline stage runs: `VLLM_PP_LAYER_PARTITION`
+    /// when set, else as even as possible (see `pp_partition`).
+    pub fn layer_range(&self, num_layers: usize) -> Result<Range<usize>> {
+        if self.pp_size == 1 {
+            return Ok(0..num_layers);
+        }
+        let spec = runtime::envs::raw(runtime::envs::VLLM_PP_LAYER_PARTITION);
+        let parts = pp_partition(num_layers, self.pp_size, spec.as_deref())?;
+        let start: usize = parts[..self.pp_rank].iter().sum();
+        Ok(start..start + parts[self.pp_rank])
     }
 
     pub fn is_first_stage(&self) -> bool {
@@ -92,6 +97,56 @@ impl ParallelConfig {
     pub fn is_last_stage(&self) -> bool {
         self.pp_rank + 1 == self.pp_size
     }
+}
+
+/// Layers per pipeline stage, as vLLM splits them: `spec` (the value of
+/// `VLLM_PP_LAYER_PARTITION`, e.g. "16,14") with vLLM's checks and messages,
+/// else `num_layers / pp_size` each with the remainder added one by one to
+/// the stages before the last, from the second-to-last backwards (the last
+/// stage also holds the final norm and the LM head).
+pub fn pp_partition(num_layers: usize, pp_size: usize, spec: Option<&str>) -> Result<Vec<usize>> {
+    let invalid = |detail: String| Error::config(format!("VLLM_PP_LAYER_PARTITION: {detail}"));
+    let parts = match spec {
+        Some(spec) => {
+            let parts = spec
+                .split(',')
+                .map(|p| p.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| invalid(format!("Invalid partition string: {spec}")))?;
+            if parts.len() != pp_size {
+                return Err(invalid(format!(
+                    "len(partitions)={} does not match pp_size={pp_size}.",
+                    parts.len()
+                )));
+            }
+            let sum: usize = parts.iter().sum();
+            if sum != num_layers {
+                return Err(invalid(format!(
+                    "sum(partitions)={sum} does not match num_hidden_layers={num_layers}."
+                )));
+            }
+            if parts.contains(&0) {
+                return Err(invalid(format!(
+                    "every pipeline stage needs at least one layer, got {spec}"
+                )));
+            }
+            parts
+        }
+        None => {
+            if num_layers < pp_size {
+                return Err(Error::config(format!(
+                    "pipeline_parallel_size {pp_size} is larger than the model's {num_layers} layers"
+                )));
+            }
+            let mut parts = vec![num_layers / pp_size; pp_size];
+            let remaining = num_layers % pp_size;
+            for i in 2..remaining + 2 {
+                parts[pp_size - i] += 1;
+            }
+            parts
+        }
+    };
+    Ok(parts)
 }
 
 /// Which part of a weight matrix [out, in] a rank keeps.
@@ -136,7 +191,28 @@ mod tests {
             pp_size: 2,
             ..Default::default()
         };
-        assert_eq!(pp.layer_range(5), 3..5);
+        assert_eq!(pp.layer_range(5).unwrap(), 3..5);
         assert!(pp.is_last_stage() && !pp.is_first_stage());
+    }
+
+    #[test]
+    fn pipeline_partitions_as_vllm() {
+        let even = |n, pp| pp_partition(n, pp, None).unwrap();
+        assert_eq!(even(20, 4), vec![5, 5, 5, 5]);
+        assert_eq!(even(30, 2), vec![15, 15]);
+        // The remainder goes to the stages before the last, backwards.
+        assert_eq!(even(5, 2), vec![3, 2]);
+        assert_eq!(even(22, 4), vec![5, 6, 6, 5]);
+        assert_eq!(even(23, 4), vec![6, 6, 6, 5]);
+        assert!(pp_partition(2, 3, None).is_err());
+        let custom = |spec| pp_partition(20, 4, Some(spec));
+        assert_eq!(custom("4,6,6,4").unwrap(), vec![4, 6, 6, 4]);
+        assert_eq!(custom(" 5, 5,5,5").unwrap(), vec![5, 5, 5, 5]);
+        let err = |spec| custom(spec).unwrap_err().to_string();
+        assert!(err("4,six,6,4").contains("Invalid partition string: 4,six,6,4"));
+        assert!(err("-1,7,7,7").contains("Invalid partition string"));
+        assert!(err("10,10").contains("len(partitions)=2 does not match pp_size=4."));
+        assert!(err("5,5,5,6").contains("sum(partitions)=21 does not match num_hidden_layers=20."));
+        assert!(err("0,10,5,5").contains("at least one layer"));
     }
 }

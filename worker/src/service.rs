@@ -14,7 +14,7 @@ use proto::worker::worker_server::Worker;
 use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::collective::{HostGroup, TcpGroup};
+use crate::collective::{HostGroup, StageLink, TcpGroup, TcpStageLink};
 use crate::error::Error;
 use crate::model_runner::{MemoryProfile, ModelRunner, WorkerConfig};
 use crate::parallel::ParallelConfig;
@@ -41,6 +41,7 @@ impl Layout {
 struct State {
     layout: Option<Layout>,
     group: Option<Arc<TcpGroup>>,
+    link: Option<Arc<TcpStageLink>>,
     runner: Option<ModelRunner>,
 }
 
@@ -110,10 +111,15 @@ fn check_layout(r: &pb::InitRequest) -> Result<Layout, Status> {
             parallel.pp_rank
         )));
     }
-    if pp > 1 {
-        return Err(Status::unimplemented(
-            "pipeline parallel execution is not available yet (pipeline_parallel_size must be 1)",
-        ));
+    let first = parallel.pp_rank == 0;
+    let last = parallel.pp_rank + 1 == pp;
+    if first != r.pipeline_recv_address.is_empty() || last != r.pipeline_send_address.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "pipeline stage {} of {pp} needs {} previous-stage address and {} next-stage address",
+            parallel.pp_rank,
+            if first { "no" } else { "a" },
+            if last { "no" } else { "a" },
+        )));
     }
     Ok(Layout {
         rank,
@@ -147,6 +153,30 @@ impl Worker for WorkerService {
         } else {
             None
         };
+        let link = if layout.parallel.pp_size > 1 {
+            let env = |e: runtime::envs::EnvError| Status::invalid_argument(e.to_string());
+            let setup = runtime::envs::rpc_timeout().map_err(env)?;
+            // A receive waits for the previous stage's whole step.
+            let step = runtime::envs::get::<f64>(runtime::envs::VLLM_ENGINE_ITERATION_TIMEOUT_S)
+                .map_err(env)?
+                .unwrap_or(60.0)
+                .max(0.001);
+            let recv = Some(req.pipeline_recv_address.clone()).filter(|a| !a.is_empty());
+            let send = Some(req.pipeline_send_address.clone()).filter(|a| !a.is_empty());
+            let l = blocking(move || {
+                TcpStageLink::connect(
+                    recv.as_deref(),
+                    send.as_deref(),
+                    setup,
+                    std::time::Duration::from_secs_f64(step),
+                )
+                .map_err(|e| status(&e))
+            })
+            .await?;
+            Some(Arc::new(l))
+        } else {
+            None
+        };
         tracing::info!(
             "Worker rank {} of {} (tp rank {} of {}, pp rank {} of {}) initialized",
             layout.rank,
@@ -159,6 +189,7 @@ impl Worker for WorkerService {
         let mut state = lock(&self.state)?;
         state.layout = Some(layout);
         state.group = group;
+        state.link = link;
         Ok(Response::new(pb::InitReply {
             pid: std::process::id(),
         }))
@@ -178,12 +209,12 @@ impl Worker for WorkerService {
             serde_json::from_str(&req.hf_overrides_json)
                 .map_err(|e| Status::invalid_argument(format!("hf_overrides: {e}")))?
         };
-        let (layout, group) = {
+        let (layout, group, link) = {
             let state = lock(&self.state)?;
             let layout = state
                 .layout
                 .ok_or_else(|| Status::failed_precondition("call Init before LoadModel"))?;
-            (layout, state.group.clone())
+            (layout, state.group.clone(), state.link.clone())
         };
         let cfg = WorkerConfig {
             model: req.model.into(),
@@ -198,19 +229,9 @@ impl Worker for WorkerService {
             cpu_int8_activations: req.cpu_int8_activations,
         };
         let runner = blocking(move || {
-            let runner = match group {
-                None => ModelRunner::load(&cfg),
-                Some(group) => {
-                    if cfg.device.resolve().map_err(|e| status(&e))? == Device::Cuda {
-                        return Err(Status::unimplemented(
-                            "tensor parallel on CUDA needs NCCL, which is not available yet: use --device cpu",
-                        ));
-                    }
-                    let group: Arc<dyn HostGroup> = group;
-                    ModelRunner::load_cpu_rank(&cfg, group)
-                }
-            };
-            runner.map_err(|e| status(&e))
+            let group = group.map(|g| g as Arc<dyn HostGroup>);
+            let link = link.map(|l| l as Arc<dyn StageLink>);
+            ModelRunner::load_rank(&cfg, group, link).map_err(|e| status(&e))
         })
         .await?;
         let reply = pb::LoadModelReply {

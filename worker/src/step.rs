@@ -39,6 +39,12 @@ pub struct CachedRequestData {
     /// Tokens with KV in the cache before this step; the worker checks it
     /// against its own count.
     pub num_computed_tokens: usize,
+    /// The output tokens among this step's scheduled ones: positions
+    /// `max(num_computed_tokens, prompt_len) .. num_computed_tokens + n`.
+    /// Pipeline stages before the last never sample, so this is how they
+    /// learn what the last stage sampled; the last stage already has them.
+    #[serde(default)]
+    pub new_token_ids: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

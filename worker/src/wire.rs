@@ -25,6 +25,7 @@ impl From<&SchedulerOutput> for pb::SchedulerOutput {
                     req_id: c.req_id.clone(),
                     new_block_ids: c.new_block_ids.clone(),
                     num_computed_tokens: c.num_computed_tokens as u64,
+                    new_token_ids: c.new_token_ids.clone(),
                 })
                 .collect(),
             num_scheduled_tokens: s
@@ -56,6 +57,7 @@ impl TryFrom<pb::SchedulerOutput> for SchedulerOutput {
                     req_id: c.req_id,
                     new_block_ids: c.new_block_ids,
                     num_computed_tokens: to_usize(c.num_computed_tokens),
+                    new_token_ids: c.new_token_ids,
                 })
                 .collect(),
             num_scheduled_tokens: s
@@ -293,6 +295,7 @@ mod tests {
                 req_id: "b".into(),
                 new_block_ids: vec![8],
                 num_computed_tokens: 40,
+                new_token_ids: vec![17],
             }],
             num_scheduled_tokens: vec![("a".into(), 2), ("b".into(), 1)],
             finished_req_ids: vec!["c".into()],

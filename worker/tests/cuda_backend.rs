@@ -412,11 +412,13 @@ fn scenario(r: &mut ModelRunner, bs: usize) -> Vec<ModelRunnerOutput> {
             new_requests: vec![new("c", &prompt_c, c_blocks, 2 * bs)],
             cached_requests: vec![
                 CachedRequestData {
+                    new_token_ids: Vec::new(),
                     req_id: "a".into(),
                     new_block_ids: vec![],
                     num_computed_tokens: 40,
                 },
                 CachedRequestData {
+                    new_token_ids: Vec::new(),
                     req_id: "b".into(),
                     new_block_ids: vec![],
                     num_computed_tokens: 4,
@@ -436,6 +438,7 @@ fn scenario(r: &mut ModelRunner, bs: usize) -> Vec<ModelRunnerOutput> {
                     .iter()
                     .zip(computed)
                     .map(|(id, c)| CachedRequestData {
+                        new_token_ids: Vec::new(),
                         req_id: (*id).into(),
                         new_block_ids: vec![],
                         num_computed_tokens: c,
@@ -573,6 +576,7 @@ fn batch_of_256_matches_each_alone() {
                         .iter()
                         .zip(&computed)
                         .map(|(&i, &c)| CachedRequestData {
+                            new_token_ids: Vec::new(),
                             req_id: format!("r{i}"),
                             new_block_ids: vec![],
                             num_computed_tokens: c,

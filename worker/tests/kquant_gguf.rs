@@ -264,6 +264,7 @@ fn step(runner: &mut ModelRunner, seqs: &mut [Seq]) -> Vec<Option<(u32, Option<V
         let n = q.chunk.min(q.known - q.computed);
         if q.started {
             s.cached_requests.push(CachedRequestData {
+                new_token_ids: Vec::new(),
                 req_id: q.id.clone(),
                 new_block_ids: vec![],
                 num_computed_tokens: q.computed,

@@ -337,6 +337,7 @@ fn new_req(id: &str, prompt: &[u32], blocks: Vec<u32>, computed: usize) -> NewRe
 
 fn cached(id: &str, blocks: Vec<u32>, computed: usize) -> CachedRequestData {
     CachedRequestData {
+        new_token_ids: Vec::new(),
         req_id: id.into(),
         new_block_ids: blocks,
         num_computed_tokens: computed,

@@ -20,7 +20,7 @@ fn init(rank: u32, world: u32, tp: u32, pp: u32) -> pb::InitRequest {
         pp_size: pp,
         tp_rank: rank % tp,
         pp_rank: rank / tp,
-        collective_address: String::new(),
+        ..Default::default()
     }
 }
 
@@ -85,9 +85,10 @@ async fn worker_binary_serves_the_worker_service() {
     assert!(e.message().contains("LoadModel first"), "{e:?}");
     let e = c.init(init(3, 2, 2, 1)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // A first pipeline stage must be told where the next stage listens.
     let e = c.init(init(0, 2, 1, 2)).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
-    assert!(e.message().contains("pipeline parallel"), "{e:?}");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("next-stage address"), "{e:?}");
     let mut bad_ranks = init(1, 2, 2, 1);
     bad_ranks.tp_rank = 0;
     assert!(c.init(bad_ranks).await.is_err());

@@ -13,7 +13,7 @@ use super::client::EngineClient;
 use super::error::{EngineError, Result};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy};
 use crate::envs;
-use crate::executor::{self, DistributedBackend, ExecutorError};
+use crate::executor::{self, DistributedBackend};
 use crate::tokenizer::Tokenizer;
 
 pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
@@ -265,14 +265,6 @@ impl EngineArgs {
                     "must be at least 1".into(),
                 );
             }
-        }
-        if self.pipeline_parallel_size > 1 {
-            return Err(ExecutorError::ParallelismUnavailable {
-                what: "pipeline_parallel_size",
-                size: self.pipeline_parallel_size,
-                reason: "layers cannot be split over stages yet; use --pipeline-parallel-size 1",
-            }
-            .into());
         }
         let backend = self.executor_backend();
         if backend == DistributedBackend::Uni && self.world_size() > 1 {
@@ -614,8 +606,15 @@ mod tests {
             DistributedBackend::Mp
         );
         assert_eq!(parse(&[]).executor_backend(), DistributedBackend::Uni);
+        assert_eq!(
+            parse(&["--pipeline-parallel-size", "2"]).executor_backend(),
+            DistributedBackend::Mp
+        );
         for (args, wanted) in [
-            (vec!["--pipeline-parallel-size", "2"], "not available yet"),
+            (
+                vec!["--pp", "2", "--distributed-executor-backend", "uni"],
+                "uni runs a world of one rank",
+            ),
             (
                 vec!["--tp", "2", "--distributed-executor-backend", "uni"],
                 "uni runs a world of one rank",

@@ -2,7 +2,7 @@
 //! (model execution is blocking CPU work); the async side reaches it through
 //! a command channel and gets outputs back on per-request channels.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -69,6 +69,9 @@ pub(crate) struct EngineCore {
     pending: Vec<Ready>,
     /// Set when the executor failed for good (a worker lost): the loop stops.
     fatal: Option<String>,
+    /// Steps submitted to a pipelined executor and not collected yet, oldest
+    /// first, with their step numbers.
+    in_flight: VecDeque<(u64, SchedulerOutput)>,
 }
 
 impl EngineCore {
@@ -88,6 +91,7 @@ impl EngineCore {
             stat_logger: StatLogger::new(log_interval),
             pending: Vec::new(),
             fatal: None,
+            in_flight: VecDeque::new(),
         };
         core.publish_stats();
         core
@@ -96,7 +100,7 @@ impl EngineCore {
     /// Runs until shutdown or until every client handle is gone.
     pub fn run(mut self, rx: Receiver<Command>) {
         let reason = loop {
-            if !self.scheduler.has_unfinished() {
+            if !self.has_work() {
                 // Idle: block, waking up now and then for the stats log.
                 match rx.recv_timeout(Duration::from_secs(1)) {
                     Ok(cmd) => {
@@ -135,7 +139,7 @@ impl EngineCore {
             if let Some(r) = stop {
                 break r.to_string();
             }
-            if self.scheduler.has_unfinished() && !self.step() {
+            if self.has_work() && !self.step() {
                 // Nothing could be scheduled: wait for a command instead of spinning.
                 if let Ok(cmd) = rx.recv_timeout(Duration::from_millis(10)) {
                     if !self.handle(cmd) {
@@ -181,17 +185,73 @@ impl EngineCore {
         true
     }
 
+    /// Requests to run, or steps still in flight.
+    fn has_work(&self) -> bool {
+        self.scheduler.has_unfinished() || !self.in_flight.is_empty()
+    }
+
     /// Runs one step; false when nothing was scheduled.
     fn step(&mut self) -> bool {
+        if self.executor.max_concurrent_batches() > 1 {
+            return self.step_with_batch_queue();
+        }
         let step = self.scheduler.schedule();
         if step.is_empty() {
             return false;
         }
         self.step_num += 1;
         let result = self.execute(self.step_num, &step);
+        self.apply(self.step_num, &step, result);
+        true
+    }
+
+    /// vLLM's batch queue, for pipeline stages: schedule and submit while
+    /// fewer steps than the executor takes are in flight, and collect the
+    /// oldest when the queue is full or nothing new can run. Requests whose
+    /// last token is still in flight have nothing to schedule (their next
+    /// input is unknown), so a step only holds requests that can advance;
+    /// every rank runs its steps in order, so KV blocks freed or reused by a
+    /// later step are written after the earlier step's use of them.
+    fn step_with_batch_queue(&mut self) -> bool {
+        let depth = self.executor.max_concurrent_batches();
+        let mut progressed = false;
+        if self.in_flight.len() < depth {
+            // An even share of the requests per step, so that no stage idles.
+            let stats = self.scheduler.stats();
+            let share = (stats.num_running + stats.num_waiting)
+                .div_ceil(depth)
+                .max(1);
+            let step = self.scheduler.schedule_at_most(share);
+            if !step.is_empty() {
+                self.step_num += 1;
+                let num = self.step_num;
+                match self.guarded(|ex| ex.submit(&step)) {
+                    Ok(()) => self.in_flight.push_back((num, step)),
+                    Err(e) => self.apply(num, &step, Err(e)),
+                }
+                progressed = true;
+            }
+        }
+        if !self.in_flight.is_empty() && (self.in_flight.len() >= depth || !progressed) {
+            let (num, step) = self.in_flight.pop_front().expect("checked non-empty");
+            let result = self.guarded(|ex| ex.wait_oldest());
+            self.apply(num, &step, result);
+            progressed = true;
+        }
+        progressed
+    }
+
+    /// Applies a step's result: tokens to the scheduler and clients, or the
+    /// failure to the step's requests (and, when fatal, to the engine).
+    fn apply(
+        &mut self,
+        step_num: u64,
+        step: &SchedulerOutput,
+        result: Result<worker::ModelRunnerOutput, ExecutorError>,
+    ) {
         match result {
             Ok(out) => {
-                let updates = self.scheduler.update_from_output(&step, &out);
+                let updates = self.scheduler.update_from_output(step, &out);
                 let now = Instant::now();
                 let mut m = self.shared.metrics.lock().expect("metrics lock");
                 for u in updates {
@@ -210,10 +270,7 @@ impl EngineCore {
                 // Workers are gone: nothing can run any more. Fail this
                 // step's requests with the cause; the loop then stops, fails
                 // the rest and reports the engine dead (/health 503).
-                tracing::error!(
-                    step = self.step_num,
-                    "Executor failed, stopping the engine: {e}"
-                );
+                tracing::error!(step = step_num, "Executor failed, stopping the engine: {e}");
                 let message = format!("model execution failed: {e}");
                 for (id, _) in &step.num_scheduled_tokens {
                     self.finish(id, FinishReason::Abort, Some(message.clone()));
@@ -221,17 +278,33 @@ impl EngineCore {
                 self.fatal = Some(format!("lost its executor: {e}"));
             }
             Err(e) => {
-                tracing::error!(
-                    step = self.step_num,
-                    "Step failed, failing its requests: {e}"
-                );
+                tracing::error!(step = step_num, "Step failed, failing its requests: {e}");
                 let message = format!("model execution failed: {e}");
                 for (id, _) in &step.num_scheduled_tokens {
                     self.finish(id, FinishReason::Abort, Some(message.clone()));
                 }
             }
         }
-        true
+    }
+
+    /// Runs `f` on the executor, turning a panic in model code into an error
+    /// so that the engine loop survives it.
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Box<dyn Executor>) -> Result<T, ExecutorError>,
+    ) -> Result<T, ExecutorError> {
+        let executor = &mut self.executor;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(executor))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(ExecutorError::Panicked { message })
+            }
+        }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(step = step_num, req_ids = %req_ids(step)))]
@@ -245,18 +318,7 @@ impl EngineCore {
             new = step.new_requests.len(),
             "Running step"
         );
-        let executor = &mut self.executor;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute_model(step))) {
-            Ok(r) => r,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(ExecutorError::Panicked { message })
-            }
-        }
+        self.guarded(|ex| ex.execute_model(step))
     }
 
     /// Ends a request from outside the scheduler's own checks.

@@ -165,6 +165,13 @@ impl Scheduler {
     }
 
     pub fn schedule(&mut self) -> SchedulerOutput {
+        self.schedule_at_most(usize::MAX)
+    }
+
+    /// `schedule`, with at most `max_seqs` requests in the step: pipeline
+    /// stages keep several steps in flight and share the requests between
+    /// them, so that every stage has work.
+    pub fn schedule_at_most(&mut self, max_seqs: usize) -> SchedulerOutput {
         let mut budget = self.config.max_num_batched_tokens;
         let mut finished_req_ids = std::mem::take(&mut self.finished_req_ids);
         // (request id, tokens, fresh blocks) for running requests, in order.
@@ -172,7 +179,7 @@ impl Scheduler {
         let mut preempted_any = false;
 
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && scheduled_running.len() < max_seqs {
             let id = self.running[i].clone();
             let req = &self.requests[&id];
             let n = (req.num_tokens() - req.num_computed_tokens)
@@ -224,7 +231,11 @@ impl Scheduler {
         let mut scheduled_new: Vec<(String, usize)> = Vec::new();
         let mut new_requests = Vec::new();
         // As vLLM: no admissions in a step that had to preempt.
-        while !preempted_any && budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while !preempted_any
+            && budget > 0
+            && self.running.len() < self.config.max_num_seqs
+            && scheduled_running.len() + scheduled_new.len() < max_seqs
+        {
             let Some(pos) = self.pick_waiting() else {
                 break;
             };
@@ -271,10 +282,18 @@ impl Scheduler {
             ..Default::default()
         };
         for (id, n, fresh) in scheduled_running {
+            let req = &self.requests[&id];
+            let computed = req.num_computed_tokens;
+            let outputs_from = computed.max(req.num_prompt_tokens);
             out.cached_requests.push(CachedRequestData {
                 req_id: id.clone(),
                 new_block_ids: fresh,
-                num_computed_tokens: self.requests[&id].num_computed_tokens,
+                num_computed_tokens: computed,
+                new_token_ids: req
+                    .all_token_ids
+                    .get(outputs_from..computed + n)
+                    .unwrap_or_default()
+                    .to_vec(),
             });
             out.num_scheduled_tokens.push((id, n));
         }
@@ -471,6 +490,30 @@ mod tests {
             assert!(o.total_num_scheduled_tokens() <= budget);
             assert!(o.num_scheduled_tokens.len() <= seqs);
         }
+    }
+
+    /// Two steps in flight (pipeline stages): each takes a share of the
+    /// requests, a request whose token is still in flight is not scheduled
+    /// again, and decodes carry the sampled token to the stages.
+    #[test]
+    fn steps_in_flight_share_requests_and_carry_new_tokens() {
+        let mut s = sched(8, 100, 100, SchedulingPolicy::Fcfs);
+        for i in 0..4 {
+            s.add_request(req(&format!("r{i}"), 3, 4));
+        }
+        let first = s.schedule_at_most(2);
+        assert_eq!(counts(&first), vec![("r0", 3), ("r1", 3)]);
+        // r0 and r1 wait for their tokens: the second step takes the others.
+        let second = s.schedule_at_most(2);
+        assert_eq!(counts(&second), vec![("r2", 3), ("r3", 3)]);
+        assert!(s.schedule_at_most(2).is_empty(), "everything is in flight");
+        let a = answer(&s, &first);
+        s.update_from_output(&first, &a);
+        let third = s.schedule_at_most(2);
+        assert_eq!(counts(&third), vec![("r0", 1), ("r1", 1)]);
+        // The token sampled in the first step, for stages that never sample.
+        assert_eq!(third.cached_requests[0].new_token_ids, vec![100]);
+        assert_eq!(third.cached_requests[0].num_computed_tokens, 3);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use proto::orchestrator::{CreateActorRequest, CreatePlacementGroupRequest, ListR
 use worker::config::ModelConfig;
 use worker::{Device, MemoryProfile, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
-use super::remote::{block_on, collective_address, locate_worker_bin, RemoteWorkers, LISTENING};
+use super::remote::{
+    block_on, locate_worker_bin, plan_rendezvous, port_allocator, RemoteWorkers, LISTENING,
+};
 use super::{worker_env, Executor, ExecutorError, KvCacheCapacity, Result};
 use crate::envs;
 
@@ -284,9 +286,16 @@ impl ClusterExecutor {
         for (rank, id) in actors.iter().enumerate() {
             addresses.push(wait_listening(&group, rank, id, timeout)?);
         }
-        let collective = collective_address(&bundle_ips[rank_bundles[0]])?;
-        tracing::info!("Workers listen at {addresses:?}; collective group at {collective}");
-        let workers = RemoteWorkers::connect(&addresses, config, &collective, profile)?;
+        let hosts: Vec<String> = rank_bundles
+            .iter()
+            .map(|&b| bundle_ips[b].clone())
+            .collect();
+        let rendezvous = plan_rendezvous(&hosts, &config.parallel, port_allocator()?)?;
+        tracing::info!(
+            "Workers listen at {addresses:?}; collective group at {}",
+            rendezvous[0].collective
+        );
+        let workers = RemoteWorkers::connect(&addresses, config, &rendezvous, profile)?;
         Ok(Self {
             model_config,
             workers,
@@ -428,6 +437,18 @@ impl Executor for ClusterExecutor {
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         self.workers.execute_model(step)
+    }
+
+    fn max_concurrent_batches(&self) -> usize {
+        self.workers.max_concurrent_batches()
+    }
+
+    fn submit(&mut self, step: &SchedulerOutput) -> Result<()> {
+        self.workers.submit(step)
+    }
+
+    fn wait_oldest(&mut self) -> Result<ModelRunnerOutput> {
+        self.workers.wait_oldest()
     }
 
     fn check_health(&mut self) -> Result<()> {

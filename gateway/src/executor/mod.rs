@@ -96,6 +96,32 @@ pub trait Executor: Send {
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
 
+    /// Steps that may be in flight at once (vLLM's batch queue): one per
+    /// pipeline stage, so that every stage has work. Above 1, the engine
+    /// uses `submit` and `wait_oldest` instead of `execute_model`.
+    fn max_concurrent_batches(&self) -> usize {
+        1
+    }
+
+    /// Starts `step` without waiting for it (executors that report more
+    /// than one concurrent batch).
+    fn submit(&mut self, _step: &SchedulerOutput) -> Result<()> {
+        Err(ExecutorError::ParallelismUnavailable {
+            what: "max_concurrent_batches",
+            size: 2,
+            reason: "this executor runs one step at a time",
+        })
+    }
+
+    /// The output of the oldest step `submit` started.
+    fn wait_oldest(&mut self) -> Result<ModelRunnerOutput> {
+        Err(ExecutorError::ParallelismUnavailable {
+            what: "max_concurrent_batches",
+            size: 2,
+            reason: "this executor runs one step at a time",
+        })
+    }
+
     /// Checked while the engine is idle: a fatal error when a worker died
     /// between steps.
     fn check_health(&mut self) -> Result<()> {
@@ -136,20 +162,44 @@ pub fn build(
 ) -> Result<Box<dyn Executor>> {
     let world = config.parallel.tp_size * config.parallel.pp_size;
     if config.parallel.pp_size > 1 {
-        return Err(ExecutorError::ParallelismUnavailable {
-            what: "pipeline_parallel_size",
-            size: config.parallel.pp_size,
-            reason: "layers cannot be split over stages yet; use --pipeline-parallel-size 1",
-        });
+        check_pp_partition(config)?;
     }
     match backend {
         DistributedBackend::Uni if world > 1 => Err(ExecutorError::ParallelismUnavailable {
-            what: "tensor_parallel_size",
-            size: config.parallel.tp_size,
+            what: "tensor_parallel_size x pipeline_parallel_size",
+            size: world,
             reason: "the uni executor runs one rank; use --distributed-executor-backend mp",
         }),
         DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(config, profile)?)),
         DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config, profile)?)),
         DistributedBackend::Ray => Ok(Box::new(ClusterExecutor::start(config, profile)?)),
     }
+}
+
+/// Checks `VLLM_PP_LAYER_PARTITION` (or the even split) against the model
+/// before any worker starts, and logs an uneven split as vLLM does.
+fn check_pp_partition(config: &WorkerConfig) -> Result<()> {
+    let model = ModelConfig::load(&config.model, config.load_format, &config.hf_overrides)?;
+    let spec = runtime::envs::raw(runtime::envs::VLLM_PP_LAYER_PARTITION);
+    let parts = worker::parallel::pp_partition(
+        model.num_hidden_layers,
+        config.parallel.pp_size,
+        spec.as_deref(),
+    )?;
+    let list = parts
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if spec.is_none() && parts.iter().any(|&p| p != parts[0]) {
+        tracing::info!(
+            "Hidden layers were unevenly partitioned: [{list}]. This can be manually overridden using the VLLM_PP_LAYER_PARTITION environment variable"
+        );
+    } else {
+        tracing::info!(
+            "Pipeline stages hold [{list}] of {} layers",
+            model.num_hidden_layers
+        );
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use worker::config::ModelConfig;
 use worker::{MemoryProfile, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
-use super::remote::{collective_address, locate_worker_bin, RemoteWorkers, LISTENING};
+use super::remote::{locate_worker_bin, plan_rendezvous, port_allocator, RemoteWorkers, LISTENING};
 use super::{worker_env, Executor, ExecutorError, KvCacheCapacity, Result};
 use crate::envs;
 
@@ -35,14 +35,14 @@ impl MultiprocExecutor {
             ModelConfig::load(&config.model, config.load_format, &config.hf_overrides)?;
         let bin = locate_worker_bin()?;
         let host = envs::raw(envs::VLLM_HOST_IP).unwrap_or_else(|| "127.0.0.1".into());
-        let collective_address = collective_address(&host)?;
+        let rendezvous = plan_rendezvous(&vec![host; world], &config.parallel, port_allocator()?)?;
         tracing::info!(
-            "Starting {world} worker processes ({}), collective group at {collective_address}",
-            bin.display()
+            "Starting {world} worker processes ({}), collective group at {}",
+            bin.display(),
+            rendezvous[0].collective
         );
         let procs = Supervisor::spawn(bin, world, envs::rpc_timeout()?)?;
-        let workers =
-            RemoteWorkers::connect(&procs.addresses, config, &collective_address, profile)?;
+        let workers = RemoteWorkers::connect(&procs.addresses, config, &rendezvous, profile)?;
         Ok(Self {
             model_config,
             workers,
@@ -66,6 +66,18 @@ impl Executor for MultiprocExecutor {
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         self.workers.execute_model(step)
+    }
+
+    fn max_concurrent_batches(&self) -> usize {
+        self.workers.max_concurrent_batches()
+    }
+
+    fn submit(&mut self, step: &SchedulerOutput) -> Result<()> {
+        self.workers.submit(step)
+    }
+
+    fn wait_oldest(&mut self) -> Result<ModelRunnerOutput> {
+        self.workers.wait_oldest()
     }
 
     fn check_health(&mut self) -> Result<()> {

@@ -9,6 +9,7 @@
 //! unbounded channels and waits on one std channel the per-rank stream
 //! readers feed.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -32,9 +33,54 @@ struct RankEvent {
     result: std::result::Result<pb::ExecuteResponse, String>,
 }
 
-/// The rank whose output the engine uses (vLLM's driver worker: the last
-/// pipeline stage's first TP rank; rank 0 while pp = 1).
-const OUTPUT_RANK: usize = 0;
+/// The rank whose output the engine uses (vLLM's driver worker): the last
+/// pipeline stage's first TP rank.
+fn output_rank(parallel: &worker::ParallelConfig) -> usize {
+    (parallel.pp_size - 1) * parallel.tp_size
+}
+
+/// What the ranks have reported of one submitted step.
+struct StepState {
+    step_id: u64,
+    answered: Vec<bool>,
+    remaining: usize,
+    output: Option<pb::ModelRunnerOutput>,
+    rejected: Option<ExecutorError>,
+    /// (rank, reason, whether its stream broke): the most telling failure.
+    fatal: Option<(usize, String, bool)>,
+}
+
+impl StepState {
+    fn new(step_id: u64, world: usize) -> Self {
+        Self {
+            step_id,
+            answered: vec![false; world],
+            remaining: world,
+            output: None,
+            rejected: None,
+            fatal: None,
+        }
+    }
+
+    fn answer(&mut self, rank: usize) {
+        if !self.answered[rank] {
+            self.answered[rank] = true;
+            self.remaining -= 1;
+        }
+    }
+
+    /// A broken stream names the cause better than a peer's failed
+    /// collective, which is only the symptom.
+    fn note_fatal(&mut self, rank: usize, reason: String, transport: bool) {
+        let better = match &self.fatal {
+            None => true,
+            Some((_, _, was_transport)) => transport && !was_transport,
+        };
+        if better {
+            self.fatal = Some((rank, reason, transport));
+        }
+    }
+}
 
 /// How long a failed step waits for the other ranks' reports (see
 /// `execute_model`).
@@ -64,7 +110,11 @@ pub(crate) struct RemoteWorkers {
     steps: Vec<tokio_mpsc::UnboundedSender<pb::ExecuteRequest>>,
     events: std_mpsc::Receiver<RankEvent>,
     capacity: KvCacheCapacity,
+    output_rank: usize,
+    pp_size: usize,
     next_step: u64,
+    /// Submitted steps not collected yet, oldest first.
+    in_flight: VecDeque<StepState>,
     rpc_timeout: Duration,
     step_timeout: Duration,
     /// Set once a rank is lost: every later step fails at once.
@@ -73,12 +123,12 @@ pub(crate) struct RemoteWorkers {
 
 impl RemoteWorkers {
     /// Connects to the workers at `addresses` (rank order), joins them into
-    /// one group meeting at `collective_address`, loads the model on each
-    /// and sizes the KV cache from their reports.
+    /// their groups and pipeline links (`rendezvous`, per rank), loads the
+    /// model on each and sizes the KV cache from their reports.
     pub fn connect(
         addresses: &[String],
         config: &WorkerConfig,
-        collective_address: &str,
+        rendezvous: &[RankRendezvous],
         profile: Option<MemoryProfile>,
     ) -> Result<Self> {
         let rpc_timeout = envs::rpc_timeout()?;
@@ -108,12 +158,15 @@ impl RemoteWorkers {
                 device: worker::Device::Cpu,
                 profile: None,
             },
+            output_rank: output_rank(&config.parallel),
+            pp_size: config.parallel.pp_size,
             next_step: 0,
+            in_flight: VecDeque::new(),
             rpc_timeout,
             step_timeout,
             lost: None,
         };
-        workers.set_up(addresses, config, collective_address, profile, events_tx)?;
+        workers.set_up(addresses, config, rendezvous, profile, events_tx)?;
         Ok(workers)
     }
 
@@ -130,11 +183,17 @@ impl RemoteWorkers {
         &mut self,
         addresses: &[String],
         config: &WorkerConfig,
-        collective_address: &str,
+        rendezvous: &[RankRendezvous],
         profile: Option<MemoryProfile>,
         events_tx: std_mpsc::Sender<RankEvent>,
     ) -> Result<()> {
         let world = addresses.len();
+        if rendezvous.len() != world {
+            return Err(ExecutorError::Spawn {
+                rank: 0,
+                message: format!("{} rendezvous plans for {world} workers", rendezvous.len()),
+            });
+        }
         let parallel = config.parallel;
         let timeout = self.rpc_timeout;
         let addresses = addresses.to_vec();
@@ -159,16 +218,22 @@ impl RemoteWorkers {
         })?;
         self.clients = clients;
 
-        // Init on every rank at once: rank 0 waits for its peers there.
-        let inits = (0..world).map(|rank| pb::InitRequest {
-            rank: rank as u32,
-            world_size: world as u32,
-            tp_size: parallel.tp_size as u32,
-            pp_size: parallel.pp_size as u32,
-            tp_rank: (rank % parallel.tp_size) as u32,
-            pp_rank: (rank / parallel.tp_size) as u32,
-            collective_address: collective_address.to_string(),
-        });
+        // Init on every rank at once: each group's first rank waits for its
+        // peers there, and each stage for its neighbours.
+        let inits = rendezvous
+            .iter()
+            .enumerate()
+            .map(|(rank, r)| pb::InitRequest {
+                rank: rank as u32,
+                world_size: world as u32,
+                tp_size: parallel.tp_size as u32,
+                pp_size: parallel.pp_size as u32,
+                tp_rank: (rank % parallel.tp_size) as u32,
+                pp_rank: (rank / parallel.tp_size) as u32,
+                collective_address: r.collective.clone(),
+                pipeline_recv_address: r.pipeline_recv.clone(),
+                pipeline_send_address: r.pipeline_send.clone(),
+            });
         let calls = self
             .clients
             .iter()
@@ -386,6 +451,21 @@ impl RemoteWorkers {
     }
 
     pub fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.submit(step)?;
+        self.wait_oldest()
+    }
+
+    /// Batches that may be in flight at once: one per pipeline stage (vLLM's
+    /// batch queue), so that every stage has work.
+    pub fn max_concurrent_batches(&self) -> usize {
+        self.pp_size
+    }
+
+    /// Sends `step` to every rank without waiting for it; `wait_oldest`
+    /// collects the results in submission order. Each rank runs its steps
+    /// in order, so a stage works on a step while the next stage runs the
+    /// one before.
+    pub fn submit(&mut self, step: &SchedulerOutput) -> Result<()> {
         if let Some((rank, reason)) = &self.lost {
             return Err(ExecutorError::WorkerLost {
                 rank: *rank,
@@ -404,23 +484,38 @@ impl RemoteWorkers {
                 return Err(self.lose(rank, "its step stream is closed".into()));
             }
         }
-        let world = self.steps.len();
-        let mut answered = vec![false; world];
-        let mut remaining = world;
-        let mut output = None;
-        let mut rejected = None;
+        self.in_flight
+            .push_back(StepState::new(step_id, self.steps.len()));
+        Ok(())
+    }
+
+    /// Waits for the oldest submitted step: every rank's acknowledgement and
+    /// the output rank's tokens.
+    pub fn wait_oldest(&mut self) -> Result<ModelRunnerOutput> {
+        if let Some((rank, reason)) = &self.lost {
+            return Err(ExecutorError::WorkerLost {
+                rank: *rank,
+                reason: reason.clone(),
+            });
+        }
+        let Some(step_id) = self.in_flight.front().map(|s| s.step_id) else {
+            return Err(self.lose(0, "no step was submitted".into()));
+        };
         // A rank that dies takes its peers' collectives down with it, and
         // they may report first. Once something is fatal, wait a moment for
         // the rest so that the error names the rank whose stream broke (the
         // cause), not a peer that saw a reset connection (the symptom).
-        let mut fatal: Option<(usize, String, bool)> = None;
         let mut deadline = Instant::now() + self.step_timeout;
-        while remaining > 0 {
+        if self.in_flight[0].fatal.is_some() {
+            deadline = deadline.min(Instant::now() + FATAL_GRACE);
+        }
+        while self.in_flight[0].remaining > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             let event = match self.events.recv_timeout(left) {
                 Ok(e) => e,
-                Err(_) if fatal.is_some() => break,
+                Err(_) if self.in_flight[0].fatal.is_some() => break,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    let answered = &self.in_flight[0].answered;
                     let rank = answered.iter().position(|a| !a).unwrap_or(0);
                     let reason = format!(
                         "step {step_id} did not finish within {:?} (VLLM_ENGINE_ITERATION_TIMEOUT_S)",
@@ -433,60 +528,58 @@ impl RemoteWorkers {
                 }
             };
             let rank = event.rank;
-            let mut note_fatal = |reason: String, transport: bool| {
-                let better = match &fatal {
-                    None => true,
-                    Some((_, _, was_transport)) => transport && !was_transport,
-                };
-                if better {
-                    fatal = Some((rank, reason, transport));
-                }
-                deadline = deadline.min(Instant::now() + FATAL_GRACE);
-            };
             let resp = match event.result {
                 Ok(r) => r,
                 Err(reason) => {
-                    note_fatal(reason, true);
-                    if !answered[rank] {
-                        answered[rank] = true;
-                        remaining -= 1;
-                    }
+                    // A broken stream: this step cannot finish on that rank.
+                    let s = &mut self.in_flight[0];
+                    s.note_fatal(rank, reason, true);
+                    s.answer(rank);
+                    deadline = deadline.min(Instant::now() + FATAL_GRACE);
                     continue;
                 }
             };
-            if resp.step_id != step_id || answered[rank] {
+            let output_rank = self.output_rank;
+            let Some(s) = self
+                .in_flight
+                .iter_mut()
+                .find(|s| s.step_id == resp.step_id && !s.answered[rank])
+            else {
                 let reason = format!("answered step {} while step {step_id} runs", resp.step_id);
                 return Err(self.lose(rank, reason));
-            }
-            answered[rank] = true;
-            remaining -= 1;
+            };
+            s.answer(rank);
             match resp.result {
                 Some(pb::execute_response::Result::Output(o)) => {
-                    if rank == OUTPUT_RANK {
-                        output = Some(o);
+                    if rank == output_rank {
+                        s.output = Some(o);
                     }
                 }
                 Some(pb::execute_response::Result::Error(e)) if e.fatal => {
-                    note_fatal(e.message, false)
+                    s.note_fatal(rank, e.message, false)
                 }
                 Some(pb::execute_response::Result::Error(e)) => {
-                    rejected.get_or_insert(ExecutorError::StepRejected {
+                    s.rejected.get_or_insert(ExecutorError::StepRejected {
                         rank,
                         message: e.message,
                     });
                 }
-                None => note_fatal("sent an empty step response".into(), false),
+                None => s.note_fatal(rank, "sent an empty step response".into(), false),
+            }
+            if self.in_flight[0].fatal.is_some() {
+                deadline = deadline.min(Instant::now() + FATAL_GRACE);
             }
         }
-        if let Some((rank, reason, _)) = fatal {
+        let s = self.in_flight.pop_front().expect("waited on above");
+        if let Some((rank, reason, _)) = s.fatal {
             return Err(self.lose(rank, reason));
         }
-        if let Some(e) = rejected {
+        if let Some(e) = s.rejected {
             return Err(e);
         }
-        match output {
+        match s.output {
             Some(o) => Ok(o.into()),
-            None => Err(self.lose(OUTPUT_RANK, "returned no output".into())),
+            None => Err(self.lose(self.output_rank, "returned no output".into())),
         }
     }
 
@@ -496,6 +589,10 @@ impl RemoteWorkers {
                 rank: *rank,
                 reason: reason.clone(),
             });
+        }
+        if !self.in_flight.is_empty() {
+            // Their reports belong to `wait_oldest`.
+            return Ok(());
         }
         // Between steps nothing is outstanding: any event is a broken stream.
         match self.events.try_recv() {
@@ -567,25 +664,129 @@ pub(crate) fn locate_worker_bin() -> Result<PathBuf> {
     })
 }
 
-/// Where the tensor-parallel group meets: rank 0's `host` at `VLLM_PORT`,
-/// else at a port free right now (found by binding it, so `host` must be an
-/// address of this machine unless `VLLM_PORT` is set).
-pub(crate) fn collective_address(host: &str) -> Result<String> {
-    let port = match envs::get::<u16>(envs::VLLM_PORT)? {
-        Some(p) => p,
+/// Where each rank meets its peers: its tensor-parallel group's address
+/// (the group's first rank listens) and its pipeline links (a stage listens
+/// for the previous one). Empty where the rank has no such peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RankRendezvous {
+    pub collective: String,
+    pub pipeline_recv: String,
+    pub pipeline_send: String,
+}
+
+/// Plans every rank's rendezvous addresses: `hosts[rank]` is where the rank
+/// runs and `port(host)` gives a port to listen on there. Ranks are numbered
+/// as vLLM numbers them (rank = pp_rank * tp_size + tp_rank); rank r of a
+/// stage sends to rank r + tp_size.
+pub(crate) fn plan_rendezvous(
+    hosts: &[String],
+    parallel: &worker::ParallelConfig,
+    mut port: impl FnMut(&str) -> Result<u16>,
+) -> Result<Vec<RankRendezvous>> {
+    let (tp, pp) = (parallel.tp_size, parallel.pp_size);
+    if hosts.len() != tp * pp {
+        return Err(ExecutorError::Spawn {
+            rank: 0,
+            message: format!("{} hosts for a world of tp {tp} x pp {pp}", hosts.len()),
+        });
+    }
+    let mut at = |host: &str| -> Result<String> {
+        let p = port(host)?;
+        Ok(if host.contains(':') {
+            format!("[{host}]:{p}")
+        } else {
+            format!("{host}:{p}")
+        })
+    };
+    let mut plan = vec![RankRendezvous::default(); hosts.len()];
+    for stage in 0..pp {
+        let root = stage * tp;
+        // A group of one has no rendezvous; stage 0's keeps rank 0's first port.
+        if tp > 1 || stage == 0 {
+            let addr = at(&hosts[root])?;
+            for r in &mut plan[root..root + tp] {
+                r.collective = addr.clone();
+            }
+        }
+    }
+    for rank in tp..hosts.len() {
+        let addr = at(&hosts[rank])?;
+        plan[rank].pipeline_recv = addr.clone();
+        plan[rank - tp].pipeline_send = addr;
+    }
+    Ok(plan)
+}
+
+/// Ports for the rendezvous: `VLLM_PORT` and up, one per listener, else a
+/// port free right now on the host (found by binding it, so the host must be
+/// an address of this machine unless `VLLM_PORT` is set).
+pub(crate) fn port_allocator() -> Result<impl FnMut(&str) -> Result<u16>> {
+    let base = envs::get::<u16>(envs::VLLM_PORT)?;
+    let mut next = 0u16;
+    Ok(move |host: &str| {
+        match base {
+        Some(b) => {
+            let p = b.checked_add(next).ok_or_else(|| ExecutorError::InvalidEnv {
+                name: "VLLM_PORT",
+                message: format!("{b} leaves no room for {} ports", next + 1),
+            })?;
+            next += 1;
+            Ok(p)
+        }
         None => std::net::TcpListener::bind((host, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| ExecutorError::Spawn {
                 rank: 0,
                 message: format!(
-                    "cannot find a free port on {host} ({e}); set VLLM_PORT when rank 0 runs on another node"
+                    "cannot find a free port on {host} ({e}); set VLLM_PORT when ranks run on other nodes"
                 ),
-            })?,
-    };
-    Ok(if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+            }),
+    }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(tp: usize, pp: usize) -> worker::ParallelConfig {
+        worker::ParallelConfig {
+            tp_size: tp,
+            pp_size: pp,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rendezvous_plan_for_tp_and_pp() {
+        let hosts: Vec<String> = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"]
+            .map(String::from)
+            .to_vec();
+        let mut next = 7000;
+        let plan = plan_rendezvous(&hosts, &layout(2, 2), |_| {
+            next += 1;
+            Ok(next)
+        })
+        .unwrap();
+        // Each stage's group meets at its first rank's host.
+        assert_eq!(plan[0].collective, "10.0.0.1:7001");
+        assert_eq!(plan[1].collective, "10.0.0.1:7001");
+        assert_eq!(plan[2].collective, "10.0.0.2:7002");
+        assert_eq!(plan[3].collective, "10.0.0.2:7002");
+        // Rank r sends to r + tp, which listens on its own host.
+        assert_eq!(plan[2].pipeline_recv, "10.0.0.2:7003");
+        assert_eq!(plan[0].pipeline_send, "10.0.0.2:7003");
+        assert_eq!(plan[3].pipeline_recv, "10.0.0.2:7004");
+        assert_eq!(plan[1].pipeline_send, "10.0.0.2:7004");
+        assert!(plan[0].pipeline_recv.is_empty() && plan[3].pipeline_send.is_empty());
+
+        // Pipeline only: no groups after the first stage; IPv6 in brackets.
+        let hosts: Vec<String> = vec!["::1".into(); 3];
+        let plan = plan_rendezvous(&hosts, &layout(1, 3), |_| Ok(9)).unwrap();
+        assert!(plan[1].collective.is_empty() && plan[2].collective.is_empty());
+        assert_eq!(plan[1].pipeline_recv, "[::1]:9");
+        assert_eq!(plan[1].pipeline_send, "[::1]:9");
+        assert!(plan_rendezvous(&hosts, &layout(2, 2), |_| Ok(9)).is_err());
+    }
 }

@@ -611,6 +611,19 @@ impl Backend for CpuBackend {
         Ok(x.data().to_vec())
     }
 
+    fn upload_activation(&self, v: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+        if v.len() != rows * cols {
+            return Err(Error::config(format!(
+                "{} values for a [{rows}, {cols}] tensor",
+                v.len()
+            )));
+        }
+        // Values from another stage of the same dtype are already rounded.
+        let mut t = CpuTensor::new(v.to_vec(), rows, cols);
+        self.round(t.data_mut());
+        Ok(t)
+    }
+
     fn top_logits(&self, logits: &CpuTensor, k: usize) -> Result<Vec<RowTop>> {
         Ok(logits
             .data()

@@ -286,6 +286,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn all_gather_cols(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     /// Row-major host copy in f32.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// An activation from row-major host f32 values (rounded to the compute
+    /// dtype): how a pipeline stage takes in the previous stage's output.
+    fn upload_activation(&self, v: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// (free, total) bytes of the device's memory, after the work queued so
     /// far; `None` where the KV cache is sized otherwise (the CPU backend:
     /// `VLLM_CPU_KVCACHE_SPACE`).

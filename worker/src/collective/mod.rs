@@ -18,6 +18,8 @@ pub trait HostGroup: Send + Sync {
     fn all_gather(&self, local: &[f32]) -> Result<Vec<Vec<f32>>>;
 }
 
+pub mod pipeline;
 pub mod tcp;
 
+pub use pipeline::{StageLink, TcpStageLink};
 pub use tcp::TcpGroup;

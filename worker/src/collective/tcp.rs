@@ -40,7 +40,7 @@ enum Links {
     Broken(String),
 }
 
-fn io_err(op: &'static str, peer: Option<usize>, e: impl std::fmt::Display) -> Error {
+pub(super) fn io_err(op: &'static str, peer: Option<usize>, e: impl std::fmt::Display) -> Error {
     Error::Collective {
         op,
         peer: peer.map(|p| format!(", peer rank {p}")).unwrap_or_default(),
@@ -48,19 +48,19 @@ fn io_err(op: &'static str, peer: Option<usize>, e: impl std::fmt::Display) -> E
     }
 }
 
-fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+pub(super) fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))
 }
 
-fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
+pub(super) fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
     let mut b = [0u8; 4];
     s.read_exact(&mut b)?;
     Ok(u32::from_le_bytes(b))
 }
 
-fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
+pub(super) fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
     s.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))

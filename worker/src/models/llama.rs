@@ -5,7 +5,7 @@
 
 use indicatif::ProgressBar;
 
-use super::CausalLm;
+use super::{CausalLm, IntermediateTensors, StageOutput};
 use crate::attention::QkvHeads;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -26,12 +26,15 @@ struct Layer<B: Backend> {
     down: B::Linear,
 }
 
+/// One pipeline stage of the model (the whole model without pipeline
+/// parallelism): its layers, the embedding on the first stage, the final
+/// norm and LM head on the last.
 pub struct Llama<B: Backend> {
     heads: QkvHeads,
-    embed: B::Embedding,
+    embed: Option<B::Embedding>,
     layers: Vec<Layer<B>>,
-    norm: B::Vector,
-    lm_head: B::Linear,
+    /// The final norm and the LM head (last stage only).
+    head: Option<(B::Vector, B::Linear)>,
     rope: B::Rope,
     eps: f32,
     scale: f32,
@@ -81,15 +84,26 @@ impl<B: Backend> Llama<B> {
             Ok(HostLinear { weight, bias })
         };
 
-        let embed_w = src.matrix(
-            "model.embed_tokens.weight",
-            (cfg.vocab_size, h),
-            &Shard::Rows(vocab.clone()),
-        )?;
-        progress.inc(1);
-        let embed = backend.upload_embedding(&embed_w, vocab.start)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let stage = parallel.layer_range(cfg.num_hidden_layers)?;
+        let (first, last) = (parallel.is_first_stage(), parallel.is_last_stage());
+        // The last stage reads the embedding too when the LM head is tied to it.
+        let embed_w = if first || (last && cfg.tie_word_embeddings) {
+            let w = src.matrix(
+                "model.embed_tokens.weight",
+                (cfg.vocab_size, h),
+                &Shard::Rows(vocab.clone()),
+            )?;
+            progress.inc(1);
+            Some(w)
+        } else {
+            None
+        };
+        let embed = match (&embed_w, first) {
+            (Some(w), true) => Some(backend.upload_embedding(w, vocab.start)?),
+            _ => None,
+        };
+        let mut layers = Vec::with_capacity(stage.len());
+        for i in stage {
             let p = format!("model.layers.{i}");
             let b = cfg.attention_bias;
             let q = column(
@@ -159,23 +173,27 @@ impl<B: Backend> Llama<B> {
                 }])?,
             });
         }
-        let norm = backend.upload_vector(src.vector("model.norm.weight", h, &Shard::Full)?)?;
-        let head_w = if cfg.tie_word_embeddings {
-            embed_w
+        let head = if last {
+            let norm =
+                backend.upload_vector(src.vector("model.norm.weight", h, &Shard::Full)?)?;
+            let head_w = match embed_w {
+                Some(w) if cfg.tie_word_embeddings => w,
+                _ => src.matrix("lm_head.weight", (cfg.vocab_size, h), &Shard::Rows(vocab))?,
+            };
+            progress.inc(2);
+            let lm_head = backend.upload_linear(vec![HostLinear {
+                weight: head_w,
+                bias: None,
+            }])?;
+            Some((norm, lm_head))
         } else {
-            src.matrix("lm_head.weight", (cfg.vocab_size, h), &Shard::Rows(vocab))?
+            None
         };
-        progress.inc(2);
-        let lm_head = backend.upload_linear(vec![HostLinear {
-            weight: head_w,
-            bias: None,
-        }])?;
         Ok(Self {
             heads,
             embed,
             layers,
-            norm,
-            lm_head,
+            head,
             rope: backend.upload_rope(RopeTable::new(cfg, max_positions))?,
             eps: cfg.rms_norm_eps as f32,
             scale: 1.0 / (hd as f32).sqrt(),
@@ -205,21 +223,41 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         step: &B::Step,
         kv: &mut B::KvCache,
         wants_logits: bool,
-    ) -> Result<Option<B::Tensor>> {
-        let mut residual = b.embed(&self.embed, step)?;
-        b.all_reduce(&mut residual)?;
-        let mut x = b.rms_norm(&residual, &self.layers[0].input_norm, self.eps)?;
+        input: Option<IntermediateTensors<B>>,
+    ) -> Result<StageOutput<B>> {
+        let stage_input = |what: &str| Error::config(format!("pipeline stage input: {what}"));
+        let first_norm = &self.layers[0].input_norm;
+        let (mut residual, mut x) = match (input, &self.embed) {
+            (None, Some(embed)) => {
+                let mut residual = b.embed(embed, step)?;
+                b.all_reduce(&mut residual)?;
+                let x = b.rms_norm(&residual, first_norm, self.eps)?;
+                (residual, x)
+            }
+            (Some(t), None) => {
+                let mut residual = t.residual;
+                let x = b.add_rms_norm(&mut residual, &t.hidden, first_norm, self.eps)?;
+                (residual, x)
+            }
+            (None, None) => {
+                return Err(stage_input(
+                    "a later stage needs the previous stage's output",
+                ))
+            }
+            (Some(_), Some(_)) => return Err(stage_input("the first stage starts from token ids")),
+        };
         let last = self.layers.len() - 1;
+        let is_last_stage = self.head.is_some();
         for (i, l) in self.layers.iter().enumerate() {
             let mut qkv = b.linear(&x, &l.qkv)?;
             b.rotary(&mut qkv, self.heads, step, &self.rope)?;
             b.write_kv(kv, i, &qkv, self.heads, step)?;
-            if i == last && !wants_logits {
+            if i == last && is_last_stage && !wants_logits {
                 // A prefill chunk that samples nothing only needs its KV.
-                return Ok(None);
+                return Ok(StageOutput::Logits(None));
             }
             let mut attn = b.attention(kv, i, &qkv, self.heads, step, self.scale)?;
-            if i == last {
+            if i == last && is_last_stage {
                 // Only the rows that need logits go through the rest.
                 attn = b.gather_logits_rows(&attn, step)?;
                 residual = b.gather_logits_rows(&residual, step)?;
@@ -230,11 +268,22 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
             let act = b.silu_mul(&b.linear(&x, &l.gate_up)?)?;
             let mut down = b.linear(&act, &l.down)?;
             b.all_reduce(&mut down)?;
-            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
+            let next_norm = match (self.layers.get(i + 1), &self.head) {
+                (Some(next), _) => &next.input_norm,
+                (None, Some((norm, _))) => norm,
+                // The next stage adds `down` with its own first layer's norm.
+                (None, None) => {
+                    return Ok(StageOutput::Intermediate(IntermediateTensors {
+                        hidden: down,
+                        residual,
+                    }))
+                }
+            };
             x = b.add_rms_norm(&mut residual, &down, next_norm, self.eps)?;
         }
-        let logits = b.linear(&x, &self.lm_head)?;
-        Ok(Some(b.all_gather_cols(logits)?))
+        let (_, lm_head) = self.head.as_ref().expect("only the last stage gets here");
+        let logits = b.linear(&x, lm_head)?;
+        Ok(StageOutput::Logits(Some(b.all_gather_cols(logits)?)))
     }
 
     fn vocab_size(&self) -> usize {

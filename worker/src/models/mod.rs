@@ -24,18 +24,39 @@ pub trait CausalLm<B: Backend>: Send + Sync {
     /// The rotary tables, which `Backend::prepare_step` checks positions against.
     fn rope(&self) -> &B::Rope;
 
-    /// Runs one prepared step and returns the logits of its logits rows
-    /// ([rows, vocab_size], on the device), or `None` when the step asks for
-    /// no logits (prefill chunks that sample nothing only write their KV).
+    /// Runs one prepared step through this pipeline stage's layers. The
+    /// first stage starts from the step's token ids (`input` is `None`), a
+    /// later one from the previous stage's output. The last stage returns the
+    /// logits of the step's logits rows ([rows, vocab_size], on the device),
+    /// or `None` when the step asks for no logits (prefill chunks that sample
+    /// nothing only write their KV); any other stage returns what the next
+    /// stage takes in.
     fn forward(
         &self,
         backend: &B,
         step: &B::Step,
         kv: &mut B::KvCache,
         wants_logits: bool,
-    ) -> Result<Option<B::Tensor>>;
+        input: Option<IntermediateTensors<B>>,
+    ) -> Result<StageOutput<B>>;
 
     fn vocab_size(&self) -> usize;
+}
+
+/// What crosses from one pipeline stage to the next, for every token of the
+/// step (vLLM's pair): the last layer's MLP output and the residual stream
+/// before that output is added, so the next stage's first layer runs its
+/// fused add + norm as if the layers were in one process.
+pub struct IntermediateTensors<B: Backend> {
+    pub hidden: B::Tensor,
+    pub residual: B::Tensor,
+}
+
+pub enum StageOutput<B: Backend> {
+    /// The last stage: logits rows, when the step asked for any.
+    Logits(Option<B::Tensor>),
+    /// Any other stage: the next stage's input.
+    Intermediate(IntermediateTensors<B>),
 }
 
 /// Tensors `load_model` reads, to size the progress bar.

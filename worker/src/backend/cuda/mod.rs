@@ -896,6 +896,10 @@ impl Backend for CudaBackend {
         self.download_f32(addr(&x.buf, self.stream()), x.rows * x.cols)
     }
 
+    fn upload_activation(&self, v: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.upload_tensor(v, rows, cols)
+    }
+
     fn top_logits(&self, logits: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
         self.top_logits_impl(logits, k)
     }
@@ -985,7 +989,7 @@ impl CudaBackend {
         Ok(host)
     }
 
-    /// Test access: an activation from host f32 rows (rounded to the dtype).
+    /// An activation from host f32 rows (rounded to the dtype).
     pub fn upload_tensor(&self, v: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         if v.len() != rows * cols {
             return Err(Error::config(format!(
