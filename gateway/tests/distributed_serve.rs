@@ -2,9 +2,10 @@
 //! `worker` processes: a completion over HTTP, then a worker killed with
 //! SIGKILL mid-generation. The in-flight requests must end with an error
 //! (HTTP 500 JSON, an error event on a stream), `/health` must answer 503,
-//! the gateway must stay up and answer, and its other workers must die with
-//! it when it is killed in turn. A worker lost while the engine is idle
-//! makes `/health` answer 503 too.
+//! the gateway must stay up, replace its workers by itself and serve again;
+//! the old group's other workers must be gone, and the new ones must die
+//! with the gateway when it is killed in turn. A worker lost while the engine
+//! is idle makes `/health` answer 503 too, until the workers are replaced.
 
 #[path = "../../tests/support/fixtures.rs"]
 mod fixtures;
@@ -48,7 +49,12 @@ fn sigkill(pid: u32) {
 
 /// `gateway serve --tensor-parallel-size tp` on `model`; returns it, its
 /// base URL and each worker rank's pid (from the log prefixes).
-fn start_gateway(model: &std::path::Path, tp: usize) -> (Gateway, String, HashMap<usize, u32>) {
+/// The gateway, its base URL, its workers' pids by rank, and its further
+/// stdout lines.
+fn start_gateway(
+    model: &std::path::Path,
+    tp: usize,
+) -> (Gateway, String, HashMap<usize, u32>, mpsc::Receiver<String>) {
     fixtures::build_worker_binary();
     let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["serve", model.to_str().unwrap()])
@@ -91,19 +97,70 @@ fn start_gateway(model: &std::path::Path, tp: usize) -> (Gateway, String, HashMa
         if let Some(url) = line.split("Starting API server on ").nth(1) {
             base = Some(url.trim().to_string());
         }
-        if let Some(rest) = line.strip_prefix("(Worker rank=") {
-            let rank: usize = rest.split(' ').next().unwrap().parse().unwrap();
-            let pid: u32 = rest
-                .split("pid=")
-                .nth(1)
-                .and_then(|p| p.split(')').next())
-                .unwrap()
-                .parse()
-                .unwrap();
+        if let Some((rank, pid)) = worker_line(&line) {
             workers.insert(rank, pid);
         }
     }
-    (gw, base.unwrap(), workers)
+    (gw, base.unwrap(), workers, rx)
+}
+
+/// (rank, pid) from a worker's log line.
+fn worker_line(line: &str) -> Option<(usize, u32)> {
+    let rest = line.strip_prefix("(Worker rank=")?;
+    let rank = rest.split(' ').next()?.parse().ok()?;
+    let pid = rest.split("pid=").nth(1)?.split(')').next()?.parse().ok()?;
+    Some((rank, pid))
+}
+
+/// Waits for /health 200 again (the workers replaced) and returns the pids
+/// of the new workers seen on the gateway's output meanwhile.
+async fn wait_recovered(
+    c: &reqwest::Client,
+    base: &str,
+    lines: &mpsc::Receiver<String>,
+    old: &HashMap<usize, u32>,
+) -> HashMap<usize, u32> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut new = HashMap::new();
+    loop {
+        for line in lines.try_iter() {
+            if let Some((rank, pid)) = worker_line(&line) {
+                if old.get(&rank) != Some(&pid) {
+                    new.insert(rank, pid);
+                }
+            }
+        }
+        let status = c
+            .get(format!("{base}/health"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 && new.len() == old.len() {
+            return new;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not replace its workers within 90 s (health {status}, new workers {new:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A short greedy completion; the model knows the answer.
+async fn paris(c: &reqwest::Client, base: &str) {
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(" Paris"), "{text:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +168,7 @@ async fn a_worker_lost_between_requests_makes_the_gateway_unhealthy() {
     let Some(model) = fixtures::smollm2_gguf() else {
         return;
     };
-    let (mut gw, base, workers) = start_gateway(&model, 3);
+    let (mut gw, base, workers, lines) = start_gateway(&model, 3);
     let c = reqwest::Client::new();
     let health = || {
         c.get(format!("{base}/health"))
@@ -129,19 +186,22 @@ async fn a_worker_lost_between_requests_makes_the_gateway_unhealthy() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = c
-        .post(format!("{base}/v1/completions"))
-        .json(&json!({"model": "smol", "prompt": "Hello", "max_tokens": 2}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_server_error(), "{}", r.status());
     assert!(gw.0.try_wait().unwrap().is_none(), "the gateway exited");
-    // The engine stopped and dropped its executor: the other ranks are gone.
+    // The engine dropped the old group (its other ranks are gone) and
+    // serves again on a new one.
+    let new = wait_recovered(&c, &base, &lines, &workers).await;
+    for r in [1, 2] {
+        assert!(!process_alive(workers[&r]), "rank {r} outlived its group");
+    }
+    paris(&c, &base).await;
+    sigkill(gw.0.id());
+    let _ = gw.0.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while [1, 2].iter().any(|r| process_alive(workers[r])) {
-        assert!(Instant::now() < deadline, "workers outlived their executor");
+    while new.values().any(|&p| process_alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "new workers outlived the gateway"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -151,7 +211,7 @@ async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
     let Some(model) = fixtures::smollm2_gguf() else {
         return;
     };
-    let (mut gw, base, workers) = start_gateway(&model, 3);
+    let (mut gw, base, workers, lines) = start_gateway(&model, 3);
     let gateway_pid = gw.0.id();
     let c = reqwest::Client::new();
     let health = |c: &reqwest::Client| {
@@ -217,28 +277,29 @@ async fn tp3_serves_and_fails_cleanly_when_a_worker_dies() {
         killed_at.elapsed()
     );
 
-    // Unhealthy, but up and answering.
+    // Unhealthy, but up and answering, then serving again on new workers.
     assert_eq!(health(&c).await.unwrap(), 503);
-    let r = c
-        .post(format!("{base}/v1/completions"))
-        .json(&json!({"model": "smol", "prompt": "Hello", "max_tokens": 2}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_server_error(), "{}", r.status());
     let r = c.get(format!("{base}/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(gw.0.try_wait().unwrap().is_none(), "the gateway exited");
+    let new = wait_recovered(&c, &base, &lines, &workers).await;
+    eprintln!(
+        "serving again {:.1}s after the worker was killed",
+        killed_at.elapsed().as_secs_f64()
+    );
+    for r in [0, 2] {
+        assert!(!process_alive(workers[&r]), "rank {r} outlived its group");
+    }
+    paris(&c, &base).await;
 
-    // kill -9 of the gateway takes its remaining workers with it.
+    // kill -9 of the gateway takes its workers with it.
     sigkill(gateway_pid);
     let _ = gw.0.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while [0, 2].iter().any(|r| process_alive(workers[r])) {
+    while new.values().any(|&p| process_alive(p)) {
         assert!(
             Instant::now() < deadline,
-            "workers outlived the gateway: {workers:?}"
+            "workers outlived the gateway: {new:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

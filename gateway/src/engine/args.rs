@@ -13,7 +13,7 @@ use super::client::EngineClient;
 use super::error::{EngineError, Result};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy};
 use crate::envs;
-use crate::executor::{self, DistributedBackend};
+use crate::executor::{self, DistributedBackend, Rebuild};
 use crate::tokenizer::Tokenizer;
 
 pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
@@ -439,7 +439,18 @@ impl EngineArgs {
         let interval: f64 = envs::get(envs::VLLM_LOG_STATS_INTERVAL)?.unwrap_or(10.0);
         let interval =
             Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(10));
-        let client = EngineClient::spawn(scheduler, executor, tokenizer.clone(), interval)?;
+        // Distributed workers can be lost and replaced; the in-process model
+        // goes only with the gateway itself.
+        let backend = self.executor_backend();
+        let rebuild: Option<Rebuild> = (backend != DistributedBackend::Uni).then(|| {
+            Box::new(move || {
+                let mut executor = executor::build(backend, &worker_config, None)?;
+                executor.initialize_kv_cache(num_blocks)?;
+                Ok(executor)
+            }) as Rebuild
+        });
+        let client =
+            EngineClient::spawn(scheduler, executor, rebuild, tokenizer.clone(), interval)?;
         Ok(LoadedEngine {
             client,
             tokenizer,

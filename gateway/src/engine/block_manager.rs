@@ -99,6 +99,11 @@ impl BlockManager {
         self.block_size
     }
 
+    /// Whether prefix caching is on.
+    pub fn caching(&self) -> bool {
+        self.enable_caching
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }

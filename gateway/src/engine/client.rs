@@ -16,7 +16,7 @@ use super::core::{Command, EngineCore, Shared};
 use super::error::{EngineError, Result};
 use super::scheduler::{Scheduler, SchedulerStats};
 use super::types::{EngineRequest, FinishReason, RequestOutput};
-use crate::executor::Executor;
+use crate::executor::{Executor, Rebuild};
 use crate::metrics;
 use crate::tokenizer::Tokenizer;
 
@@ -44,6 +44,7 @@ impl EngineClient {
     pub(crate) fn spawn(
         scheduler: Scheduler,
         executor: Box<dyn Executor>,
+        rebuild: Option<Rebuild>,
         tokenizer: Arc<Tokenizer>,
         log_stats_interval: Duration,
     ) -> Result<Self> {
@@ -55,6 +56,7 @@ impl EngineClient {
         let core = EngineCore::new(
             scheduler,
             executor,
+            rebuild,
             tokenizer,
             shared.clone(),
             log_stats_interval,

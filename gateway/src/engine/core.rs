@@ -15,7 +15,7 @@ use worker::SchedulerOutput;
 use super::output::{OutputProcessor, Ready};
 use super::scheduler::{Scheduler, SchedulerStats};
 use super::types::{EngineRequest, FinishReason, RequestOutput};
-use crate::executor::{Executor, ExecutorError};
+use crate::executor::{Executor, ExecutorError, Rebuild};
 use crate::metrics::{EngineMetrics, SchedulerGauges, StatLogger};
 use crate::tokenizer::Tokenizer;
 
@@ -59,7 +59,11 @@ fn gauges(s: &SchedulerStats) -> SchedulerGauges {
 
 pub(crate) struct EngineCore {
     scheduler: Scheduler,
-    executor: Box<dyn Executor>,
+    /// `None` only while lost workers are being replaced.
+    executor: Option<Box<dyn Executor>>,
+    /// Replaces lost workers (distributed executors); without it, losing
+    /// them stops the engine.
+    rebuild: Option<Rebuild>,
     outputs: OutputProcessor,
     shared: Arc<Shared>,
     step_num: u64,
@@ -78,13 +82,15 @@ impl EngineCore {
     pub fn new(
         scheduler: Scheduler,
         executor: Box<dyn Executor>,
+        rebuild: Option<Rebuild>,
         tokenizer: Arc<Tokenizer>,
         shared: Arc<Shared>,
         log_interval: Duration,
     ) -> Self {
         let core = Self {
             scheduler,
-            executor,
+            executor: Some(executor),
+            rebuild,
             outputs: OutputProcessor::new(tokenizer),
             shared,
             step_num: 0,
@@ -110,9 +116,19 @@ impl EngineCore {
                     }
                     Err(RecvTimeoutError::Timeout) => {
                         self.maybe_log_stats();
-                        if let Err(e) = self.executor.check_health() {
+                        let health = match self.executor.as_mut() {
+                            Some(ex) => ex.check_health(),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = health {
                             if e.is_fatal() {
-                                break format!("lost its executor: {e}");
+                                tracing::error!("Executor failed while idle: {e}");
+                                self.fatal = Some(format!("lost its executor: {e}"));
+                            }
+                        }
+                        if let Some(reason) = self.fatal.take() {
+                            if let Some(stop) = self.recover(&reason, &rx) {
+                                break stop;
                             }
                         }
                         continue;
@@ -149,7 +165,9 @@ impl EngineCore {
             }
             self.flush_outputs();
             if let Some(reason) = self.fatal.take() {
-                break reason;
+                if let Some(stop) = self.recover(&reason, &rx) {
+                    break stop;
+                }
             }
             self.maybe_log_stats();
         };
@@ -185,6 +203,78 @@ impl EngineCore {
         true
     }
 
+    fn max_concurrent_batches(&self) -> usize {
+        self.executor
+            .as_ref()
+            .map_or(1, |e| e.max_concurrent_batches())
+    }
+
+    /// After the workers were lost: fails every request at once (their KV
+    /// cache is gone with the workers), answers unhealthy, and replaces the
+    /// workers, retrying with a growing pause until it works or the engine
+    /// is shut down. Returns why the loop must stop instead (no way to
+    /// rebuild, or a shutdown meanwhile); `None` once it serves again.
+    /// vLLM stops serving here; a gateway of ours recovers by itself.
+    fn recover(&mut self, reason: &str, rx: &Receiver<Command>) -> Option<String> {
+        self.rebuild.as_ref()?;
+        // Unhealthy before the failed requests hear of it, so that a client
+        // that sees the error also sees /health 503.
+        *self.shared.dead.lock().expect("dead lock") =
+            Some(format!("{reason}; replacing the workers"));
+        for id in self.scheduler.request_ids() {
+            self.finish(
+                &id,
+                FinishReason::Abort,
+                Some(format!("the engine {reason}")),
+            );
+        }
+        self.in_flight.clear();
+        self.flush_outputs();
+        // The old workers (and their placement group) go first: the new ones
+        // may need their GPUs or bundles.
+        self.executor = None;
+        tracing::error!("The engine {reason}; replacing its workers");
+        let started = Instant::now();
+        let mut pause = Duration::from_secs(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A pause first: let the failure settle (a node agent restarting,
+            // a dying process releasing its port).
+            let until = Instant::now() + pause;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return Some("shut down".into());
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return Some("all clients gone".into()),
+                }
+            }
+            let rebuild = self.rebuild.as_mut()?;
+            match rebuild() {
+                Ok(executor) => {
+                    self.executor = Some(executor);
+                    // Requests that slipped in meanwhile are waiting and run now.
+                    self.scheduler.reset_for_new_workers();
+                    self.publish_stats();
+                    *self.shared.dead.lock().expect("dead lock") = None;
+                    tracing::info!(
+                        "Workers replaced in {:.1}s (attempt {attempt}); serving again",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!("Replacing the workers failed (attempt {attempt}): {e}");
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
     /// Requests to run, or steps still in flight.
     fn has_work(&self) -> bool {
         self.scheduler.has_unfinished() || !self.in_flight.is_empty()
@@ -192,7 +282,7 @@ impl EngineCore {
 
     /// Runs one step; false when nothing was scheduled.
     fn step(&mut self) -> bool {
-        if self.executor.max_concurrent_batches() > 1 {
+        if self.max_concurrent_batches() > 1 {
             return self.step_with_batch_queue();
         }
         let step = self.scheduler.schedule();
@@ -213,7 +303,7 @@ impl EngineCore {
     /// every rank runs its steps in order, so KV blocks freed or reused by a
     /// later step are written after the earlier step's use of them.
     fn step_with_batch_queue(&mut self) -> bool {
-        let depth = self.executor.max_concurrent_batches();
+        let depth = self.max_concurrent_batches();
         let mut progressed = false;
         if self.in_flight.len() < depth {
             // An even share of the requests per step, so that no stage idles.
@@ -293,7 +383,12 @@ impl EngineCore {
         &mut self,
         f: impl FnOnce(&mut Box<dyn Executor>) -> Result<T, ExecutorError>,
     ) -> Result<T, ExecutorError> {
-        let executor = &mut self.executor;
+        let Some(executor) = self.executor.as_mut() else {
+            return Err(ExecutorError::WorkerLost {
+                rank: 0,
+                reason: "the workers are being replaced".into(),
+            });
+        };
         match std::panic::catch_unwind(AssertUnwindSafe(|| f(executor))) {
             Ok(r) => r,
             Err(panic) => {

@@ -95,6 +95,16 @@ impl Scheduler {
         &self.config
     }
 
+    /// After the workers were replaced: every request that ran has been
+    /// failed (only never-run ones wait), and nothing of the old KV cache
+    /// exists any more (no cached prefix, no request for the workers to drop).
+    pub fn reset_for_new_workers(&mut self) {
+        debug_assert!(self.running.is_empty(), "requests outlived their workers");
+        let bm = &self.block_manager;
+        self.block_manager = BlockManager::new(bm.num_blocks(), bm.block_size(), bm.caching());
+        self.finished_req_ids.clear();
+    }
+
     /// Queues a request; the caller has validated it. Fills
     /// `all_stop_token_ids` for the sampler.
     pub fn add_request(&mut self, mut req: EngineRequest) {

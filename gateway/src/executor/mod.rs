@@ -129,6 +129,10 @@ pub trait Executor: Send {
     }
 }
 
+/// Builds a replacement for an executor whose workers were lost: new
+/// workers with the same model and layout, their KV cache the same size.
+pub type Rebuild = Box<dyn FnMut() -> Result<Box<dyn Executor>> + Send>;
+
 /// vLLM's `--distributed-executor-backend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DistributedBackend {
