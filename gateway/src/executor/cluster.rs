@@ -254,9 +254,16 @@ impl ClusterExecutor {
             };
             let mut env: HashMap<String, String> = forwarded.iter().cloned().collect();
             env.insert("LOCAL_RANK".into(), local_rank.to_string());
-            if bundle.get("CPU").is_some() && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                // The bundle reserves one CPU for this worker.
-                env.insert("RAYON_NUM_THREADS".into(), "1".into());
+            // The gateway's own thread setting wins; else a CPU bundle
+            // reserves one CPU for this worker.
+            match std::env::var("RAYON_NUM_THREADS") {
+                Ok(n) => {
+                    env.insert("RAYON_NUM_THREADS".into(), n);
+                }
+                Err(_) if bundle.get("CPU").is_some() => {
+                    env.insert("RAYON_NUM_THREADS".into(), "1".into());
+                }
+                Err(_) => {}
             }
             let req = CreateActorRequest {
                 command: bin.to_string_lossy().into_owned(),
