@@ -506,13 +506,17 @@ impl<B: Backend> Runner<B> {
         }
     }
 
-    /// Applies the step's request changes to the persistent batch.
-    fn update_batch(&mut self, step: &SchedulerOutput) -> Result<()> {
-        for id in &step.finished_req_ids {
-            self.requests.remove(id);
-        }
+    /// Checks a whole step against the persistent batch as the step would
+    /// leave it, before anything changes: a rejected step leaves the batch
+    /// as it was. Returns the number of blocks the longest request needs.
+    fn validate_step(&self, step: &SchedulerOutput) -> Result<usize> {
+        use std::collections::HashSet;
+        let finished: HashSet<&str> = step.finished_req_ids.iter().map(String::as_str).collect();
+        let live = |id: &str| self.requests.get(id).filter(|_| !finished.contains(id));
+        // Per request after this step's changes: (computed, known tokens, blocks).
+        let mut after: HashMap<&str, (usize, usize, usize)> = HashMap::new();
         for r in &step.new_requests {
-            if self.requests.contains_key(&r.req_id) {
+            if live(&r.req_id).is_some() || after.contains_key(r.req_id.as_str()) {
                 return Err(Error::DuplicateRequest {
                     req_id: r.req_id.clone(),
                 });
@@ -523,15 +527,87 @@ impl<B: Backend> Runner<B> {
             if r.prompt_token_ids.is_empty() {
                 return Err(Error::bad_step(&r.req_id, "empty prompt"));
             }
-            let mut tokens = r.prompt_token_ids.clone();
-            tokens.extend_from_slice(&r.output_token_ids);
-            if r.num_computed_tokens > tokens.len() {
+            let known = r.prompt_token_ids.len() + r.output_token_ids.len();
+            if r.num_computed_tokens > known {
                 return Err(Error::ComputedTokensMismatch {
                     req_id: r.req_id.clone(),
                     expected: r.num_computed_tokens,
-                    actual: tokens.len(),
+                    actual: known,
                 });
             }
+            after.insert(&r.req_id, (r.num_computed_tokens, known, r.block_ids.len()));
+        }
+        for c in &step.cached_requests {
+            self.check_blocks(&c.new_block_ids)?;
+            self.check_tokens(&c.req_id, &c.new_token_ids)?;
+            let r = live(&c.req_id).ok_or_else(|| Error::UnknownRequest {
+                req_id: c.req_id.clone(),
+            })?;
+            if c.num_computed_tokens != r.num_computed {
+                return Err(Error::ComputedTokensMismatch {
+                    req_id: c.req_id.clone(),
+                    expected: c.num_computed_tokens,
+                    actual: r.num_computed,
+                });
+            }
+            let mut known = r.tokens.len();
+            if !self.is_last_stage && !c.new_token_ids.is_empty() {
+                let before = r.num_computed.max(r.prompt_len);
+                if known != before {
+                    return Err(Error::bad_step(
+                        &c.req_id,
+                        format!(
+                            "{} new tokens after {before} known, but this stage holds {known}",
+                            c.new_token_ids.len(),
+                        ),
+                    ));
+                }
+                known += c.new_token_ids.len();
+            }
+            let blocks = r.block_table.len() + c.new_block_ids.len();
+            after.insert(&c.req_id, (r.num_computed, known, blocks));
+        }
+        let bs = self.spec.block_size;
+        let mut max_blocks = 0;
+        for (id, n) in &step.num_scheduled_tokens {
+            let (computed, known, blocks) = match after.get(id.as_str()) {
+                Some(&a) => a,
+                None => live(id)
+                    .map(|r| (r.num_computed, r.tokens.len(), r.block_table.len()))
+                    .ok_or_else(|| Error::UnknownRequest { req_id: id.clone() })?,
+            };
+            let end = computed + n;
+            if *n == 0 || end > known {
+                return Err(Error::bad_step(
+                    id,
+                    format!("{n} tokens scheduled after {computed} computed, but only {known} are known"),
+                ));
+            }
+            if end > self.max_model_len {
+                return Err(Error::PositionOutOfRange {
+                    position: end - 1,
+                    max_len: self.max_model_len,
+                });
+            }
+            if blocks * bs < end {
+                return Err(Error::bad_step(
+                    id,
+                    format!("{blocks} blocks of {bs} cannot hold {end} tokens"),
+                ));
+            }
+            max_blocks = max_blocks.max(end.div_ceil(bs));
+        }
+        Ok(max_blocks)
+    }
+
+    /// Applies a validated step's request changes to the persistent batch.
+    fn update_batch(&mut self, step: &SchedulerOutput) {
+        for id in &step.finished_req_ids {
+            self.requests.remove(id);
+        }
+        for r in &step.new_requests {
+            let mut tokens = r.prompt_token_ids.clone();
+            tokens.extend_from_slice(&r.output_token_ids);
             self.requests.insert(
                 r.req_id.clone(),
                 CachedRequest {
@@ -549,85 +625,28 @@ impl<B: Backend> Runner<B> {
             );
         }
         for c in &step.cached_requests {
-            self.check_blocks(&c.new_block_ids)?;
-            self.check_tokens(&c.req_id, &c.new_token_ids)?;
-            let r = self
-                .requests
-                .get_mut(&c.req_id)
-                .ok_or_else(|| Error::UnknownRequest {
-                    req_id: c.req_id.clone(),
-                })?;
-            if c.num_computed_tokens != r.num_computed {
-                return Err(Error::ComputedTokensMismatch {
-                    req_id: c.req_id.clone(),
-                    expected: c.num_computed_tokens,
-                    actual: r.num_computed,
-                });
-            }
-            if !self.is_last_stage && !c.new_token_ids.is_empty() {
-                // This stage never samples: it learns the last stage's tokens here.
-                let known = r.num_computed.max(r.prompt_len);
-                if r.tokens.len() != known {
-                    return Err(Error::bad_step(
-                        &c.req_id,
-                        format!(
-                            "{} new tokens after {} known, but this stage holds {}",
-                            c.new_token_ids.len(),
-                            known,
-                            r.tokens.len()
-                        ),
-                    ));
+            if let Some(r) = self.requests.get_mut(&c.req_id) {
+                if !self.is_last_stage {
+                    // This stage never samples: it learns the last stage's tokens here.
+                    r.tokens.extend_from_slice(&c.new_token_ids);
                 }
-                r.tokens.extend_from_slice(&c.new_token_ids);
+                r.block_table.extend_from_slice(&c.new_block_ids);
             }
-            r.block_table.extend_from_slice(&c.new_block_ids);
         }
-        Ok(())
     }
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         if self.kv.is_none() {
             return Err(Error::KvCacheNotInitialized);
         }
-        self.update_batch(step)?;
+        let max_blocks = self.validate_step(step)?;
+        self.update_batch(step);
         let bs = self.spec.block_size;
-        let mut order: Vec<(&RequestId, &CachedRequest)> =
-            Vec::with_capacity(step.num_scheduled_tokens.len());
-        let mut max_blocks = 0;
-        for (id, n) in &step.num_scheduled_tokens {
-            let r = self
-                .requests
-                .get(id)
-                .ok_or_else(|| Error::UnknownRequest { req_id: id.clone() })?;
-            let end = r.num_computed + n;
-            if *n == 0 || end > r.tokens.len() {
-                return Err(Error::bad_step(
-                    id,
-                    format!(
-                        "{n} tokens scheduled after {} computed, but only {} are known",
-                        r.num_computed,
-                        r.tokens.len()
-                    ),
-                ));
-            }
-            if end > self.max_model_len {
-                return Err(Error::PositionOutOfRange {
-                    position: end - 1,
-                    max_len: self.max_model_len,
-                });
-            }
-            if r.block_table.len() * bs < end {
-                return Err(Error::bad_step(
-                    id,
-                    format!(
-                        "{} blocks of {bs} cannot hold {end} tokens",
-                        r.block_table.len()
-                    ),
-                ));
-            }
-            max_blocks = max_blocks.max(end.div_ceil(bs));
-            order.push((id, r));
-        }
+        let order: Vec<(&RequestId, &CachedRequest)> = step
+            .num_scheduled_tokens
+            .iter()
+            .map(|(id, _)| (id, &self.requests[id]))
+            .collect();
 
         // Flat inputs.
         let meta = &mut self.meta;

@@ -568,6 +568,21 @@ fn run_scenario_dtype(v: Variant, bs: usize, tag: &str, dtype: &str, tol: f32) {
         ))
         .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
+    // A rejected step changes nothing, even the parts of it that were fine.
+    let before = runner.num_requests();
+    let e = runner
+        .execute_model(&step(
+            vec![new_req("e", &[1, 2], vec![5], 0)],
+            vec![],
+            &[("e", 2), ("nope", 1)],
+        ))
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown request"), "{e}");
+    assert_eq!(
+        runner.num_requests(),
+        before,
+        "the rejected step left request e"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
