@@ -47,7 +47,7 @@ run() { # executor batch [extra flags...]
     --num-prompts "$n" --max-num-seqs "$n" --input-len 32 --output-len 64 \
     --output-json "$out" "$@" >"$work/run.log" 2>&1 ||
     { cat "$work/run.log" >&2; exit 1; }
-  python3 -c 'import json,sys; print(f"{json.load(open(sys.argv[1]))[\"output_tokens_per_second\"]:.1f}")' "$out"
+  python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["output_tokens_per_second"])' "$out"
 }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); model: $(basename "$model")"
