@@ -41,7 +41,17 @@ impl MultiprocExecutor {
             bin.display(),
             rendezvous[0].collective
         );
-        let procs = Supervisor::spawn(bin, world, envs::rpc_timeout()?)?;
+        // One GPU per rank, as vLLM's mp executor gives each rank its own
+        // device: each worker sees only its GPU (its device 0).
+        let gpus = match config.device.resolve()? {
+            worker::Device::Cuda => Some(gpu_per_rank(
+                std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+                worker::backend::cuda_device_count()?,
+                world,
+            )?),
+            _ => None,
+        };
+        let procs = Supervisor::spawn(bin, world, gpus, envs::rpc_timeout()?)?;
         let workers = RemoteWorkers::connect(&procs.addresses, config, &rendezvous, profile)?;
         Ok(Self {
             model_config,
@@ -96,14 +106,19 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn spawn(bin: PathBuf, world: usize, timeout: Duration) -> Result<Self> {
+    fn spawn(
+        bin: PathBuf,
+        world: usize,
+        gpus: Option<Vec<String>>,
+        timeout: Duration,
+    ) -> Result<Self> {
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Vec<String>>>();
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("mp-workers".into())
             .spawn(move || {
                 let mut children = Vec::with_capacity(world);
-                let started = start_children(&bin, world, timeout, &mut children);
+                let started = start_children(&bin, world, gpus, timeout, &mut children);
                 let ok = started.is_ok();
                 let _ = ready_tx.send(started);
                 if ok {
@@ -154,6 +169,7 @@ impl Drop for Supervisor {
 fn start_children(
     bin: &PathBuf,
     world: usize,
+    gpus: Option<Vec<String>>,
     timeout: Duration,
     children: &mut Vec<Child>,
 ) -> Result<Vec<String>> {
@@ -177,6 +193,9 @@ fn start_children(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(gpus) = &gpus {
+            cmd.env("CUDA_VISIBLE_DEVICES", &gpus[rank]);
+        }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // The ranks share this machine's cores; more threads than cores
             // only makes them wait on each other at every collective.
@@ -237,6 +256,51 @@ fn start_children(
         }
     }
     Ok(addresses)
+}
+
+/// The GPU each rank gets: the `rank`-th of the gateway's visible devices
+/// (`CUDA_VISIBLE_DEVICES`, else all `device_count`), an error when there
+/// are fewer than the world needs.
+fn gpu_per_rank(visible: Option<&str>, device_count: usize, world: usize) -> Result<Vec<String>> {
+    let devices: Vec<String> = match visible {
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect(),
+        None => (0..device_count).map(|d| d.to_string()).collect(),
+    };
+    if devices.len() < world {
+        return Err(ExecutorError::ParallelismUnavailable {
+            what: "tensor_parallel_size x pipeline_parallel_size",
+            size: world,
+            reason: if visible.is_some() {
+                "it needs one GPU per rank on this machine, and CUDA_VISIBLE_DEVICES names fewer"
+            } else {
+                "it needs one GPU per rank on this machine, and the driver sees fewer"
+            },
+        });
+    }
+    Ok(devices.into_iter().take(world).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_gpu_per_rank() {
+        assert_eq!(gpu_per_rank(None, 4, 2).unwrap(), ["0", "1"]);
+        assert_eq!(
+            gpu_per_rank(Some("3, 5,GPU-1a2b"), 8, 3).unwrap(),
+            ["3", "5", "GPU-1a2b"]
+        );
+        let e = gpu_per_rank(Some("2"), 8, 2).unwrap_err().to_string();
+        assert!(e.contains("CUDA_VISIBLE_DEVICES names fewer"), "{e}");
+        assert!(gpu_per_rank(None, 1, 2).is_err());
+        assert!(gpu_per_rank(Some(""), 1, 1).is_err());
+    }
 }
 
 #[cfg(target_os = "linux")]
