@@ -4,8 +4,6 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::engine::FinishReason;
-
 /// Metric names as vLLM exposes them.
 pub mod names {
     pub const NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
@@ -109,12 +107,13 @@ impl Default for EngineMetrics {
 }
 
 impl EngineMetrics {
-    pub fn record_finished(&mut self, reason: &FinishReason, e2e: Duration) {
-        let i = FINISH_REASONS
-            .iter()
-            .position(|r| *r == reason.as_str())
-            .expect("every finish reason is listed");
-        self.request_success[i] += 1;
+    /// `reason` is the OpenAI `finish_reason` ("stop", "length", "abort"):
+    /// metrics know labels, not the engine's types.
+    pub fn record_finished(&mut self, reason: &str, e2e: Duration) {
+        match FINISH_REASONS.iter().position(|r| *r == reason) {
+            Some(i) => self.request_success[i] += 1,
+            None => debug_assert!(false, "finish reason {reason:?} is not in FINISH_REASONS"),
+        }
         self.e2e.observe(e2e.as_secs_f64());
     }
 }
@@ -320,7 +319,6 @@ pub fn format_stats_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::StopMatch;
 
     #[test]
     fn histogram_buckets_are_cumulative() {
@@ -328,11 +326,8 @@ mod tests {
         m.ttft.observe(0.003);
         m.ttft.observe(0.003);
         m.ttft.observe(5000.0);
-        m.record_finished(
-            &FinishReason::Stop(StopMatch::Eos),
-            Duration::from_millis(400),
-        );
-        m.record_finished(&FinishReason::Length, Duration::from_secs(1));
+        m.record_finished("stop", Duration::from_millis(400));
+        m.record_finished("length", Duration::from_secs(1));
         let text = render("my \"m\"", &SchedulerGauges::default(), &m);
         let l = r#"model_name="my \"m\"""#;
         for want in [

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
-use crate::loader::LoadFormat;
+use crate::load_format::LoadFormat;
 
 /// RoPE frequency scaling.
 #[derive(Clone, Debug, PartialEq)]

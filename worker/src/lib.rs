@@ -8,6 +8,7 @@ pub mod collective;
 pub mod config;
 pub mod error;
 pub mod kv_cache;
+pub mod load_format;
 pub mod loader;
 pub mod model_runner;
 pub mod models;

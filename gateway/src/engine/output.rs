@@ -156,7 +156,7 @@ impl OutputProcessor {
         m: &mut EngineMetrics,
     ) -> Option<Ready> {
         let st = self.states.remove(&out.request_id)?;
-        m.record_finished(&reason, now.duration_since(st.arrival));
+        m.record_finished(reason.as_str(), now.duration_since(st.arrival));
         tracing::debug!(request_id = %out.request_id, reason = reason.as_str(), "Finished request");
         out.finished = Some(reason);
         Some(Ready { tx: st.tx, out })

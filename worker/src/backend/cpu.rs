@@ -17,15 +17,17 @@ use rayon::prelude::*;
 
 use half::{bf16, f16};
 
+use super::cpu_attention::paged_attention_cpu;
+use super::cpu_kv::{with_planes, CpuKvCache};
 use super::elem::{self, Elem};
 use super::half_matmul::{self, DenseMatrix};
 use super::q8_matmul::{self, Q8Matrix};
 use super::quant_matmul::{self, QuantMatrix};
 use super::{Backend, ComputeDtype, RowTop, StepInputs};
-use crate::attention::{paged_attention_cpu, AttentionMetadata, QkvHeads};
+use crate::attention::{AttentionMetadata, QkvHeads};
 use crate::collective::HostGroup;
 use crate::error::{Error, Result};
-use crate::kv_cache::{with_planes, CpuKvCache, KvCacheSpec};
+use crate::kv_cache::KvCacheSpec;
 use crate::loader::shard::qtensor_from_bytes;
 use crate::loader::{HostLinear, HostMatrix};
 use crate::rope::RopeTable;

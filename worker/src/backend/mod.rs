@@ -3,6 +3,8 @@
 //! CUDA backend fits behind the same trait without touching `models/`.
 
 pub mod cpu;
+mod cpu_attention;
+pub mod cpu_kv;
 pub mod elem;
 pub mod half_matmul;
 pub mod q8_matmul;
