@@ -285,24 +285,6 @@ fn gpu_per_rank(visible: Option<&str>, device_count: usize, world: usize) -> Res
     Ok(devices.into_iter().take(world).collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_gpu_per_rank() {
-        assert_eq!(gpu_per_rank(None, 4, 2).unwrap(), ["0", "1"]);
-        assert_eq!(
-            gpu_per_rank(Some("3, 5,GPU-1a2b"), 8, 3).unwrap(),
-            ["3", "5", "GPU-1a2b"]
-        );
-        let e = gpu_per_rank(Some("2"), 8, 2).unwrap_err().to_string();
-        assert!(e.contains("CUDA_VISIBLE_DEVICES names fewer"), "{e}");
-        assert!(gpu_per_rank(None, 1, 2).is_err());
-        assert!(gpu_per_rank(Some(""), 1, 1).is_err());
-    }
-}
-
 #[cfg(target_os = "linux")]
 fn set_parent_death_signal(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
@@ -325,3 +307,21 @@ fn set_parent_death_signal(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_cmd: &mut Command) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_gpu_per_rank() {
+        assert_eq!(gpu_per_rank(None, 4, 2).unwrap(), ["0", "1"]);
+        assert_eq!(
+            gpu_per_rank(Some("3, 5,GPU-1a2b"), 8, 3).unwrap(),
+            ["3", "5", "GPU-1a2b"]
+        );
+        let e = gpu_per_rank(Some("2"), 8, 2).unwrap_err().to_string();
+        assert!(e.contains("CUDA_VISIBLE_DEVICES names fewer"), "{e}");
+        assert!(gpu_per_rank(None, 1, 2).is_err());
+        assert!(gpu_per_rank(Some(""), 1, 1).is_err());
+    }
+}
