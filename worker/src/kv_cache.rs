@@ -32,3 +32,6 @@ impl KvCacheSpec {
         ((block * self.num_kv_heads + kv_head) * self.block_size + off) * self.head_dim
     }
 }
+
+/// Tokens per KV block the kernels support (vLLM's `--block-size` choices).
+pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];

@@ -28,13 +28,16 @@ impl FromStr for LoadFormat {
             other => Err(Error::Unsupported {
                 what: "load format",
                 value: other.to_string(),
-                supported: "auto, safetensors, gguf, dummy".into(),
+                supported: Self::NAMES.join(", "),
             }),
         }
     }
 }
 
 impl LoadFormat {
+    /// Every `--load-format` spelling `from_str` accepts.
+    pub const NAMES: &'static [&'static str] = &["auto", "safetensors", "gguf", "dummy"];
+
     /// The `--load-format` spelling (what `from_str` parses).
     pub fn name(self) -> &'static str {
         match self {

@@ -14,7 +14,7 @@ use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
 use crate::collective::{HostGroup, StageLink};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCacheSpec;
+use crate::kv_cache::{KvCacheSpec, BLOCK_SIZES};
 use crate::loader::{self, LoadFormat};
 use crate::models::{self, CausalLm, IntermediateTensors, StageOutput};
 use crate::parallel::ParallelConfig;
@@ -264,8 +264,6 @@ struct Runner<B: Backend> {
     logits_rows: Vec<usize>,
 }
 
-const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
-
 impl<B: Backend> Runner<B> {
     fn load(
         cfg: &WorkerConfig,
@@ -284,7 +282,11 @@ impl<B: Backend> Runner<B> {
             return Err(Error::Unsupported {
                 what: "block size",
                 value: cfg.block_size.to_string(),
-                supported: "8, 16, 32, 64, 128".into(),
+                supported: BLOCK_SIZES
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let format = cfg.load_format.resolve(&cfg.model)?;

@@ -16,9 +16,11 @@ use crate::envs;
 use crate::executor::{self, DistributedBackend, Rebuild};
 use crate::tokenizer::Tokenizer;
 
-pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128];
-const DTYPES: &[&str] = &["auto", "half", "float16", "bfloat16", "float", "float32"];
-const LOAD_FORMATS: &[&str] = &["auto", "safetensors", "gguf", "dummy"];
+// Declared once by the worker, which runs them.
+use worker::backend::ComputeDtype;
+pub use worker::kv_cache::BLOCK_SIZES;
+const DTYPES: &[&str] = ComputeDtype::NAMES;
+const LOAD_FORMATS: &[&str] = LoadFormat::NAMES;
 
 /// Engine flags as `vllm serve` has them. The model is not a field: the
 /// `serve` command takes it positionally.
@@ -192,8 +194,13 @@ impl EngineArgs {
             return bad(
                 "--block-size",
                 format!(
-                    "invalid choice: {} (choose from 8, 16, 32, 64, 128)",
-                    self.block_size
+                    "invalid choice: {} (choose from {})",
+                    self.block_size,
+                    BLOCK_SIZES
+                        .iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }

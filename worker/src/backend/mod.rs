@@ -44,6 +44,10 @@ pub enum ComputeDtype {
 }
 
 impl ComputeDtype {
+    /// Every `--dtype` spelling `parse` accepts, as vLLM lists them.
+    pub const NAMES: &'static [&'static str] =
+        &["auto", "half", "float16", "bfloat16", "float", "float32"];
+
     /// Parses vLLM's `--dtype` ("auto" is resolved by `resolve`).
     pub fn parse(s: &str) -> Result<Option<ComputeDtype>> {
         match s {
@@ -54,7 +58,7 @@ impl ComputeDtype {
             other => Err(Error::Unsupported {
                 what: "dtype",
                 value: other.to_string(),
-                supported: "auto, float32, bfloat16, float16".into(),
+                supported: Self::NAMES.join(", "),
             }),
         }
     }
