@@ -317,6 +317,8 @@ impl EngineArgs {
     /// Loads the tokenizer and the model, sizes the KV cache and starts the
     /// engine loop. Blocking (weights load here).
     pub fn build(&self, model: &Path) -> Result<LoadedEngine> {
+        // vLLM settings that would have no effect are named before anything loads.
+        runtime::envs::check_startup()?;
         self.validate()?;
         // Checked here so a mistyped model path is reported as the model's,
         // not as the tokenizer's (which loads first and defaults to it).

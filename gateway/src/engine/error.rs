@@ -51,6 +51,10 @@ pub enum EngineError {
     #[error(transparent)]
     Env(#[from] crate::envs::EnvError),
 
+    /// A vLLM setting in the environment Flotilla cannot honour.
+    #[error(transparent)]
+    Startup(#[from] runtime::envs::StartupError),
+
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
 

@@ -45,7 +45,7 @@ impl MultiprocExecutor {
         // device: each worker sees only its GPU (its device 0).
         let gpus = match config.device.resolve()? {
             worker::Device::Cuda => Some(gpu_per_rank(
-                std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+                envs::raw(envs::CUDA_VISIBLE_DEVICES).as_deref(),
                 worker::backend::cuda_device_count()?,
                 world,
             )?),
@@ -196,7 +196,7 @@ fn start_children(
         if let Some(gpus) = &gpus {
             cmd.env("CUDA_VISIBLE_DEVICES", &gpus[rank]);
         }
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        if envs::raw(envs::RAYON_NUM_THREADS).is_none() {
             // The ranks share this machine's cores; more threads than cores
             // only makes them wait on each other at every collective.
             cmd.env("RAYON_NUM_THREADS", (cores / world).max(1).to_string());

@@ -24,6 +24,8 @@ struct Args {
 enum WorkerMainError {
     #[error(transparent)]
     Logging(#[from] runtime::logging::LoggingError),
+    #[error(transparent)]
+    Environment(#[from] runtime::envs::StartupError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), WorkerMainError> {
     let args = Args::parse();
     runtime::logging::init()?;
+    runtime::envs::check_startup()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -95,25 +95,6 @@ impl MemPool {
     }
 }
 
-/// vLLM users set these; say once that they change nothing here rather than
-/// ignore them silently.
-fn warn_unused_library_paths() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        use runtime::envs;
-        if let Some(p) = envs::raw(envs::VLLM_CUDART_SO_PATH) {
-            tracing::warn!(
-                "VLLM_CUDART_SO_PATH={p} has no effect: the CUDA backend uses the driver API (libcuda), not libcudart"
-            );
-        }
-        if let Some(p) = envs::raw(envs::VLLM_NCCL_SO_PATH) {
-            tracing::warn!(
-                "VLLM_NCCL_SO_PATH={p} has no effect yet: NCCL is not used (tensor parallel on CUDA is not available)"
-            );
-        }
-    });
-}
-
 /// Raw device address of a buffer. Safe to pass to kernels on our one
 /// stream: event tracking is off and frees are stream-ordered.
 fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -254,7 +235,6 @@ impl CudaBackend {
     /// Opens device `ordinal`, compiles (or loads from the cache) our kernels
     /// for it and creates the cuBLAS handle.
     pub fn new(ordinal: usize, dtype: ComputeDtype) -> Result<Self> {
-        warn_unused_library_paths();
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("cuCtxCreate", e))?;
         // One stream, used in order: per-buffer events would only add cost.
         // SAFETY: no buffer exists yet on this context.
