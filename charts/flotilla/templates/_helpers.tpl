@@ -109,6 +109,11 @@ app.kubernetes.io/component: {{ .component }}
 # writable whatever user the image runs as.
 - name: FLOTILLA_CACHE_ROOT
   value: /var/cache/flotilla
+{{- end -}}
+
+{{/* etcd credentials: for heads and node agents only, the processes that
+     dial etcd (the gateway would copy FLOTILLA_* variables to its actors). */}}
+{{- define "flotilla.etcdAuthEnv" -}}
 {{- if and (not .Values.etcd.enabled) .Values.etcd.external.authSecret }}
 - name: FLOTILLA_ETCD_USER
   valueFrom:
