@@ -250,7 +250,10 @@ def test_serve_config_carries_model_and_parallel_sizes(rendered):
     assert "--api-key=$(GATEWAY_API_KEY)" in gw["args"]
     ref = env_of(gw)["GATEWAY_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "flotilla-api-key", "key": "api-key"}
-    assert not any(k.startswith(("VLLM_API_KEY",)) for k in env_of(gw))
+    assert "VLLM_API_KEY" not in env_of(gw)
+    # Without a key, no flag.
+    gw = container(rendered["quickstart"], "Deployment", f"{RELEASE}-gateway")
+    assert gw["args"] == ["serve", "--config=/etc/flotilla/serve.yaml"]
 
 
 def test_three_etcd_members_with_stable_peer_urls(rendered):
@@ -275,6 +278,21 @@ def test_three_etcd_members_with_stable_peer_urls(rendered):
         assert pdb["spec"]["minAvailable"] == 2
         has_claims = "volumeClaimTemplates" in sts["spec"]
         assert has_claims == (vid != "cpu-values"), vid
+
+
+@pytest.mark.parametrize("members,quorum", [(1, None), (5, 3)])
+def test_etcd_member_count_follows_the_value(helm, members, quorum):
+    docs = template(helm, sets=["model.path=/models/llama", f"etcd.replicas={members}"])
+    sts = find(docs, "StatefulSet", f"{RELEASE}-etcd")
+    assert sts["spec"]["replicas"] == members
+    args = dict(a.split("=", 1) for a in sts["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert len(args["--initial-cluster"].split(",")) == members
+    head = container(docs, "Deployment", f"{RELEASE}-head")
+    endpoints = next(a for a in head["args"] if a.startswith("--etcd-endpoints="))
+    assert len(endpoints.split(",")) == members
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == f"{RELEASE}-etcd"]
+    # One member has no quorum to protect: a budget would only block drains.
+    assert [p["spec"]["minAvailable"] for p in pdbs] == ([quorum] if quorum else [])
 
 
 def test_two_heads_behind_one_service(rendered):
