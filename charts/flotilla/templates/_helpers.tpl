@@ -68,7 +68,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Flags and mounts for an external etcd's TLS and auth (heads and agents
      both dial etcd, with their own flags). */}}
 {{- define "flotilla.etcdTlsArgs" -}}
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName -}}
 - --etcd-cacert=/etc/flotilla/etcd-tls/ca.crt
 {{- if .Values.etcd.external.tls.clientCert }}
 - --etcd-cert=/etc/flotilla/etcd-tls/tls.crt
@@ -78,7 +78,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "flotilla.etcdTlsMount" -}}
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName -}}
 - name: etcd-tls
   mountPath: /etc/flotilla/etcd-tls
   readOnly: true
@@ -86,7 +86,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "flotilla.etcdTlsVolume" -}}
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName -}}
 - name: etcd-tls
   secret:
     secretName: {{ .Values.etcd.external.tls.secretName }}
@@ -114,7 +114,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* etcd credentials: for heads and node agents only, the processes that
      dial etcd (the gateway would copy FLOTILLA_* variables to its actors). */}}
 {{- define "flotilla.etcdAuthEnv" -}}
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.authSecret }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.authSecret -}}
 - name: FLOTILLA_ETCD_USER
   valueFrom:
     secretKeyRef:
