@@ -307,6 +307,22 @@ def test_two_heads_behind_one_service(rendered):
     assert find(docs, "PodDisruptionBudget", f"{RELEASE}-head")["spec"]["minAvailable"] == 1
 
 
+def test_pods_wait_for_what_they_dial(helm, rendered):
+    def waits(docs, kind, name):
+        inits = find(docs, kind, name)["spec"]["template"]["spec"].get("initContainers", [])
+        return [a for c in inits for a in c["command"][4:]]
+
+    docs = rendered["defaults"]
+    domain = f"{RELEASE}-etcd.{NAMESPACE}.svc.cluster.local"
+    assert waits(docs, "Deployment", f"{RELEASE}-head") == [f"{RELEASE}-etcd-{i}.{domain}:2379" for i in range(3)]
+    for kind, name in [("StatefulSet", f"{RELEASE}-worker"), ("Deployment", f"{RELEASE}-gateway")]:
+        assert waits(docs, kind, name) == [f"{RELEASE}-head:6379"], name
+    assert waits(rendered["external-etcd-values"], "Deployment", f"{RELEASE}-head") == [
+        f"etcd-{x}.example.internal:2379" for x in "abc"]
+    docs = template(helm, sets=["model.path=/models/llama", "waitForDependencies=false"])
+    assert not any("initContainers" in spec for spec in pod_specs(docs).values())
+
+
 def test_external_etcd(rendered):
     docs = rendered["external-etcd-values"]
     assert not [d for d in docs if d["metadata"]["name"] == f"{RELEASE}-etcd"]
@@ -364,6 +380,7 @@ BAD_VALUES = [
     (["model.path=/models/llama", "gateway.config.tensor-parallel-size=2"],
      "gateway.config.tensor-parallel-size is set by the chart"),
     (["model.path=/models/llama", "etcd.enabled=false"], "etcd.enabled=false needs etcd.external.endpoints"),
+    (["etcd.external.endpoints={https://etcd.example}"], "/etcd/external/endpoints/0'"),
     (["model.path=/models/llama", "model.volume.type=persistentVolumeClaim"], "model.volume.claimName is needed"),
 ]
 

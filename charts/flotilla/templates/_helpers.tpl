@@ -182,3 +182,36 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* An init container that waits until one of .addresses (host:port)
+     accepts a connection, so that a pod starts once what it dials is up
+     instead of crash-looping into ever longer back-offs (the orchestrator
+     exits when etcd or the head is not there yet). Uses bash's /dev/tcp. */}}
+{{- define "flotilla.waitFor" -}}
+{{- if .ctx.Values.waitForDependencies -}}
+initContainers:
+  - name: wait-for-{{ .what }}
+    image: {{ include "flotilla.image" .ctx }}
+    imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
+    command:
+      - bash
+      - -c
+      - |
+        until for a in "$@"; do timeout 2 bash -c "exec 3<>/dev/tcp/${a%:*}/${a##*:}" 2>/dev/null && exit 0; done; false; do
+          echo "waiting for {{ .what }} ($*)"; sleep 2
+        done
+      - wait-for-{{ .what }}
+      {{- range .addresses }}
+      - {{ . }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* host:port of each etcd endpoint URL. */}}
+{{- define "flotilla.etcdHostPorts" -}}
+{{- $out := list -}}
+{{- range splitList "," (include "flotilla.etcdEndpoints" .) -}}
+{{- $out = append $out (regexReplaceAll "^[a-z]+://" . "") -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
