@@ -55,6 +55,8 @@ async fn smollm2_served_over_http() {
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
+    // The only test in this binary: nothing else reads the environment.
+    std::env::set_var("VLLM_SERVER_DEV_MODE", "1");
     let (state, cfg) = tokio::task::block_in_place(|| prepare(&args)).expect("engine loads");
     let listener = bind(&cfg).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -159,6 +161,25 @@ async fn smollm2_served_over_http() {
         preflight.headers()["access-control-allow-origin"],
         "http://example.com"
     );
+
+    // Development mode (set before the server started): the cache reset
+    // endpoint is served and documented.
+    let r = c
+        .post(format!("{base}/api/reset_prefix_cache"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = c
+        .get(format!("{base}/api/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/reset_prefix_cache"]["post"].is_object());
 
     // A stream left open is ended by the shutdown, and the server returns.
     let streaming = c

@@ -147,8 +147,8 @@ env_vars! {
         "Trust the driver's GPU peer-to-peer report.";
     VLLM_TORCH_PROFILER_DIR = "VLLM_TORCH_PROFILER_DIR", "", @Warn("the profiler is not available in Flotilla yet: /start_profile and /stop_profile answer 404"),
         "Directory for profiler traces; enables /start_profile and /stop_profile.";
-    VLLM_SERVER_DEV_MODE = "VLLM_SERVER_DEV_MODE", "0", @Warn("the development endpoints (/reset_prefix_cache) are not available in Flotilla yet"),
-        "Enable development endpoints.";
+    VLLM_SERVER_DEV_MODE = "VLLM_SERVER_DEV_MODE", "0",
+        "1: serve the development endpoints (POST /reset_prefix_cache).";
     VLLM_USE_RAY_SPMD_WORKER = "VLLM_USE_RAY_SPMD_WORKER", "0", @Accepted("every executor drives its workers with one step stream each"),
         "Ray SPMD worker mode.";
     VLLM_USE_RAY_COMPILED_DAG = "VLLM_USE_RAY_COMPILED_DAG", "0", @Accepted("the step stream is always the fast path"),

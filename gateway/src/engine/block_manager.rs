@@ -256,6 +256,20 @@ impl BlockManager {
         block.ref_cnt += 1;
     }
 
+    /// Forgets every cached prefix (vLLM's `reset_prefix_cache`), so that
+    /// later requests recompute them. Only while no request holds a block:
+    /// false, and nothing changed, otherwise.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.blocks.iter().any(|b| b.ref_cnt > 0) {
+            return false;
+        }
+        for b in &mut self.blocks {
+            b.hash = None;
+        }
+        self.cached.clear();
+        true
+    }
+
     fn pop_free(&mut self) -> u32 {
         let (_, b) = self
             .free_queue
@@ -371,6 +385,19 @@ mod tests {
         assert_eq!(m.num_free_blocks(), 10);
         // Freed cached blocks still hit.
         assert_eq!(m.get_computed_blocks(&prompt).1, 8);
+
+        // Reset: refused while a request holds blocks, then nothing hits.
+        m.allocate_slots("c", 4, &[]).unwrap();
+        assert!(!m.reset_prefix_cache());
+        assert_eq!(
+            m.get_computed_blocks(&prompt).1,
+            8,
+            "a refused reset changes nothing"
+        );
+        m.free("c");
+        assert!(m.reset_prefix_cache());
+        assert_eq!(m.get_computed_blocks(&prompt).1, 0);
+        assert_eq!(m.num_free_blocks(), 10);
     }
 
     #[test]

@@ -133,6 +133,17 @@ impl EngineClient {
         let _ = self.inner.tx.send(Command::Abort(request_id.to_string()));
     }
 
+    /// Forgets every cached prefix; `false` when requests still hold blocks
+    /// (vLLM's development endpoint).
+    pub async fn reset_prefix_cache(&self) -> Result<bool> {
+        self.check_alive()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.tx.send(Command::ResetPrefixCache(tx)).is_err() {
+            return Err(self.dead_error());
+        }
+        rx.await.map_err(|_| self.dead_error())
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.inner.shared.stats.lock().expect("stats lock").clone()
     }

@@ -25,6 +25,8 @@ pub(crate) enum Command {
         tx: UnboundedSender<RequestOutput>,
     },
     Abort(String),
+    /// Forget cached prefixes; answers whether it could (no request running).
+    ResetPrefixCache(tokio::sync::oneshot::Sender<bool>),
     Shutdown,
 }
 
@@ -197,6 +199,16 @@ impl EngineCore {
                     self.finish(&id, FinishReason::Abort, None);
                     self.flush_outputs();
                 }
+            }
+            Command::ResetPrefixCache(reply) => {
+                let done = self.scheduler.reset_prefix_cache();
+                if done {
+                    tracing::info!("Prefix cache reset");
+                } else {
+                    tracing::warn!("Failed to reset the prefix cache: requests still hold blocks");
+                }
+                self.publish_stats();
+                let _ = reply.send(done);
             }
             Command::Shutdown => return false,
         }

@@ -95,6 +95,11 @@ impl Scheduler {
         &self.config
     }
 
+    /// vLLM's `reset_prefix_cache`: false while requests hold blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.block_manager.reset_prefix_cache()
+    }
+
     /// After the workers were replaced: every request that ran has been
     /// failed (only never-run ones wait), and nothing of the old KV cache
     /// exists any more (no cached prefix, no request for the workers to drop).

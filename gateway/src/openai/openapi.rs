@@ -11,6 +11,14 @@ pub struct RouteDoc {
     pub request: Option<&'static str>,
 }
 
+/// Development endpoints, served only with `VLLM_SERVER_DEV_MODE=1`.
+pub const DEV_ROUTES: &[RouteDoc] = &[RouteDoc {
+    path: "/reset_prefix_cache",
+    methods: &["POST"],
+    summary: "Forget every cached prefix (development mode); 200 whether or not requests still hold blocks, as vLLM",
+    request: None,
+}];
+
 pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         path: "/openapi.json",
@@ -178,9 +186,16 @@ fn schemas() -> Value {
     })
 }
 
-pub fn document(root_path: &str) -> Value {
+/// The routes served: `ROUTES`, and `DEV_ROUTES` in development mode.
+pub fn served_routes(dev_mode: bool) -> impl Iterator<Item = &'static RouteDoc> {
+    ROUTES
+        .iter()
+        .chain(DEV_ROUTES.iter().filter(move |_| dev_mode))
+}
+
+pub fn document(root_path: &str, dev_mode: bool) -> Value {
     let mut paths = Map::new();
-    for r in ROUTES {
+    for r in served_routes(dev_mode) {
         let mut ops = Map::new();
         for m in r.methods {
             let mut op = json!({
@@ -221,9 +236,10 @@ mod tests {
 
     #[test]
     fn every_route_is_documented_with_its_schema() {
-        let doc = document("/api");
+        let doc = document("/api", true);
         assert_eq!(doc["servers"][0]["url"], "/api");
-        for r in ROUTES {
+        assert!(!document("/api", false)["paths"]["/reset_prefix_cache"].is_object());
+        for r in ROUTES.iter().chain(DEV_ROUTES) {
             for m in r.methods {
                 let op = &doc["paths"][r.path][m.to_ascii_lowercase()];
                 assert!(op.is_object(), "{} {}", m, r.path);

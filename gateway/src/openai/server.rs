@@ -63,8 +63,9 @@ fn normalized_root(root: &str) -> Result<String> {
 }
 
 fn routes(state: SharedState, root_path: &str) -> Router {
-    let doc = Arc::new(openapi::document(root_path));
-    Router::new()
+    let dev_mode = runtime::envs::flag(runtime::envs::VLLM_SERVER_DEV_MODE);
+    let doc = Arc::new(openapi::document(root_path, dev_mode));
+    let router = Router::new()
         .route(
             "/openapi.json",
             get(move || {
@@ -80,7 +81,13 @@ fn routes(state: SharedState, root_path: &str) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(system::list_models))
         .route("/v1/completions", post(completions::create_completion))
-        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion));
+    let router = if dev_mode {
+        router.route("/reset_prefix_cache", post(system::reset_prefix_cache))
+    } else {
+        router
+    };
+    router
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::RouteNotFound {
                 path: uri.path().to_string(),
@@ -148,7 +155,13 @@ pub async fn serve_listener(
     let shown = format!("http://{}:{}", cfg.host, local.port());
     tracing::info!("Starting API server on {shown}");
     tracing::info!("Available routes are:");
-    for r in openapi::ROUTES {
+    let dev_mode = runtime::envs::flag(runtime::envs::VLLM_SERVER_DEV_MODE);
+    if dev_mode {
+        tracing::warn!(
+            "SECURITY WARNING: development endpoints are enabled (VLLM_SERVER_DEV_MODE=1); do not use this in production"
+        );
+    }
+    for r in openapi::served_routes(dev_mode) {
         tracing::info!("Route: {}, Methods: {}", r.path, r.methods.join(", "));
     }
     tracing::info!("Started server process [{}]", std::process::id());

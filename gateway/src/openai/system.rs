@@ -56,6 +56,15 @@ pub async fn health(State(state): State<SharedState>) -> Response {
     }
 }
 
+/// `POST /reset_prefix_cache` (development mode). As vLLM, 200 either
+/// way; the log says whether the cache could be reset.
+pub async fn reset_prefix_cache(State(state): State<SharedState>) -> Response {
+    match state.engine.reset_prefix_cache().await {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => ApiError::Engine(e).into_response(),
+    }
+}
+
 pub async fn version() -> Json<serde_json::Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
