@@ -71,6 +71,12 @@ pub struct EngineArgs {
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
 
+    /// Most requests accepted at once, running and waiting (TGI's flag of
+    /// this name); past it a request gets 503 with Retry-After and nothing
+    /// accepted is affected. Default: no bound, as vLLM.
+    #[arg(long)]
+    pub max_concurrent_requests: Option<usize>,
+
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -134,6 +140,7 @@ impl Default for EngineArgs {
             gpu_memory_utilization: 0.9,
             enable_prefix_caching: false,
             no_enable_prefix_caching: false,
+            max_concurrent_requests: None,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             scheduling_policy: SchedulingPolicy::Fcfs,
@@ -232,6 +239,9 @@ impl EngineArgs {
                     LOAD_FORMATS.join(", ")
                 ),
             );
+        }
+        if self.max_concurrent_requests == Some(0) {
+            return bad("--max-concurrent-requests", "must be at least 1".into());
         }
         if self.max_num_seqs == 0 {
             return bad("--max-num-seqs", "must be at least 1".into());
@@ -459,7 +469,8 @@ impl EngineArgs {
             }) as Rebuild
         });
         let client =
-            EngineClient::spawn(scheduler, executor, rebuild, tokenizer.clone(), interval)?;
+            EngineClient::spawn(scheduler, executor, rebuild, tokenizer.clone(), interval)?
+                .with_max_concurrent_requests(self.max_concurrent_requests);
         Ok(LoadedEngine {
             client,
             tokenizer,

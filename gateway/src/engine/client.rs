@@ -37,6 +37,8 @@ struct Inner {
     vocab_size: usize,
     model_name: RwLock<String>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// `--max-concurrent-requests`.
+    max_concurrent: Option<usize>,
 }
 
 impl EngineClient {
@@ -75,8 +77,18 @@ impl EngineClient {
                 vocab_size,
                 model_name: RwLock::new(String::new()),
                 thread: Mutex::new(Some(thread)),
+                max_concurrent: None,
             }),
         })
+    }
+
+    /// Bounds the requests accepted at once (`None`: no bound). Call before
+    /// cloning the client.
+    pub(crate) fn with_max_concurrent_requests(mut self, limit: Option<usize>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_concurrent = limit;
+        }
+        self
     }
 
     /// Checks the request, queues it and returns its output stream.
@@ -89,17 +101,20 @@ impl EngineClient {
             }
         }
         validate_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
-        if !self
-            .inner
-            .shared
-            .live_ids
-            .lock()
-            .expect("ids lock")
-            .insert(req.request_id.clone())
         {
-            return Err(EngineError::DuplicateRequest {
-                request_id: req.request_id,
-            });
+            let mut live = self.inner.shared.live_ids.lock().expect("ids lock");
+            if let Some(limit) = self.inner.max_concurrent {
+                // Counted with the duplicate check, under one lock, so that
+                // concurrent arrivals cannot overshoot the bound.
+                if live.len() >= limit && !live.contains(&req.request_id) {
+                    return Err(EngineError::Overloaded { limit });
+                }
+            }
+            if !live.insert(req.request_id.clone()) {
+                return Err(EngineError::DuplicateRequest {
+                    request_id: req.request_id,
+                });
+            }
         }
         let (tx, rx) = unbounded_channel();
         let request_id = req.request_id.clone();

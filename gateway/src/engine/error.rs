@@ -39,6 +39,13 @@ pub enum EngineError {
     #[error("Request id {request_id} is already running.")]
     DuplicateRequest { request_id: String },
 
+    /// `--max-concurrent-requests` reached: a 503 with Retry-After.
+    #[error(
+        "The server is overloaded: {limit} requests are already in progress \
+         (--max-concurrent-requests); retry later."
+    )]
+    Overloaded { limit: usize },
+
     #[error("invalid value for {arg}: {message}")]
     InvalidArgs { arg: &'static str, message: String },
 

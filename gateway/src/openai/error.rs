@@ -67,7 +67,9 @@ impl ApiError {
             ApiError::Tokenizer(_) | ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Engine(e) if e.is_bad_request() => StatusCode::BAD_REQUEST,
             ApiError::Engine(EngineError::Unsupported { .. }) => StatusCode::BAD_REQUEST,
-            ApiError::Engine(EngineError::EngineDead { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Engine(EngineError::EngineDead { .. } | EngineError::Overloaded { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +112,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        if let ApiError::Engine(EngineError::Overloaded { .. }) = self {
+            // Expected under load, not a server fault: no error log line.
+            let mut r = (status, axum::Json(self.body())).into_response();
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return r;
+        }
         if status.is_server_error() {
             tracing::error!("{self}");
         }
