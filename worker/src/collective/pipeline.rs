@@ -13,11 +13,11 @@
 //! Tensors travel as native-endian f32: both ends run the same build.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::tcp::{configure, io_err, read_u32, read_u64};
+use super::tcp::{accept_before, dial, io_err, listen, read_u32, read_u64};
 use crate::error::{Error, Result};
 
 /// Opens a link ("FLTP"), so a stray client on the port is told apart.
@@ -82,67 +82,30 @@ impl TcpStageLink {
 
 fn accept_prev(address: &str, timeout: Duration) -> Result<TcpStream> {
     const OP: &str = "pipeline link";
-    let listener = TcpListener::bind(address)
-        .map_err(|e| io_err(OP, None, format!("cannot listen on {address}: {e}")))?;
-    // Polled so that the wait has a deadline (std has no accept timeout).
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| io_err(OP, None, e))?;
+    let listener = listen(OP, address)?;
     let deadline = Instant::now() + timeout;
     loop {
-        match listener.accept() {
-            Ok((mut s, from)) => {
-                s.set_nonblocking(false).map_err(|e| io_err(OP, None, e))?;
-                configure(&s, timeout).map_err(|e| io_err(OP, None, e))?;
-                match read_u32(&mut s) {
-                    Ok(MAGIC) => return Ok(s),
-                    // Not one of ours (a port scanner, a stale client): ignore it.
-                    _ => tracing::debug!("ignored a stray connection from {from}"),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(io_err(
-                        OP,
-                        None,
-                        format!(
-                            "the previous pipeline stage did not connect to {address} within {timeout:?} (VLLM_RPC_TIMEOUT)"
-                        ),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(io_err(OP, None, e)),
+        let Some((mut s, from)) = accept_before(OP, &listener, deadline, timeout)? else {
+            return Err(io_err(
+                OP,
+                None,
+                format!(
+                    "the previous pipeline stage did not connect to {address} within {timeout:?} (VLLM_RPC_TIMEOUT)"
+                ),
+            ));
+        };
+        match read_u32(&mut s) {
+            Ok(MAGIC) => return Ok(s),
+            // Not one of ours (a port scanner, a stale client): ignore it.
+            _ => tracing::debug!("ignored a stray connection from {from}"),
         }
     }
 }
 
 fn dial_next(address: &str, timeout: Duration) -> Result<TcpStream> {
     const OP: &str = "pipeline link";
-    let deadline = Instant::now() + timeout;
-    let addr: SocketAddr = address
-        .to_socket_addrs()
-        .map_err(|e| io_err(OP, None, format!("bad address {address}: {e}")))?
-        .next()
-        .ok_or_else(|| io_err(OP, None, format!("{address} resolves to nothing")))?;
-    // The next stage may not listen yet: retry until the deadline.
-    let mut s = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(10))) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(io_err(
-                    OP,
-                    None,
-                    format!(
-                        "cannot reach the next pipeline stage at {address} within {timeout:?} (VLLM_RPC_TIMEOUT): {e}"
-                    ),
-                ))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    configure(&s, timeout).map_err(|e| io_err(OP, None, e))?;
+    // The next stage may not listen yet: `dial` retries until the deadline.
+    let mut s = dial(OP, address, "the next pipeline stage", None, timeout)?;
     s.write_all(&MAGIC.to_le_bytes())
         .map_err(|e| io_err(OP, None, e))?;
     Ok(s)
@@ -254,7 +217,7 @@ mod tests {
     use super::*;
 
     fn free_address() -> String {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     }
 

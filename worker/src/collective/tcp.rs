@@ -130,55 +130,40 @@ impl TcpGroup {
 
 fn accept_peers(address: &str, size: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
     const OP: &str = "rendezvous";
-    let listener = TcpListener::bind(address)
-        .map_err(|e| io_err(OP, None, format!("cannot listen on {address}: {e}")))?;
-    // Polled so that the wait has a deadline (std has no accept timeout).
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| io_err(OP, None, e))?;
+    let listener = listen(OP, address)?;
     let deadline = Instant::now() + timeout;
     let mut peers: Vec<Option<TcpStream>> = (1..size).map(|_| None).collect();
     while peers.iter().any(Option::is_none) {
-        match listener.accept() {
-            Ok((mut s, from)) => {
-                s.set_nonblocking(false).map_err(|e| io_err(OP, None, e))?;
-                configure(&s, timeout).map_err(|e| io_err(OP, None, e))?;
-                let hello = (|| -> std::io::Result<(u32, u32, u32)> {
-                    Ok((read_u32(&mut s)?, read_u32(&mut s)?, read_u32(&mut s)?))
-                })();
-                match hello {
-                    Ok((MAGIC, r, n)) if n as usize == size && r >= 1 && (r as usize) < size => {
-                        let slot = &mut peers[r as usize - 1];
-                        if slot.is_some() {
-                            return Err(io_err(OP, Some(r as usize), "rank joined twice"));
-                        }
-                        *slot = Some(s);
-                    }
-                    Ok((MAGIC, r, n)) => {
-                        return Err(io_err(
-                            OP,
-                            None,
-                            format!("rank {r} of a group of {n} joined a group of {size}"),
-                        ))
-                    }
-                    // Not one of ours (a port scanner, a stale client): ignore it.
-                    Ok(_) | Err(_) => tracing::debug!("ignored a stray connection from {from}"),
+        let Some((mut s, from)) = accept_before(OP, &listener, deadline, timeout)? else {
+            let joined = peers.iter().filter(|p| p.is_some()).count() + 1;
+            return Err(io_err(
+                OP,
+                None,
+                format!(
+                    "only {joined} of {size} ranks joined at {address} within {timeout:?} (VLLM_RPC_TIMEOUT)"
+                ),
+            ));
+        };
+        let hello = (|| -> std::io::Result<(u32, u32, u32)> {
+            Ok((read_u32(&mut s)?, read_u32(&mut s)?, read_u32(&mut s)?))
+        })();
+        match hello {
+            Ok((MAGIC, r, n)) if n as usize == size && r >= 1 && (r as usize) < size => {
+                let slot = &mut peers[r as usize - 1];
+                if slot.is_some() {
+                    return Err(io_err(OP, Some(r as usize), "rank joined twice"));
                 }
+                *slot = Some(s);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let joined = peers.iter().filter(|p| p.is_some()).count() + 1;
-                    return Err(io_err(
-                        OP,
-                        None,
-                        format!(
-                            "only {joined} of {size} ranks joined at {address} within {timeout:?} (VLLM_RPC_TIMEOUT)"
-                        ),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(2));
+            Ok((MAGIC, r, n)) => {
+                return Err(io_err(
+                    OP,
+                    None,
+                    format!("rank {r} of a group of {n} joined a group of {size}"),
+                ))
             }
-            Err(e) => return Err(io_err(OP, None, e)),
+            // Not one of ours (a port scanner, a stale client): ignore it.
+            Ok(_) | Err(_) => tracing::debug!("ignored a stray connection from {from}"),
         }
     }
     let mut peers: Vec<TcpStream> = peers.into_iter().flatten().collect();
@@ -192,30 +177,8 @@ fn accept_peers(address: &str, size: usize, timeout: Duration) -> Result<Vec<Tcp
 
 fn dial_root(address: &str, rank: usize, size: usize, timeout: Duration) -> Result<TcpStream> {
     const OP: &str = "rendezvous";
-    let deadline = Instant::now() + timeout;
-    let addrs: Vec<SocketAddr> = address
-        .to_socket_addrs()
-        .map_err(|e| io_err(OP, None, format!("bad address {address}: {e}")))?
-        .collect();
-    let Some(addr) = addrs.first().copied() else {
-        return Err(io_err(OP, None, format!("{address} resolves to nothing")));
-    };
-    // Rank 0 may not listen yet: retry until the deadline.
-    let mut s = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(10))) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(io_err(
-                    OP,
-                    Some(0),
-                    format!("cannot reach {address} within {timeout:?} (VLLM_RPC_TIMEOUT): {e}"),
-                ))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    configure(&s, timeout).map_err(|e| io_err(OP, Some(0), e))?;
+    // Rank 0 may not listen yet: `dial` retries until the deadline.
+    let mut s = dial(OP, address, "rank 0", Some(0), timeout)?;
     let mut hello = Vec::with_capacity(12);
     for v in [MAGIC, rank as u32, size as u32] {
         hello.extend_from_slice(&v.to_le_bytes());
@@ -230,6 +193,76 @@ fn dial_root(address: &str, rank: usize, size: usize, timeout: Duration) -> Resu
             format!("the group did not complete: {e}"),
         )),
     }
+}
+
+/// Listens at `address`, polled (std has no accept timeout) so that waits
+/// for peers have a deadline.
+pub(super) fn listen(op: &'static str, address: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind(address)
+        .map_err(|e| io_err(op, None, format!("cannot listen on {address}: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err(op, None, e))?;
+    Ok(listener)
+}
+
+/// The next connection before `deadline` (blocking, configured with
+/// `timeout`), or `None` once the deadline has passed.
+pub(super) fn accept_before(
+    op: &'static str,
+    listener: &TcpListener,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Option<(TcpStream, SocketAddr)>> {
+    loop {
+        match listener.accept() {
+            Ok((s, from)) => {
+                s.set_nonblocking(false).map_err(|e| io_err(op, None, e))?;
+                configure(&s, timeout).map_err(|e| io_err(op, None, e))?;
+                return Ok(Some((s, from)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(io_err(op, None, e)),
+        }
+    }
+}
+
+/// Connects to `address`, retrying until `timeout` (the peer may not listen
+/// yet); `what` names the peer in the error.
+pub(super) fn dial(
+    op: &'static str,
+    address: &str,
+    what: &str,
+    peer: Option<usize>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    let addr: SocketAddr = address
+        .to_socket_addrs()
+        .map_err(|e| io_err(op, None, format!("bad address {address}: {e}")))?
+        .next()
+        .ok_or_else(|| io_err(op, None, format!("{address} resolves to nothing")))?;
+    let s = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(10))) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => return Err(io_err(
+                op,
+                peer,
+                format!(
+                    "cannot reach {what} at {address} within {timeout:?} (VLLM_RPC_TIMEOUT): {e}"
+                ),
+            )),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    configure(&s, timeout).map_err(|e| io_err(op, peer, e))?;
+    Ok(s)
 }
 
 /// Reads one peer's `(op, len)` header and checks the op.
