@@ -251,13 +251,15 @@ pub(super) fn dial(
         let left = deadline.saturating_duration_since(Instant::now());
         match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(10))) {
             Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => return Err(io_err(
-                op,
-                peer,
-                format!(
+            Err(e) if Instant::now() >= deadline => {
+                return Err(io_err(
+                    op,
+                    peer,
+                    format!(
                     "cannot reach {what} at {address} within {timeout:?} (VLLM_RPC_TIMEOUT): {e}"
                 ),
-            )),
+                ))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     };
