@@ -122,7 +122,9 @@ fi
 CID_FILE=$(mktemp -u "${TMPDIR:-/tmp}/flotilla-run-cluster.XXXXXX")
 docker_pid=""
 cleanup() {
-  trap - EXIT INT TERM HUP
+  # A second Ctrl-C must not cut the removal short.
+  trap - EXIT
+  trap '' INT TERM HUP
   local ref=$CONTAINER_NAME
   [ -s "$CID_FILE" ] && ref=$(cat "$CID_FILE")
   # A graceful stop first: the orchestrator deregisters the node and stops

@@ -99,7 +99,8 @@ done
 
 # --- base image -------------------------------------------------------------
 make_debian_base() {
-  if ! command -v debootstrap >/dev/null 2>&1; then
+  # /usr/sbin is not on every user's PATH.
+  if [ ! -x /usr/sbin/debootstrap ] && ! command -v debootstrap >/dev/null 2>&1; then
     echo "== installing debootstrap"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
@@ -172,7 +173,8 @@ t0=$SECONDS
 previous=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 # The legacy builder warns that it is deprecated; BuildKit is not installed
 # on every engine this runs on, and the build needs nothing from it.
-docker build -q --build-arg "BASE_IMAGE=$base" -t "$tag" "$staging" >/dev/null
+# --force-rm: a failed step leaves no stopped container behind.
+docker build -q --force-rm --build-arg "BASE_IMAGE=$base" -t "$tag" "$staging" >/dev/null
 # A binary that cannot start in the base (glibc too old, wrong architecture)
 # fails here, not on the first node that runs it.
 for b in orchestrator gateway worker; do
