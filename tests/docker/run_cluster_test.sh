@@ -15,6 +15,68 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
+# What run_cluster.sh asks of docker, with a stand-in `docker` on PATH that
+# records its arguments: the GPU switch and the address flags cannot all be
+# exercised on an engine without the NVIDIA runtime. Needs no engine.
+check_arguments() {
+  local d bad="" what a
+  d=$(mktemp -d "${TMPDIR:-/tmp}/flotilla-docker-args.XXXXXX") || exit 1
+  mkdir "$d/bin" "$d/hf"
+  cat >"$d/bin/docker" <<'STANDIN'
+#!/usr/bin/env bash
+case $1 in
+  info) [ "${2:-}" = --format ] && echo "$STANDIN_RUNTIMES"; exit 0 ;;
+  container) exit 1 ;;
+  run) shift; printf '%s\n' "$@" >"$STANDIN_DIR/run.args"; exit 0 ;;
+  stop|rm) echo "$*" >>"$STANDIN_DIR/cleanup"; exit 0 ;;
+esac
+echo "stand-in docker: unexpected $*" >&2
+exit 1
+STANDIN
+  chmod +x "$d/bin/docker"
+  expect() { grep -qxF -- "$1" "$d/run.args" 2>/dev/null || bad+=" [$2: no '$1']"; }
+  expect_not() { ! grep -qF -- "$1" "$d/run.args" 2>/dev/null || bad+=" [$2: '$1' given]"; }
+  runs() {
+    rm -f "$d/run.args" "$d/cleanup"
+    PATH="$d/bin:$PATH" STANDIN_DIR=$d "$@" >"$d/out" 2>&1 || bad+=" [$what: exit status $?: $(cat "$d/out")]"
+  }
+
+  what="head, NVIDIA runtime"
+  runs env STANDIN_RUNTIMES='{"nvidia":{"path":"nvidia-container-runtime"},"runc":{"path":"runc"}}' \
+    bash run_cluster.sh img 10.0.0.1 --head "$d/hf" -e VLLM_HOST_IP=10.0.0.5 --label x=y
+  for a in --init --network host --name node --shm-size 10.24g --gpus all "$d/hf:/root/.cache/huggingface" \
+    VLLM_HOST_IP=10.0.0.5 x=y --entrypoint orchestrator img start --block --head --port=6379 \
+    --node-ip-address=10.0.0.5; do
+    expect "$a" "$what"
+  done
+  { grep -q '^stop .*node$' "$d/cleanup" && grep -q '^rm -f .*node$' "$d/cleanup"; } 2>/dev/null ||
+    bad+=" [$what: container node not removed on exit]"
+
+  what="head, no NVIDIA runtime"
+  runs env STANDIN_RUNTIMES='{"runc":{"path":"runc"}}' bash run_cluster.sh img 10.0.0.1 --head "$d/hf"
+  expect_not --gpus "$what"
+  expect --node-ip-address=10.0.0.1 "$what"
+  grep -q 'without --gpus' "$d/out" || bad+=" [$what: no notice]"
+
+  what="worker"
+  runs env STANDIN_RUNTIMES='{}' FLOTILLA_CLUSTER_TOKEN=s3cret FLOTILLA_CONTAINER_NAME=node2 FLOTILLA_HEAD_PORT=7000 \
+    bash run_cluster.sh img 10.0.0.1 --worker "$d/hf" --env=VLLM_HOST_IP=10.0.0.7
+  for a in node2 --address=10.0.0.1:7000 --node-ip-address=10.0.0.7 FLOTILLA_CLUSTER_TOKEN; do
+    expect "$a" "$what"
+  done
+  expect_not s3cret "$what (token on the command line)"
+
+  what="worker, VLLM_HOST_IP from the environment"
+  runs env STANDIN_RUNTIMES='{}' VLLM_HOST_IP=10.0.0.8 \
+    bash run_cluster.sh img 10.0.0.1 --worker "$d/hf" -e VLLM_HOST_IP -e FLOTILLA_CLUSTER_TOKEN=t
+  expect --node-ip-address=10.0.0.8 "$what"
+
+  rm -rf "$d"
+  [ -z "$bad" ] || { echo "FAIL: run_cluster.sh arguments:$bad" >&2; exit 1; }
+  echo "== run_cluster.sh arguments (stand-in docker): ok"
+}
+check_arguments
+
 if ! docker info >/dev/null 2>&1; then
   echo "SKIP: tests/docker/run_cluster_test.sh: no usable Docker engine (\`docker info\` failed)"
   exit 0
