@@ -73,6 +73,7 @@ for ((i = 0; i < ${#ADDITIONAL_ARGS[@]}; i++)); do
     -e|--env) ((i++)); kv=${ADDITIONAL_ARGS[i]:-} ;;
     --env=*) kv=${arg#--env=} ;;
     -e?*) kv=${arg#-e} ;;
+    # An env file may hold the token; its contents are the user's business.
     --env-file|--env-file=*) token_given=true; continue ;;
     *) continue ;;
   esac
