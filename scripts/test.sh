@@ -14,6 +14,9 @@ cargo test --workspace
 # machine through scripts/gpu/check.sh.
 cargo test -p flotilla-worker --features cuda --test cuda_backend
 cargo check -p flotilla-gateway --features cuda --bins
+# The Docker image and run_cluster.sh, from the debug binaries built above
+# (SKIP without a usable Docker engine).
+bash tests/docker/run_cluster_test.sh
 FLOTILLA_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
 # What the build took on disk (CI machines have had little to spare).
 du -sh target 2>/dev/null || true
