@@ -12,7 +12,7 @@ use proto::orchestrator::node_agent_client::NodeAgentClient;
 use proto::orchestrator::orchestrator_server::{Orchestrator, OrchestratorServer};
 use proto::orchestrator::{
     CreateActorRequest, CreatePlacementGroupRequest, HelloReply, HelloRequest, JsonReply,
-    ListRequest, LogsReply, NameOrId, StatusRequest,
+    ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest,
 };
 
 use crate::auth::{Bearer, Checker};
@@ -23,7 +23,9 @@ use crate::lease::{spawn_keeper, LeaseState};
 use crate::placement::{describe, place, PlaceError, Strategy};
 use crate::resources::{parse_bundles, Resources};
 use crate::scheduler::{expired, reconcile, Changes};
-use crate::state::{new_id, now, ActorRecord, ActorSpec, ActorState, PgRecord, PgState, Snapshot};
+use crate::state::{
+    new_id, now, ActorRecord, ActorSpec, ActorState, OwnerRecord, PgRecord, PgState, Snapshot,
+};
 use crate::status;
 use crate::store::{Guarded, Store};
 
@@ -86,7 +88,44 @@ pub async fn commit_changes(
     for a in ch.actors.values() {
         recs.push(Store::guarded(store.actor_key(&a.id), snap, a));
     }
-    store.commit(alloc.then_some(snap.alloc_rev), &recs).await
+    let absent: Vec<String> = ch.owners_gone.iter().map(|o| store.owner_key(o)).collect();
+    store
+        .commit_if_absent(alloc.then_some(snap.alloc_rev), &recs, &absent)
+        .await
+}
+
+/// What RegisterOwner and RefreshOwner answer (as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OwnerReply {
+    pub owner_id: String,
+    pub ttl_s: u64,
+}
+
+/// An owner's TTL in whole seconds (etcd leases are): 0 means the node
+/// TTL. At most three node TTLs, so that an owner whose lease lapsed in an
+/// etcd outage refreshes (every TTL/3), learns it, and registers again
+/// within the grace the leader gives after the outage (two node TTLs).
+pub fn owner_ttl(requested: f64, node_ttl_s: u64) -> Result<u64> {
+    if !requested.is_finite() || requested < 0.0 {
+        return Err(Error::invalid(
+            "owner ttl",
+            format!("{requested} (must be a number of seconds >= 0; 0 means the node TTL)"),
+        ));
+    }
+    if requested == 0.0 {
+        return Ok(node_ttl_s.max(2));
+    }
+    let ttl = requested.ceil() as u64;
+    let max = 3 * node_ttl_s.max(2);
+    if !(2..=max).contains(&ttl) {
+        return Err(Error::invalid(
+            "owner ttl",
+            format!(
+                "{requested} s: must be between 2 s (etcd's shortest lease) and {max} s (three node TTLs, so that an owner re-registers within the grace after an etcd outage)"
+            ),
+        ));
+    }
+    Ok(ttl)
 }
 
 const ATTEMPTS: u32 = 50;
@@ -122,6 +161,7 @@ impl HeadService {
                 format!("{} (must be >= 0)", req.timeout_s),
             ));
         }
+        let owner = Some(req.owner.trim().to_string()).filter(|o| !o.is_empty());
         let id = new_id("pg_");
         let mut record = None;
         for _ in 0..ATTEMPTS {
@@ -130,6 +170,13 @@ impl HeadService {
                 return Err(Error::AlreadyExists {
                     what: "placement group",
                     name: req.name.clone(),
+                });
+            }
+            if let Some(o) = owner.as_ref().filter(|o| !snap.owners.contains(*o)) {
+                // A group for a dead owner would only be removed again.
+                return Err(Error::NotFound {
+                    kind: "owner",
+                    name: format!("{o} (register it with RegisterOwner first; an owner whose lease lapsed must register again)"),
                 });
             }
             let mut pg = PgRecord {
@@ -141,6 +188,7 @@ impl HeadService {
                 state: PgState::Pending,
                 created_at: now(),
                 ended_at: None,
+                owner: owner.clone(),
             };
             match place(&snap.node_views(), &bundles, strategy, &[]) {
                 Ok(a) => {
@@ -220,6 +268,71 @@ impl HeadService {
             }
         }
         Err(Error::Contention { attempts: ATTEMPTS })
+    }
+
+    async fn register_owner(&self, req: RegisterOwnerRequest) -> Result<OwnerReply> {
+        let ttl_s = owner_ttl(req.ttl_s, self.ttl_s)?;
+        let id = match req.owner_id.trim() {
+            "" => new_id("owner_"),
+            given => {
+                if given.contains('/') || given.chars().any(char::is_whitespace) {
+                    return Err(Error::invalid(
+                        "owner_id",
+                        format!("'{given}' (expected an id RegisterOwner returned)"),
+                    ));
+                }
+                given.to_string()
+            }
+        };
+        let rec = OwnerRecord {
+            id: id.clone(),
+            name: req.name,
+            ttl_s,
+            registered_at: now(),
+        };
+        let value = serde_json::to_string(&rec).expect("records serialize");
+        let r = async {
+            let lease = self.store.grant(ttl_s).await?;
+            self.store
+                .put(&self.store.owner_key(&id), &value, Some(lease))
+                .await
+        }
+        .await;
+        if let Err(e) = &r {
+            note_etcd_error(&self.health, e);
+        }
+        r?;
+        Ok(OwnerReply {
+            owner_id: id,
+            ttl_s,
+        })
+    }
+
+    async fn refresh_owner(&self, id: &str) -> Result<OwnerReply> {
+        let gone = || Error::NotFound {
+            kind: "owner",
+            name: id.to_string(),
+        };
+        let r = async {
+            let key = self.store.owner_key(id);
+            let Some((value, lease)) = self.store.get_with_lease(&key).await? else {
+                return Err(gone());
+            };
+            if lease == 0 || !self.store.keep_alive_once(lease).await? {
+                return Err(gone());
+            }
+            let ttl_s = serde_json::from_str::<OwnerRecord>(&value)
+                .map_or(self.ttl_s, |o| o.ttl_s);
+            Ok(OwnerReply {
+                owner_id: id.to_string(),
+                ttl_s,
+            })
+        }
+        .await;
+        if let Err(e) = &r {
+            note_etcd_error(&self.health, e);
+        }
+        r
     }
 
     async fn create_actor(&self, req: CreateActorRequest) -> Result<ActorRecord> {
@@ -472,6 +585,16 @@ impl Orchestrator for HeadService {
     async fn remove_placement_group(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
         let pg = self.remove_pg(&r.into_inner().name_or_id).await?;
         Ok(Response::new(json(&pg)))
+    }
+
+    async fn register_owner(&self, r: Request<RegisterOwnerRequest>) -> RpcResult<JsonReply> {
+        let o = HeadService::register_owner(self, r.into_inner()).await?;
+        Ok(Response::new(json(&o)))
+    }
+
+    async fn refresh_owner(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
+        let o = HeadService::refresh_owner(self, &r.into_inner().name_or_id).await?;
+        Ok(Response::new(json(&o)))
     }
 
     async fn create_actor(&self, r: Request<CreateActorRequest>) -> RpcResult<JsonReply> {
