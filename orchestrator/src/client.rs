@@ -153,7 +153,10 @@ impl HeadDialer {
     }
 }
 
-fn owner_reply(r: std::result::Result<tonic::Response<proto::orchestrator::JsonReply>, tonic::Status>, id: &str) -> Result<Owner> {
+fn owner_reply(
+    r: std::result::Result<tonic::Response<proto::orchestrator::JsonReply>, tonic::Status>,
+    id: &str,
+) -> Result<Owner> {
     match r {
         Ok(r) => serde_json::from_str(&r.into_inner().json)
             .map_err(|e| Error::Other(format!("bad owner reply from the head: {e}"))),
@@ -262,7 +265,10 @@ async fn keep_owner(
         let err = match r {
             Ok(Ok(_)) => {
                 if let Some(t) = failing_since.take() {
-                    tracing::info!("owner {id}: the head answers again after {:.1} s", t.elapsed().as_secs_f64());
+                    tracing::info!(
+                        "owner {id}: the head answers again after {:.1} s",
+                        t.elapsed().as_secs_f64()
+                    );
                 }
                 continue;
             }

@@ -176,7 +176,7 @@ impl HeadService {
                 // A group for a dead owner would only be removed again.
                 return Err(Error::NotFound {
                     kind: "owner",
-                    name: format!("{o} (register it with RegisterOwner first; an owner whose lease lapsed must register again)"),
+                    name: o.clone(),
                 });
             }
             let mut pg = PgRecord {
@@ -321,8 +321,7 @@ impl HeadService {
             if lease == 0 || !self.store.keep_alive_once(lease).await? {
                 return Err(gone());
             }
-            let ttl_s = serde_json::from_str::<OwnerRecord>(&value)
-                .map_or(self.ttl_s, |o| o.ttl_s);
+            let ttl_s = serde_json::from_str::<OwnerRecord>(&value).map_or(self.ttl_s, |o| o.ttl_s);
             Ok(OwnerReply {
                 owner_id: id.to_string(),
                 ttl_s,

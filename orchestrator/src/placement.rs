@@ -618,8 +618,15 @@ mod tests {
         let mem = Resources(std::iter::once(("memory".to_string(), 32 << 30)).collect());
         let p = place(&cluster, &[mem.clone(), mem.clone()], Strategy::Spread, &[]).unwrap();
         assert_eq!(nodes_of(&p), vec!["big", "big"]);
+        // 96 GiB never fit a cluster of 64 GiB, though each 32 fits "big".
         assert_eq!(
             place(&cluster, &vec![mem.clone(); 3], Strategy::Pack, &[]),
+            Err(PlaceError::Infeasible)
+        );
+        let mut full = cluster.clone();
+        full[0].try_fit(&mem).unwrap();
+        assert_eq!(
+            place(&full, &vec![mem.clone(); 2], Strategy::Pack, &[]),
             Err(PlaceError::Busy)
         );
     }

@@ -491,8 +491,13 @@ mod tests {
     #[test]
     fn a_group_goes_with_its_owner_but_not_in_an_outage() {
         let mut s = cluster(&["a"]);
-        let mut owned = pg("owned", vec![Resources::new().with(GPU, 2.0)], Strategy::Pack);
+        let mut owned = pg(
+            "owned",
+            vec![Resources::new().with(GPU, 2.0)],
+            Strategy::Pack,
+        );
         owned.owner = Some("o1".into());
+        owned.created_at = 0.5; // placed first
         s.pgs.insert("owned".into(), owned);
         s.pgs.insert(
             "cli".into(),

@@ -393,7 +393,10 @@ mod tests {
         );
         assert!(text.contains("Node: a (127.0.0.2)"), "{text}");
         assert!(!text.contains("\n 0.0/1.0 node:"), "cluster-wide: {text}");
-        assert!(text.contains("\n  0.0/1.0 node:127.0.0.2\n"), "per node: {text}");
+        assert!(
+            text.contains("\n  0.0/1.0 node:127.0.0.2\n"),
+            "per node: {text}"
+        );
         assert!(
             text.contains(
                 "Recent events:\n 1970-01-01 00:00:02.000000 NODE_LOST: node d lost at 2\n"

@@ -445,7 +445,10 @@ impl Store {
 
     pub async fn grant(&self, ttl_s: u64) -> Result<i64> {
         let mut c = self.client();
-        Ok(self.check(c.lease_grant(ttl_s as i64, None).await).await?.id())
+        Ok(self
+            .check(c.lease_grant(ttl_s as i64, None).await)
+            .await?
+            .id())
     }
 
     /// `key`'s value and the lease it is attached to (0: none); None when
