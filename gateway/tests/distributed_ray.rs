@@ -112,7 +112,7 @@ fn start_cluster(orchestrator: &Path, base: u16) -> Cluster {
         .spawn()
         .unwrap();
     let mut cluster = Cluster {
-        dir,
+        dir: dir.clone(),
         etcd,
         head,
         node: None,
