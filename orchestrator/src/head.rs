@@ -649,13 +649,28 @@ pub async fn leader_loop(
             .lock()
             .map(|h| h.lapse_means_dead(Instant::now(), health::grace(ttl_s)))
             .unwrap_or(false);
-        let r = leader_step(&store, &address, ttl_s, &lease, &leading, lapse_means_dead).await;
+        let (started, wall) = (Instant::now(), now());
+        let r = leader_step(
+            &store,
+            &address,
+            ttl_s,
+            &lease,
+            &leading,
+            lapse_means_dead,
+            started,
+        )
+        .await;
         if let Err(Error::Etcd(e)) = &r {
             if crate::store::lease_not_found(e) {
                 // Our lease lapsed (etcd was away longer than the TTL):
                 // campaign again with a new one on the next step.
                 lease.lost.store(true, Ordering::SeqCst);
             }
+        }
+        // Slow, whatever its outcome: a stall may end in an error that
+        // is not an outage (our own lease revoked on etcd's resuming).
+        if let Ok(mut h) = health.lock() {
+            h.round_trip(started, wall, Instant::now(), health::slow_answer(ttl_s));
         }
         if r.is_ok() {
             let ended = health.lock().ok().and_then(|mut h| h.ok(Instant::now()));
@@ -704,6 +719,7 @@ async fn leader_step(
     lease: &LeaseState,
     leading: &AtomicBool,
     lapse_means_dead: bool,
+    started: Instant,
 ) -> Result<()> {
     if lease.keeper_stopped.load(Ordering::SeqCst) {
         return Err(Error::KeeperStopped(format!(
@@ -735,6 +751,10 @@ async fn leader_step(
         return Ok(());
     }
     let snap = store.snapshot().await?;
+    // A snapshot that came late may be etcd's first answer after a stall,
+    // in which it revoked the leases it could not renew: not evidence
+    // (the caller starts the grace once this step returns).
+    let lapse_means_dead = lapse_means_dead && started.elapsed() < health::slow_answer(ttl_s);
     let t = now();
     let ch = reconcile(&snap, t, lapse_means_dead);
     if !ch.is_empty() {
