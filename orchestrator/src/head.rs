@@ -778,3 +778,23 @@ async fn leader_step(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_ttl_defaults_to_the_node_ttl_and_stays_within_the_grace() {
+        assert_eq!(owner_ttl(0.0, 3).unwrap(), 3);
+        assert_eq!(owner_ttl(2.2, 3).unwrap(), 3, "whole seconds, rounded up");
+        assert_eq!(owner_ttl(9.0, 3).unwrap(), 9);
+        for bad in [1.0, 10.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = owner_ttl(bad, 3).unwrap_err().to_string();
+            assert!(e.contains("invalid owner ttl"), "{bad}: {e}");
+        }
+        assert!(owner_ttl(10.0, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("between 2 s (etcd's shortest lease) and 9 s"));
+    }
+}
