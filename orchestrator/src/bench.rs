@@ -42,6 +42,7 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
                 strategy: "SPREAD".into(),
                 name: String::new(),
                 timeout_s: 10.0,
+                owner: String::new(),
             })
             .await?
             .into_inner();
@@ -211,6 +212,7 @@ impl HeadService {
                 strategy: strategy.into(),
                 name: String::new(),
                 timeout_s: 5.0,
+                owner: String::new(),
             })
             .await?;
         self.remove_pg(&pg.id).await?;

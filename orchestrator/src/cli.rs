@@ -155,6 +155,12 @@ pub enum PgCmd {
         timeout: f64,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
+        /// Own the group and keep running: it lives as long as this
+        /// command (Ray's non-detached lifetime). Ctrl-C or SIGTERM removes
+        /// it; if the command dies (kill -9, its machine) the head removes
+        /// it within the node TTL.
+        #[arg(long)]
+        hold: bool,
     },
     Remove {
         name_or_id: String,

@@ -22,7 +22,7 @@ use crate::etcd_proc::OwnedEtcd;
 use crate::head::{self, HeadService};
 use crate::head_node;
 use crate::paths::{read_trimmed, write_file, CacheRoot, PidFile};
-use crate::resources::{to_fixed, Resources, CPU, GPU, MEMORY};
+use crate::resources::{node_resource, to_fixed, Resources, CPU, GPU, MEMORY, NODE_PREFIX};
 use crate::state::{ActorRecord, PgRecord};
 use crate::status;
 use crate::store::{EtcdConfig, Store};
@@ -74,17 +74,46 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 name,
                 timeout,
                 format,
+                hold,
             } => {
                 // Validate before dialing, so bad input is named even with no head.
                 crate::resources::parse_bundles(&bundles)?;
                 strategy.parse::<crate::placement::Strategy>()?;
                 let (mut c, _) = connect(&conn, &root).await?;
+                // The owner is alive before the group exists, and kept
+                // alive while the create waits for room.
+                let keeper = if hold {
+                    let who = if name.is_empty() {
+                        format!("orchestrator-cli-{}", std::process::id())
+                    } else {
+                        name.clone()
+                    };
+                    let owner = client::register_owner(&mut c, &who, 0.0, None).await?;
+                    let dialer = client::HeadDialer {
+                        address: conn.address.clone(),
+                        root: root.clone(),
+                        token: auth::client_token(conn.token.as_deref(), &root)?,
+                    };
+                    Some(client::OwnerKeeper::spawn(
+                        c.clone(),
+                        dialer,
+                        owner.clone(),
+                        who,
+                    )?)
+                    .map(|k| (k, owner.owner_id))
+                } else {
+                    None
+                };
                 let r = c
                     .create_placement_group(CreatePlacementGroupRequest {
                         bundles_json: bundles,
                         strategy,
                         name,
                         timeout_s: timeout,
+                        owner: keeper
+                            .as_ref()
+                            .map(|(_, id)| id.clone())
+                            .unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
@@ -93,6 +122,11 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                     println!("{}", r.json);
                 } else {
                     println!("{}", pg.id);
+                }
+                if let Some((keeper, _)) = keeper {
+                    let held = hold_group(&mut c, &pg.id).await;
+                    drop(keeper);
+                    held?;
                 }
                 Ok(())
             }
@@ -111,6 +145,54 @@ pub async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Stop { conn: _ } => stop(&root),
         Cmd::Bench(a) => crate::bench::run(a, &root).await,
     }
+}
+
+/// Until Ctrl-C or SIGTERM (then removes the group), or until the group is
+/// gone (an error: someone removed it, or the head took this owner for dead).
+async fn hold_group(c: &mut client::Client, pg_id: &str) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Other(format!("cannot watch for SIGTERM: {e}")))?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let Ok(r) = c
+            .list(ListRequest {
+                kind: "placement-groups".into(),
+            })
+            .await
+        else {
+            // The head is away: the owner keep-alive says so; keep holding.
+            continue;
+        };
+        let pgs: Vec<PgRecord> = parse(&r.into_inner().json)?;
+        let live = pgs
+            .iter()
+            .any(|p| p.id == pg_id && p.state != crate::state::PgState::Removed);
+        if !live {
+            return Err(Error::Other(format!(
+                "placement group {pg_id} was removed while held (see `orchestrator status`)"
+            )));
+        }
+    }
+    c.remove_placement_group(NameOrId {
+        name_or_id: pg_id.to_string(),
+    })
+    .await?;
+    println!("removed placement group {pg_id}");
+    Ok(())
+}
+
+/// The rank in a worker actor's name (`...-rank<N>`, as the ray executor
+/// names them).
+pub fn rank_of(name: &str) -> Option<usize> {
+    let (_, n) = name.rsplit_once("-rank")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
@@ -216,30 +298,37 @@ fn list_text(kind: &str, js: &str) -> Result<String> {
             }
         }
         "placement-groups" => {
-            o += "PLACEMENT_GROUP_ID\tNAME\tSTATE\tSTRATEGY\tBUNDLES\n";
+            o += "PLACEMENT_GROUP_ID\tNAME\tSTATE\tSTRATEGY\tBUNDLES\tOWNER\n";
             for p in &v {
                 o += &format!(
-                    "{}\t{}\t{}\t{}\t{}\n",
+                    "{}\t{}\t{}\t{}\t{}\t{}\n",
                     s(&p["id"]),
                     s(&p["name"]),
                     s(&p["state"]),
                     s(&p["strategy"]),
-                    p["bundles"].as_array().map(|a| a.len()).unwrap_or(0)
+                    p["bundles"].as_array().map(|a| a.len()).unwrap_or(0),
+                    s(&p["owner"])
                 );
             }
         }
         _ => {
-            o += "ACTOR_ID\tNAME\tSTATE\tNODE_ID\tPID\tRESTARTS\tEXIT_CODE\n";
+            o += "ACTOR_ID\tNAME\tSTATE\tNODE_ID\tPID\tRESTARTS\tEXIT_CODE\tPLACEMENT_GROUP\tBUNDLE\tRANK\n";
             for a in &v {
+                let rank = a["name"]
+                    .as_str()
+                    .and_then(rank_of)
+                    .map_or("-".to_string(), |r| r.to_string());
                 o += &format!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{rank}\n",
                     s(&a["id"]),
                     s(&a["name"]),
                     s(&a["state"]),
                     s(&a["node_id"]),
                     s(&a["pid"]),
                     s(&a["restarts"]),
-                    s(&a["exit_code"])
+                    s(&a["exit_code"]),
+                    s(&a["spec"]["placement_group"]),
+                    s(&a["spec"]["bundle_index"])
                 );
             }
         }
@@ -295,8 +384,15 @@ fn node_spec(a: &StartArgs, ip: &str) -> Result<NodeSpec> {
                 ));
             }
         }
+        if let Some(k) = custom.0.keys().find(|k| k.starts_with(NODE_PREFIX)) {
+            return Err(Error::invalid(
+                "--resources",
+                format!("'{k}': every node has {NODE_PREFIX}<its ip> = 1 already; set the ip with --node-ip-address"),
+            ));
+        }
         total.add(&custom);
     }
+    total.set(&node_resource(ip), crate::resources::UNIT);
     Ok(NodeSpec {
         ip: ip.to_string(),
         is_head: a.head || a.head_node,
@@ -802,4 +898,47 @@ pub(crate) fn is_zombie(pid: i32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_comes_from_the_worker_name() {
+        assert_eq!(rank_of("flotilla-gateway-12-ab12cd34-rank0"), Some(0));
+        assert_eq!(rank_of("x-rank17"), Some(17));
+        assert_eq!(rank_of("x-rank"), None);
+        assert_eq!(rank_of("x-rank1a"), None);
+        assert_eq!(rank_of("trainer"), None);
+        assert_eq!(rank_of(""), None);
+    }
+
+    #[test]
+    fn actor_and_group_tables_show_placement_and_owner() {
+        let actors = serde_json::json!([
+            {"id": "actor_1", "name": "gw-rank1", "state": "ALIVE", "node_id": "n1",
+             "pid": 42, "restarts": 0, "exit_code": null,
+             "spec": {"placement_group": "pg_1", "bundle_index": 1}},
+            {"id": "actor_2", "name": "", "state": "ALIVE", "node_id": "n1",
+             "pid": 43, "restarts": 0, "exit_code": null,
+             "spec": {"placement_group": null, "bundle_index": null}}
+        ]);
+        let t = list_text("actors", &actors.to_string()).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("\tPLACEMENT_GROUP\tBUNDLE\tRANK"), "{t}");
+        assert!(lines[1].ends_with("\tpg_1\t1\t1"), "{t}");
+        assert!(lines[2].ends_with("\t-\t-\t-"), "{t}");
+        let pgs = serde_json::json!([
+            {"id": "pg_1", "name": "", "state": "CREATED", "strategy": "PACK",
+             "bundles": [{}], "owner": "owner_9"},
+            {"id": "pg_2", "name": "", "state": "CREATED", "strategy": "PACK",
+             "bundles": [{}], "owner": null}
+        ]);
+        let t = list_text("placement-groups", &pgs.to_string()).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("\tBUNDLES\tOWNER"), "{t}");
+        assert!(lines[1].ends_with("\t1\towner_9"), "{t}");
+        assert!(lines[2].ends_with("\t1\t-"), "{t}");
+    }
 }

@@ -26,6 +26,9 @@ pub enum EventKind {
     ActorAdopted,
     /// A placement group lost bundles with a node and is placed again.
     PlacementGroupRescheduling,
+    /// The leader removed a placement group (and its actors) because its
+    /// owner is gone.
+    PlacementGroupRemoved,
     /// A head could not reach etcd for a while.
     EtcdUnreachable,
 }
@@ -97,6 +100,23 @@ pub fn from_changes(snap: &Snapshot, ch: &Changes, now: f64) -> Vec<Event> {
     }
     for p in ch.pgs.values() {
         let before = snap.pgs.get(&p.id).map(|b| b.state);
+        if p.state == PgState::Removed && before.is_some_and(|b| b != PgState::Removed) {
+            let owner = p.owner.as_deref().unwrap_or("-");
+            let named = if p.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.name)
+            };
+            out.push(Event::new(
+                now,
+                EventKind::PlacementGroupRemoved,
+                &p.id,
+                format!(
+                    "placement group {}{named} removed: its owner is gone (owner {owner} stopped refreshing its lease while etcd was healthy)",
+                    p.id
+                ),
+            ));
+        }
         if p.state == PgState::Rescheduling && before != Some(PgState::Rescheduling) {
             out.push(Event::new(
                 now,
@@ -259,5 +279,44 @@ mod tests {
         assert!(gone.contains(&"00000".to_string()));
         assert!(!gone.contains(&format!("{:05}", KEEP + 2)));
         assert_eq!(EventKind::ActorFenced.to_string(), "ACTOR_FENCED");
+    }
+
+    #[test]
+    fn an_orphaned_group_is_an_event_and_its_actors_are_not_failures() {
+        let mut s = Snapshot::default();
+        s.nodes.insert("a".into(), node("a"));
+        s.live.insert("a".into());
+        s.pgs.insert(
+            "pg".into(),
+            crate::state::PgRecord {
+                id: "pg".into(),
+                name: "gw".into(),
+                bundles: vec![Resources::new().with("CPU", 1.0)],
+                strategy: crate::placement::Strategy::Pack,
+                state: PgState::Created,
+                assignments: vec![Some(crate::placement::Assignment {
+                    node_id: "a".into(),
+                    gpus: vec![],
+                })],
+                created_at: 0.0,
+                ended_at: None,
+                owner: Some("owner_1".into()),
+            },
+        );
+        let mut a = actor("w", 0);
+        a.spec.placement_group = Some("pg".into());
+        a.spec.bundle_index = Some(0);
+        s.actors.insert("w".into(), a);
+        let ch = reconcile(&s, 10.0, true);
+        let ev = from_changes(&s, &ch, 10.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].kind, EventKind::PlacementGroupRemoved);
+        assert!(
+            ev[0]
+                .message
+                .contains("placement group pg (gw) removed: its owner is gone"),
+            "{ev:?}"
+        );
+        assert!(ev[0].message.contains("owner_1"), "{ev:?}");
     }
 }

@@ -12,7 +12,7 @@ use proto::orchestrator::node_agent_client::NodeAgentClient;
 use proto::orchestrator::orchestrator_server::{Orchestrator, OrchestratorServer};
 use proto::orchestrator::{
     CreateActorRequest, CreatePlacementGroupRequest, HelloReply, HelloRequest, JsonReply,
-    ListRequest, LogsReply, NameOrId, StatusRequest,
+    ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest,
 };
 
 use crate::auth::{Bearer, Checker};
@@ -23,7 +23,9 @@ use crate::lease::{spawn_keeper, LeaseState};
 use crate::placement::{describe, place, PlaceError, Strategy};
 use crate::resources::{parse_bundles, Resources};
 use crate::scheduler::{expired, reconcile, Changes};
-use crate::state::{new_id, now, ActorRecord, ActorSpec, ActorState, PgRecord, PgState, Snapshot};
+use crate::state::{
+    new_id, now, ActorRecord, ActorSpec, ActorState, OwnerRecord, PgRecord, PgState, Snapshot,
+};
 use crate::status;
 use crate::store::{Guarded, Store};
 
@@ -86,7 +88,44 @@ pub async fn commit_changes(
     for a in ch.actors.values() {
         recs.push(Store::guarded(store.actor_key(&a.id), snap, a));
     }
-    store.commit(alloc.then_some(snap.alloc_rev), &recs).await
+    let absent: Vec<String> = ch.owners_gone.iter().map(|o| store.owner_key(o)).collect();
+    store
+        .commit_if_absent(alloc.then_some(snap.alloc_rev), &recs, &absent)
+        .await
+}
+
+/// What RegisterOwner and RefreshOwner answer (as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OwnerReply {
+    pub owner_id: String,
+    pub ttl_s: u64,
+}
+
+/// An owner's TTL in whole seconds (etcd leases are): 0 means the node
+/// TTL. At most three node TTLs, so that an owner whose lease lapsed in an
+/// etcd outage refreshes (every TTL/3), learns it, and registers again
+/// within the grace the leader gives after the outage (two node TTLs).
+pub fn owner_ttl(requested: f64, node_ttl_s: u64) -> Result<u64> {
+    if !requested.is_finite() || requested < 0.0 {
+        return Err(Error::invalid(
+            "owner ttl",
+            format!("{requested} (must be a number of seconds >= 0; 0 means the node TTL)"),
+        ));
+    }
+    if requested == 0.0 {
+        return Ok(node_ttl_s.max(2));
+    }
+    let ttl = requested.ceil() as u64;
+    let max = 3 * node_ttl_s.max(2);
+    if !(2..=max).contains(&ttl) {
+        return Err(Error::invalid(
+            "owner ttl",
+            format!(
+                "{requested} s: must be between 2 s (etcd's shortest lease) and {max} s (three node TTLs, so that an owner re-registers within the grace after an etcd outage)"
+            ),
+        ));
+    }
+    Ok(ttl)
 }
 
 const ATTEMPTS: u32 = 50;
@@ -122,6 +161,7 @@ impl HeadService {
                 format!("{} (must be >= 0)", req.timeout_s),
             ));
         }
+        let owner = Some(req.owner.trim().to_string()).filter(|o| !o.is_empty());
         let id = new_id("pg_");
         let mut record = None;
         for _ in 0..ATTEMPTS {
@@ -130,6 +170,13 @@ impl HeadService {
                 return Err(Error::AlreadyExists {
                     what: "placement group",
                     name: req.name.clone(),
+                });
+            }
+            if let Some(o) = owner.as_ref().filter(|o| !snap.owners.contains(*o)) {
+                // A group for a dead owner would only be removed again.
+                return Err(Error::NotFound {
+                    kind: "owner",
+                    name: o.clone(),
                 });
             }
             let mut pg = PgRecord {
@@ -141,6 +188,7 @@ impl HeadService {
                 state: PgState::Pending,
                 created_at: now(),
                 ended_at: None,
+                owner: owner.clone(),
             };
             match place(&snap.node_views(), &bundles, strategy, &[]) {
                 Ok(a) => {
@@ -220,6 +268,70 @@ impl HeadService {
             }
         }
         Err(Error::Contention { attempts: ATTEMPTS })
+    }
+
+    async fn register_owner(&self, req: RegisterOwnerRequest) -> Result<OwnerReply> {
+        let ttl_s = owner_ttl(req.ttl_s, self.ttl_s)?;
+        let id = match req.owner_id.trim() {
+            "" => new_id("owner_"),
+            given => {
+                if given.contains('/') || given.chars().any(char::is_whitespace) {
+                    return Err(Error::invalid(
+                        "owner_id",
+                        format!("'{given}' (expected an id RegisterOwner returned)"),
+                    ));
+                }
+                given.to_string()
+            }
+        };
+        let rec = OwnerRecord {
+            id: id.clone(),
+            name: req.name,
+            ttl_s,
+            registered_at: now(),
+        };
+        let value = serde_json::to_string(&rec).expect("records serialize");
+        let r = async {
+            let lease = self.store.grant(ttl_s).await?;
+            self.store
+                .put(&self.store.owner_key(&id), &value, Some(lease))
+                .await
+        }
+        .await;
+        if let Err(e) = &r {
+            note_etcd_error(&self.health, e);
+        }
+        r?;
+        Ok(OwnerReply {
+            owner_id: id,
+            ttl_s,
+        })
+    }
+
+    async fn refresh_owner(&self, id: &str) -> Result<OwnerReply> {
+        let gone = || Error::NotFound {
+            kind: "owner",
+            name: id.to_string(),
+        };
+        let r = async {
+            let key = self.store.owner_key(id);
+            let Some((value, lease)) = self.store.get_with_lease(&key).await? else {
+                return Err(gone());
+            };
+            if lease == 0 || !self.store.keep_alive_once(lease).await? {
+                return Err(gone());
+            }
+            let ttl_s = serde_json::from_str::<OwnerRecord>(&value).map_or(self.ttl_s, |o| o.ttl_s);
+            Ok(OwnerReply {
+                owner_id: id.to_string(),
+                ttl_s,
+            })
+        }
+        .await;
+        if let Err(e) = &r {
+            note_etcd_error(&self.health, e);
+        }
+        r
     }
 
     async fn create_actor(&self, req: CreateActorRequest) -> Result<ActorRecord> {
@@ -474,6 +586,16 @@ impl Orchestrator for HeadService {
         Ok(Response::new(json(&pg)))
     }
 
+    async fn register_owner(&self, r: Request<RegisterOwnerRequest>) -> RpcResult<JsonReply> {
+        let o = HeadService::register_owner(self, r.into_inner()).await?;
+        Ok(Response::new(json(&o)))
+    }
+
+    async fn refresh_owner(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
+        let o = HeadService::refresh_owner(self, &r.into_inner().name_or_id).await?;
+        Ok(Response::new(json(&o)))
+    }
+
     async fn create_actor(&self, r: Request<CreateActorRequest>) -> RpcResult<JsonReply> {
         let a = HeadService::create_actor(self, r.into_inner()).await?;
         Ok(Response::new(json(&a)))
@@ -527,13 +649,28 @@ pub async fn leader_loop(
             .lock()
             .map(|h| h.lapse_means_dead(Instant::now(), health::grace(ttl_s)))
             .unwrap_or(false);
-        let r = leader_step(&store, &address, ttl_s, &lease, &leading, lapse_means_dead).await;
+        let (started, wall) = (Instant::now(), now());
+        let r = leader_step(
+            &store,
+            &address,
+            ttl_s,
+            &lease,
+            &leading,
+            lapse_means_dead,
+            started,
+        )
+        .await;
         if let Err(Error::Etcd(e)) = &r {
             if crate::store::lease_not_found(e) {
                 // Our lease lapsed (etcd was away longer than the TTL):
                 // campaign again with a new one on the next step.
                 lease.lost.store(true, Ordering::SeqCst);
             }
+        }
+        // Slow, whatever its outcome: a stall may end in an error that
+        // is not an outage (our own lease revoked on etcd's resuming).
+        if let Ok(mut h) = health.lock() {
+            h.round_trip(started, wall, Instant::now(), health::slow_answer(ttl_s));
         }
         if r.is_ok() {
             let ended = health.lock().ok().and_then(|mut h| h.ok(Instant::now()));
@@ -582,6 +719,7 @@ async fn leader_step(
     lease: &LeaseState,
     leading: &AtomicBool,
     lapse_means_dead: bool,
+    started: Instant,
 ) -> Result<()> {
     if lease.keeper_stopped.load(Ordering::SeqCst) {
         return Err(Error::KeeperStopped(format!(
@@ -613,6 +751,10 @@ async fn leader_step(
         return Ok(());
     }
     let snap = store.snapshot().await?;
+    // A snapshot that came late may be etcd's first answer after a stall,
+    // in which it revoked the leases it could not renew: not evidence
+    // (the caller starts the grace once this step returns).
+    let lapse_means_dead = lapse_means_dead && started.elapsed() < health::slow_answer(ttl_s);
     let t = now();
     let ch = reconcile(&snap, t, lapse_means_dead);
     if !ch.is_empty() {
@@ -635,4 +777,24 @@ async fn leader_step(
         store.delete_unchanged(&snap, &old).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_ttl_defaults_to_the_node_ttl_and_stays_within_the_grace() {
+        assert_eq!(owner_ttl(0.0, 3).unwrap(), 3);
+        assert_eq!(owner_ttl(2.2, 3).unwrap(), 3, "whole seconds, rounded up");
+        assert_eq!(owner_ttl(9.0, 3).unwrap(), 9);
+        for bad in [1.0, 10.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = owner_ttl(bad, 3).unwrap_err().to_string();
+            assert!(e.contains("invalid owner ttl"), "{bad}: {e}");
+        }
+        assert!(owner_ttl(10.0, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("between 2 s (etcd's shortest lease) and 9 s"));
+    }
 }

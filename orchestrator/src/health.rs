@@ -37,6 +37,18 @@ impl EtcdHealth {
         })
     }
 
+    /// Records a round trip that began at `started` (`wall` on the wall
+    /// clock) and ended at `at`, answered or not. One that took `slow` or
+    /// longer counts as etcd having been away meanwhile: etcd frozen for a
+    /// few seconds (SIGSTOP, an fsync stall) answers late rather than
+    /// failing, yet revokes on resuming the leases it could not renew, so
+    /// a lapse seen right after it says nothing about their holders.
+    pub fn round_trip(&mut self, started: Instant, wall: f64, at: Instant, slow: Duration) {
+        if at.saturating_duration_since(started) >= slow {
+            self.failed(started, wall);
+        }
+    }
+
     /// Records a failed etcd call.
     pub fn failed(&mut self, at: Instant, wall: f64) {
         self.healthy_since = None;
@@ -56,6 +68,12 @@ impl EtcdHealth {
         self.healthy_since
             .is_some_and(|t| at.saturating_duration_since(t) >= grace)
     }
+}
+
+/// A leader step slower than this means etcd stalled: a third of the TTL,
+/// the keepers' renewal period (a stall shorter than that loses no lease).
+pub fn slow_answer(ttl_s: u64) -> Duration {
+    Duration::from_millis(ttl_s.max(1) * 1000 / 3)
 }
 
 /// The grace after etcd comes back: two lease TTLs, so an agent whose lease
@@ -99,6 +117,24 @@ mod tests {
         assert_eq!(h.down_since(), None);
         assert!(!h.lapse_means_dead(s(115), g), "lease lapsed in the outage");
         assert!(h.lapse_means_dead(s(116), g));
+    }
+
+    #[test]
+    fn a_late_answer_is_an_outage_too() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let (g, slow) = (Duration::from_secs(6), Duration::from_secs(1));
+        let mut h = EtcdHealth::default();
+        h.ok(t0);
+        assert!(h.lapse_means_dead(s(10_000), g));
+        h.round_trip(s(10_000), 50.0, s(10_050), slow);
+        assert_eq!(h.ok(s(10_050)), None);
+        assert!(h.lapse_means_dead(s(10_050), g), "a quick answer");
+        h.round_trip(s(10_100), 60.0, s(13_600), slow);
+        let o = h.ok(s(13_600)).expect("late");
+        assert_eq!((o.since, o.lasted), (60.0, Duration::from_millis(3500)));
+        assert!(!h.lapse_means_dead(s(19_000), g), "the grace starts again");
+        assert!(h.lapse_means_dead(s(19_600), g));
     }
 
     #[test]

@@ -178,16 +178,35 @@ pub fn place(
     let could = match strategy {
         Strategy::StrictPack => strict_pack(&mut fresh, bundles, occupied).is_some(),
         Strategy::StrictSpread => strict_spread(&mut fresh, bundles, occupied).is_some(),
-        // Best-effort strategies only need each bundle to fit some node alone.
-        Strategy::Pack | Strategy::Spread => bundles
-            .iter()
-            .all(|b| nodes.iter().any(|n| n.fresh().try_fit(b).is_some())),
+        // Best-effort strategies need each bundle to fit some node alone,
+        // and the cluster as a whole to hold them all at once.
+        Strategy::Pack | Strategy::Spread => {
+            bundles
+                .iter()
+                .all(|b| nodes.iter().any(|n| n.fresh().try_fit(b).is_some()))
+                && fits_cluster_total(nodes, bundles)
+        }
     };
     Err(if could {
         PlaceError::Busy
     } else {
         PlaceError::Infeasible
     })
+}
+
+/// Whether the live nodes' totals, summed, can hold all of `bundles` at
+/// once. When they cannot, no amount of waiting for other groups to go
+/// helps: the request is infeasible, not busy.
+pub fn fits_cluster_total(nodes: &[NodeView], bundles: &[Resources]) -> bool {
+    let mut total = Resources::new();
+    for n in nodes {
+        total.add(&n.total);
+    }
+    let mut want = Resources::new();
+    for b in bundles {
+        want.add(b);
+    }
+    want.fits_in(&total)
 }
 
 /// Order for "tightest fit first": least free GPU, then CPU, then id.
@@ -523,6 +542,33 @@ mod tests {
     }
 
     #[test]
+    fn a_group_beyond_the_cluster_total_is_infeasible_not_busy() {
+        // Each {CPU: 4} fits a node, but 12 CPUs never fit a cluster of 8.
+        let cluster = vec![node("a", 0, 4.0), node("b", 0, 4.0)];
+        let cpu4 = Resources::new().with(CPU, 4.0);
+        for s in [Strategy::Pack, Strategy::Spread] {
+            assert_eq!(
+                place(&cluster, &vec![cpu4.clone(); 3], s, &[]),
+                Err(PlaceError::Infeasible),
+                "{s}"
+            );
+            assert!(place(&cluster, &vec![cpu4.clone(); 2], s, &[]).is_ok());
+        }
+        assert!(!fits_cluster_total(&cluster, &vec![cpu4.clone(); 3]));
+        assert!(fits_cluster_total(&cluster, &vec![cpu4.clone(); 2]));
+        // Within the total but held by another group: busy, it waits.
+        let mut busy = cluster.clone();
+        busy[0].try_fit(&cpu4).unwrap();
+        for s in [Strategy::Pack, Strategy::Spread] {
+            assert_eq!(
+                place(&busy, &vec![cpu4.clone(); 2], s, &[]),
+                Err(PlaceError::Busy),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
     fn half_gpus_share_one_id() {
         let cluster = vec![node("a", 2, 4.0)];
         let p = place(
@@ -572,8 +618,15 @@ mod tests {
         let mem = Resources(std::iter::once(("memory".to_string(), 32 << 30)).collect());
         let p = place(&cluster, &[mem.clone(), mem.clone()], Strategy::Spread, &[]).unwrap();
         assert_eq!(nodes_of(&p), vec!["big", "big"]);
+        // 96 GiB never fit a cluster of 64 GiB, though each 32 fits "big".
         assert_eq!(
             place(&cluster, &vec![mem.clone(); 3], Strategy::Pack, &[]),
+            Err(PlaceError::Infeasible)
+        );
+        let mut full = cluster.clone();
+        full[0].try_fit(&mem).unwrap();
+        assert_eq!(
+            place(&full, &vec![mem.clone(); 2], Strategy::Pack, &[]),
             Err(PlaceError::Busy)
         );
     }

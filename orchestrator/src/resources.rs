@@ -11,6 +11,13 @@ pub const UNIT: u64 = 10_000;
 pub const GPU: &str = "GPU";
 pub const CPU: &str = "CPU";
 pub const MEMORY: &str = "memory";
+/// Ray's per-node resource: every node offers `node:<its ip>` = 1, so a
+/// request for a sliver of it (vLLM asks 0.001) lands on that node.
+pub const NODE_PREFIX: &str = "node:";
+
+pub fn node_resource(ip: &str) -> String {
+    format!("{NODE_PREFIX}{ip}")
+}
 
 /// Resource name -> amount in fixed point units.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +234,34 @@ mod tests {
         let b = parse_bundles("[{\"GPU\": 0.5, \"CPU\": 2, \"acc\": 1}]").unwrap();
         assert_eq!(b[0].get(GPU), 5000);
         assert_eq!(b[0].get("acc"), UNIT);
+    }
+
+    #[test]
+    fn node_resource_pins_a_bundle_to_its_node() {
+        use crate::placement::{place, NodeView, Strategy};
+        let node = |id: &str, ip: &str| {
+            let total = Resources::new()
+                .with(CPU, 4.0)
+                .with(&node_resource(ip), 1.0);
+            NodeView::idle(id, total, vec![])
+        };
+        assert_eq!(node_resource("10.0.0.7"), "node:10.0.0.7");
+        // "b" is the tighter fit, so PACK would go there without the pin.
+        let mut b = node("b", "10.0.0.2");
+        b.avail.set(CPU, UNIT * 2);
+        let cluster = vec![node("a", "10.0.0.1"), b];
+        let bundles = parse_bundles(r#"[{"CPU": 1, "node:10.0.0.1": 0.001}, {"CPU": 1}]"#).unwrap();
+        assert_eq!(bundles[0].get("node:10.0.0.1"), 10);
+        let p = place(&cluster, &bundles, Strategy::Pack, &[]).unwrap();
+        assert_eq!(p[0].node_id, "a");
+        let unpinned = place(&cluster, &bundles[1..], Strategy::Pack, &[]).unwrap();
+        assert_eq!(unpinned[0].node_id, "b");
+        // A node that is not in the cluster: nothing can ever hold it.
+        let away = parse_bundles(r#"[{"CPU": 1, "node:10.0.0.9": 0.001}]"#).unwrap();
+        assert_eq!(
+            place(&cluster, &away, Strategy::Pack, &[]),
+            Err(crate::placement::PlaceError::Infeasible)
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The leader's reconcile step as a pure function: snapshot in, changed
 //! records out. The head commits them in one guarded etcd transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::placement::{place, Assignment, GpuShare, NodeView, PlaceError, Strategy};
 use crate::resources::{Resources, GPU};
@@ -12,6 +12,9 @@ pub struct Changes {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub pgs: BTreeMap<String, PgRecord>,
     pub actors: BTreeMap<String, ActorRecord>,
+    /// Owners whose absence removed groups in this decision: the commit
+    /// holds only while their keys are still absent.
+    pub owners_gone: BTreeSet<String>,
 }
 
 impl Changes {
@@ -20,8 +23,30 @@ impl Changes {
     }
 }
 
-/// One pass: declare lost nodes dead, reschedule what they held, place
-/// pending placement groups and actors.
+/// Why the leader removes a placement group whose owner is gone.
+pub const OWNER_GONE: &str = "its placement group was removed: its owner is gone";
+
+/// Placement groups to remove because their owner's key is gone: the
+/// owner stopped refreshing its lease while etcd was healthy.
+///
+/// Only with `lapse_means_dead` (etcd has answered without a break for
+/// the grace): an owner lease that lapsed because etcd itself was away, or
+/// whose owner has not yet had the grace to register again, says nothing
+/// about the owner. Groups without an owner are never touched.
+pub fn orphaned_groups(snap: &Snapshot, lapse_means_dead: bool) -> Vec<&PgRecord> {
+    if !lapse_means_dead {
+        return Vec::new();
+    }
+    snap.pgs
+        .values()
+        .filter(|p| p.state != PgState::Removed)
+        .filter(|p| p.owner.as_ref().is_some_and(|o| !snap.owners.contains(o)))
+        .collect()
+}
+
+/// One pass: declare lost nodes dead, remove groups whose owner is gone,
+/// reschedule what dead nodes held, place pending placement groups and
+/// actors.
 ///
 /// `lapse_means_dead`: whether a node without a lease is silent (etcd has
 /// been healthy for the grace, see `health.rs`). When false, such a node is
@@ -43,6 +68,16 @@ pub fn reconcile(snap: &Snapshot, now: f64, lapse_means_dead: bool) -> Changes {
     let alive = |id: &str| nodes.get(id).is_some_and(|n| n.state == NodeState::Alive);
 
     let mut pgs = snap.pgs.clone();
+    let mut orphaned = BTreeSet::new();
+    for o in orphaned_groups(snap, lapse_means_dead) {
+        let mut p = o.clone();
+        p.state = PgState::Removed;
+        p.ended_at = Some(now);
+        orphaned.insert(p.id.clone());
+        ch.owners_gone.extend(p.owner.clone());
+        ch.pgs.insert(p.id.clone(), p.clone());
+        pgs.insert(p.id.clone(), p);
+    }
     for pg in pgs.values_mut().filter(|p| p.holds_resources()) {
         let mut lost = false;
         for a in pg.assignments.iter_mut() {
@@ -85,7 +120,11 @@ pub fn reconcile(snap: &Snapshot, now: f64, lapse_means_dead: bool) -> Changes {
             if pgs.get(pg_id).is_none_or(|p| p.state == PgState::Removed) {
                 a.state = ActorState::Dead;
                 a.ended_at = Some(now);
-                a.death_cause = Some("its placement group was removed".into());
+                a.death_cause = Some(if orphaned.contains(pg_id) {
+                    OWNER_GONE.into()
+                } else {
+                    "its placement group was removed".into()
+                });
             }
         }
         if a.state != ActorState::Dead {
@@ -297,6 +336,7 @@ mod tests {
             state: PgState::Pending,
             created_at: 1.0,
             ended_at: None,
+            owner: None,
         }
     }
 
@@ -446,6 +486,69 @@ mod tests {
         // Silent past the grace while etcd is healthy: now it is dead.
         let ch = reconcile(&s, 9.0, true);
         assert_eq!(ch.nodes.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_group_goes_with_its_owner_but_not_in_an_outage() {
+        let mut s = cluster(&["a"]);
+        let mut owned = pg(
+            "owned",
+            vec![Resources::new().with(GPU, 2.0)],
+            Strategy::Pack,
+        );
+        owned.owner = Some("o1".into());
+        owned.created_at = 0.5; // placed first
+        s.pgs.insert("owned".into(), owned);
+        s.pgs.insert(
+            "cli".into(),
+            pg("cli", vec![Resources::new().with(GPU, 1.0)], Strategy::Pack),
+        );
+        s.actors
+            .insert("x".into(), actor("x", Some("owned"), 0, 1.0, -1));
+        s.owners.insert("o1".into());
+        let ch = reconcile(&s, 1.0, true);
+        apply(&mut s, ch);
+        assert_eq!(s.pgs["owned"].state, PgState::Created);
+        assert_eq!(s.pgs["cli"].state, PgState::Pending, "the node is full");
+        assert!(s.actors["x"].node_id.is_some());
+
+        // The owner's key is gone, but etcd was away (or the grace is not
+        // over): nothing is removed.
+        s.owners.clear();
+        assert!(orphaned_groups(&s, false).is_empty());
+        assert!(reconcile(&s, 2.0, false).is_empty());
+
+        // Gone while etcd was healthy: the group and its actor go, and the
+        // GPUs they held place the waiting group in the same pass.
+        let ids: Vec<&str> = orphaned_groups(&s, true)
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect();
+        assert_eq!(ids, ["owned"], "a group without owner is never orphaned");
+        let ch = reconcile(&s, 3.0, true);
+        assert_eq!(ch.owners_gone.iter().collect::<Vec<_>>(), ["o1"]);
+        apply(&mut s, ch);
+        assert_eq!(s.pgs["owned"].state, PgState::Removed);
+        assert_eq!(s.pgs["owned"].ended_at, Some(3.0));
+        assert_eq!(s.actors["x"].state, ActorState::Dead);
+        assert_eq!(s.actors["x"].death_cause.as_deref(), Some(OWNER_GONE));
+        assert_eq!(s.pgs["cli"].state, PgState::Created);
+        // Removed once: nothing more to do.
+        assert!(orphaned_groups(&s, true).is_empty());
+        assert!(reconcile(&s, 4.0, true).is_empty());
+    }
+
+    #[test]
+    fn a_live_owner_keeps_its_pending_group() {
+        let mut s = cluster(&["a"]);
+        let mut p = pg("p", vec![Resources::new().with(GPU, 9.0)], Strategy::Pack);
+        p.owner = Some("o".into());
+        s.pgs.insert("p".into(), p);
+        s.owners.insert("o".into());
+        assert!(reconcile(&s, 1.0, true).is_empty());
+        s.owners.clear();
+        let ch = reconcile(&s, 2.0, true);
+        assert_eq!(ch.pgs["p"].state, PgState::Removed, "pending ones go too");
     }
 
     #[test]

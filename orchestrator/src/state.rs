@@ -57,6 +57,10 @@ pub struct PgRecord {
     /// When it was removed; the leader forgets it some time later.
     #[serde(default)]
     pub ended_at: Option<f64>,
+    /// The owner (see `OwnerRecord`) whose death removes this group; None:
+    /// it stays until removed (created by the CLI, say).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl PgRecord {
@@ -64,6 +68,17 @@ impl PgRecord {
     pub fn holds_resources(&self) -> bool {
         matches!(self.state, PgState::Created | PgState::Rescheduling)
     }
+}
+
+/// A client process that owns placement groups (Ray's non-detached
+/// lifetime). Stored under `owners/ID` on an etcd lease the owner keeps
+/// alive through the head: the key existing is what "alive" means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub id: String,
+    pub name: String,
+    pub ttl_s: u64,
+    pub registered_at: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +148,8 @@ pub struct Snapshot {
     pub live: BTreeSet<String>,
     pub pgs: BTreeMap<String, PgRecord>,
     pub actors: BTreeMap<String, ActorRecord>,
+    /// Owner ids whose lease-bound key exists.
+    pub owners: BTreeSet<String>,
     /// mod_revision of every record key, for compare-and-swap writes.
     pub mod_revs: BTreeMap<String, i64>,
     pub leader: Option<String>,
@@ -275,6 +292,7 @@ mod tests {
                 })],
                 created_at: 0.0,
                 ended_at: None,
+                owner: None,
             },
         );
         let v = s.node_views();

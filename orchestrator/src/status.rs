@@ -237,7 +237,13 @@ pub fn render(r: &Report, verbose: bool) -> String {
         "memory" => 2,
         _ => 3,
     };
-    let mut usage: Vec<&Usage> = r.usage.iter().collect();
+    // As `ray status`: node:<ip> resources sum to nothing meaningful over
+    // the cluster; they show per node under --verbose.
+    let mut usage: Vec<&Usage> = r
+        .usage
+        .iter()
+        .filter(|u| !u.name.starts_with(crate::resources::NODE_PREFIX))
+        .collect();
     usage.sort_by(|a, b| (rank(&a.name), &a.name).cmp(&(rank(&b.name), &b.name)));
     for u in usage {
         let mut line = usage_line(&u.name, u.used, u.total);
@@ -299,7 +305,8 @@ mod tests {
             total: Resources::new()
                 .with(GPU, gpus as f64)
                 .with("CPU", 4.0)
-                .with(MEMORY, 1024.0 * 1024.0 * 1024.0),
+                .with(MEMORY, 1024.0 * 1024.0 * 1024.0)
+                .with(&crate::resources::node_resource(ip), 1.0),
             gpu_ids: (0..gpus).collect(),
             gpu_model: None,
             gpu_memory_bytes: 0,
@@ -340,6 +347,7 @@ mod tests {
                 ],
                 created_at: 0.0,
                 ended_at: None,
+                owner: None,
             },
         );
         s.pgs.insert(
@@ -353,6 +361,7 @@ mod tests {
                 assignments: vec![None, None],
                 created_at: 1.0,
                 ended_at: None,
+                owner: None,
             },
         );
         for (k, t) in [("0001", 1.0), ("0002", 2.0)] {
@@ -383,6 +392,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Node: a (127.0.0.2)"), "{text}");
+        assert!(!text.contains("\n 0.0/1.0 node:"), "cluster-wide: {text}");
+        assert!(
+            text.contains("\n  0.0/1.0 node:127.0.0.2\n"),
+            "per node: {text}"
+        );
         assert!(
             text.contains(
                 "Recent events:\n 1970-01-01 00:00:02.000000 NODE_LOST: node d lost at 2\n"

@@ -302,6 +302,9 @@ impl Store {
     pub fn actor_key(&self, id: &str) -> String {
         format!("{}actors/{id}", self.prefix)
     }
+    pub fn owner_key(&self, id: &str) -> String {
+        format!("{}owners/{id}", self.prefix)
+    }
     pub fn alloc_key(&self) -> String {
         format!("{}alloc", self.prefix)
     }
@@ -343,6 +346,11 @@ impl Store {
                 s.nodes.insert(id.to_string(), n);
             } else if let Some(id) = rest.strip_prefix("live/") {
                 s.live.insert(id.to_string());
+            } else if let Some(id) = rest.strip_prefix("owners/") {
+                // Presence is what counts (the key lives on the owner's
+                // lease); the value is for people reading etcd.
+                s.owners.insert(id.to_string());
+                continue;
             } else if let Some(id) = rest.strip_prefix("pgs/") {
                 let p: PgRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
                 s.pgs.insert(id.to_string(), p);
@@ -376,7 +384,22 @@ impl Store {
     /// `alloc_rev` is given) nobody reserved anything since the snapshot
     /// this decision was made on. False means: re-read and decide again.
     pub async fn commit(&self, alloc_rev: Option<i64>, records: &[Guarded]) -> Result<bool> {
-        let mut cmps = Vec::with_capacity(records.len() + 1);
+        self.commit_if_absent(alloc_rev, records, &[]).await
+    }
+
+    /// [`Store::commit`], also guarded on `absent` keys not existing: a
+    /// decision taken because a lease-bound key was gone must not land
+    /// after its holder registered again.
+    pub async fn commit_if_absent(
+        &self,
+        alloc_rev: Option<i64>,
+        records: &[Guarded],
+        absent: &[String],
+    ) -> Result<bool> {
+        let mut cmps = Vec::with_capacity(records.len() + absent.len() + 1);
+        for k in absent {
+            cmps.push(Compare::create_revision(k.as_str(), CompareOp::Equal, 0));
+        }
         let mut ops = Vec::with_capacity(records.len() + 1);
         if let Some(rev) = alloc_rev {
             cmps.push(Compare::mod_revision(
@@ -418,6 +441,35 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    pub async fn grant(&self, ttl_s: u64) -> Result<i64> {
+        let mut c = self.client();
+        Ok(self
+            .check(c.lease_grant(ttl_s as i64, None).await)
+            .await?
+            .id())
+    }
+
+    /// `key`'s value and the lease it is attached to (0: none); None when
+    /// `key` is absent.
+    pub async fn get_with_lease(&self, key: &str) -> Result<Option<(String, i64)>> {
+        let mut c = self.client();
+        let r = self.check(c.get(key, None).await).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
+    }
+
+    /// One keep-alive of `lease` (etcd-client sends it and reads etcd's
+    /// answer); false when etcd no longer has the lease.
+    pub async fn keep_alive_once(&self, lease: i64) -> Result<bool> {
+        let mut c = self.client();
+        match c.lease_keep_alive(lease).await {
+            Ok(_) => Ok(true),
+            Err(e) if lease_not_found(&e) => Ok(false),
+            Err(e) => self.check(Err(e)).await,
+        }
     }
 
     pub async fn get_string(&self, key: &str) -> Result<Option<String>> {

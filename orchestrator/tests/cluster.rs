@@ -389,6 +389,7 @@ fn bad_input_and_tokens_change_nothing() {
             strategy: "PACK".into(),
             name: String::new(),
             timeout_s: 1.0,
+            owner: String::new(),
         })
         .await
         .unwrap_err()
@@ -1378,4 +1379,282 @@ fn head_owning_its_etcd_crashes_and_resumes_on_the_same_data() {
         .join("etcd-members")
         .join("127.0.0.1_31302")
         .exists());
+}
+
+#[test]
+fn owned_placement_group_goes_with_its_owner() {
+    let _serial = common::serial();
+    let mut c = Cluster::new("owner", 31200);
+    let ttl = Duration::from_secs(3); // the default --node-ttl-s
+    c.start_head("head", c.head_port, 0);
+    c.start_node("n2", "127.0.0.2", 2);
+    wait_until(Duration::from_secs(20), "two nodes", || {
+        c.alive_nodes() == 2
+    });
+
+    // Every node offers node:<ip> = 1; status shows it per node only.
+    for n in c.nodes() {
+        let key = format!("node:{}", n["ip"].as_str().unwrap());
+        assert_eq!(n["total"][&key], 10_000, "{n}");
+    }
+    let st = c.ok(&["status"]);
+    assert!(!st.contains("node:127."), "{st}");
+    let st = c.ok(&["status", "--verbose"]);
+    assert!(st.contains("  0.0/1.0 node:127.0.0.2\n"), "{st}");
+
+    // Three {CPU: 4} bundles each fit a node, but never the 8 CPUs of the
+    // cluster together: refused at once rather than queued.
+    for strategy in ["PACK", "SPREAD"] {
+        let t = std::time::Instant::now();
+        let err = c.fails(&[
+            "placement-group",
+            "create",
+            "--bundles",
+            r#"[{"CPU":4},{"CPU":4},{"CPU":4}]"#,
+            "--strategy",
+            strategy,
+            "--timeout",
+            "20",
+        ]);
+        assert!(
+            err.contains("No available node types can fulfill resource request"),
+            "{strategy}: {err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{strategy}: waited");
+    }
+
+    // The owner RPCs refuse what they cannot honour, with the reason.
+    owner_rpcs_refuse_bad_input(&c);
+
+    // A group without owner (the CLI's) stays whatever happens below.
+    let cli_pg = c.ok(&["placement-group", "create", "--bundles", r#"[{"CPU":1}]"#]);
+    let cli_pg = cli_pg.trim().to_string();
+
+    // The owning process: it holds both GPUs; an actor runs in bundle 1.
+    let owner = c.spawn_cli(
+        "owner",
+        &[
+            "placement-group",
+            "create",
+            "--bundles",
+            r#"[{"GPU":1},{"GPU":1}]"#,
+            "--name",
+            "held",
+            "--hold",
+        ],
+    );
+    let mut pg = String::new();
+    wait_until(Duration::from_secs(15), "the held group's id", || {
+        pg = c
+            .log("owner")
+            .lines()
+            .find(|l| l.starts_with("pg_"))
+            .unwrap_or_default()
+            .to_string();
+        !pg.is_empty()
+    });
+    let rec = c.pg(&pg);
+    assert_eq!(rec["state"], "CREATED");
+    let owner_id = rec["owner"].as_str().unwrap().to_string();
+    assert!(owner_id.starts_with("owner_"), "{rec}");
+    let actor = c.ok(&[
+        "actor",
+        "create",
+        "--command",
+        "sleep",
+        "--arg",
+        "600",
+        "--placement-group",
+        &pg,
+        "--bundle-index",
+        "1",
+        "--resources",
+        r#"{"GPU":1}"#,
+        "--name",
+        "held-rank1",
+    ]);
+    let actor = actor.trim().to_string();
+    let a = wait_actor_state(&c, &actor, "ALIVE", 15);
+    let pid = a["pid"].as_u64().unwrap();
+    let table = c.ok(&["list", "placement-groups"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&pg) && l.ends_with(&owner_id)),
+        "{table}"
+    );
+    let table = c.ok(&["list", "actors"]);
+    assert!(table.starts_with("ACTOR_ID\tNAME\tSTATE\tNODE_ID\tPID\tRESTARTS\tEXIT_CODE\tPLACEMENT_GROUP\tBUNDLE\tRANK\n"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&actor) && l.ends_with(&format!("\t{pg}\t1\t1"))),
+        "{table}"
+    );
+
+    // Within the cluster's total but held by the owner: it waits.
+    let err = c.fails(&[
+        "placement-group",
+        "create",
+        "--bundles",
+        r#"[{"GPU":1}]"#,
+        "--name",
+        "waiter",
+        "--timeout",
+        "0.5",
+    ]);
+    assert!(err.contains("still PENDING"), "{err}");
+    c.ok(&["placement-group", "remove", "waiter"]);
+
+    // A live owner's group outlives many TTLs.
+    std::thread::sleep(4 * ttl);
+    assert_eq!(c.pg(&pg)["state"], "CREATED");
+
+    // etcd frozen a little longer than the TTL: calls answer late rather
+    // than fail, and etcd may revoke the owner's lease on resuming; the
+    // head counts the late answer as an outage and removes nothing.
+    c.pause_etcd(true);
+    std::thread::sleep(ttl + Duration::from_millis(700));
+    c.pause_etcd(false);
+    std::thread::sleep(2 * ttl + ttl + Duration::from_secs(2));
+    assert_eq!(c.pg(&pg)["state"], "CREATED", "{}", c.log("head"));
+    assert!(pid_alive(pid));
+    assert!(
+        c.log("head").contains("etcd is back after"),
+        "the stall went unnoticed: {}",
+        c.log("head")
+    );
+
+    // etcd frozen longer than the owner's TTL: the owner's lease may lapse
+    // in etcd, but the leader removes nothing during the outage or its
+    // grace, and the owner registers again meanwhile.
+    c.pause_etcd(true);
+    std::thread::sleep(Duration::from_secs(8));
+    c.pause_etcd(false);
+    std::thread::sleep(2 * ttl + ttl + Duration::from_secs(3));
+    assert_eq!(c.pg(&pg)["state"], "CREATED", "{}", c.log("head"));
+    assert_eq!(c.actor(&actor)["state"], "ALIVE");
+    assert!(pid_alive(pid));
+    assert!(
+        !c.log("head").contains("its owner is gone"),
+        "{}",
+        c.log("head")
+    );
+    eprintln!(
+        "owner across the etcd pause: {}",
+        if c.log("owner").contains("registered again") {
+            "its lease lapsed and it registered again"
+        } else {
+            "its lease survived"
+        }
+    );
+
+    // kill -9 of the owner: the head removes its group and the actor.
+    c.procs[owner].kill9();
+    let t = std::time::Instant::now();
+    wait_until(Duration::from_secs(20), "the owner's group removed", || {
+        c.pg(&pg)["state"] == "REMOVED"
+    });
+    let took = t.elapsed();
+    eprintln!(
+        "placement group removed {:.2} s after its owner was killed (owner TTL {} s)",
+        took.as_secs_f64(),
+        ttl.as_secs()
+    );
+    assert!(took <= ttl + Duration::from_secs(2), "took {took:?}");
+    let a = wait_actor_state(&c, &actor, "DEAD", 5);
+    assert!(
+        a["death_cause"]
+            .as_str()
+            .unwrap()
+            .contains("its owner is gone"),
+        "{a}"
+    );
+    wait_until(Duration::from_secs(10), "the actor process gone", || {
+        !pid_alive(pid)
+    });
+    let st = c.ok(&["status"]);
+    assert!(st.contains(" 0.0/2.0 GPU\n"), "{st}");
+    assert!(
+        st.contains("PLACEMENT_GROUP_REMOVED: placement group"),
+        "{st}"
+    );
+    assert!(st.contains("(held) removed: its owner is gone"), "{st}");
+    assert!(c.log("head").contains("its owner is gone"));
+    assert_eq!(c.pg(&cli_pg)["state"], "CREATED");
+
+    // SIGTERM (as Ctrl-C) of a holder removes its group at once.
+    let holder = c.spawn_cli(
+        "holder",
+        &[
+            "placement-group",
+            "create",
+            "--bundles",
+            r#"[{"GPU":1}]"#,
+            "--hold",
+        ],
+    );
+    let mut held = String::new();
+    wait_until(Duration::from_secs(15), "the second held group", || {
+        held = c
+            .log("holder")
+            .lines()
+            .find(|l| l.starts_with("pg_"))
+            .unwrap_or_default()
+            .to_string();
+        !held.is_empty()
+    });
+    unsafe { libc::kill(c.procs[holder].pid() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(5), "removed on SIGTERM", || {
+        c.pg(&held)["state"] == "REMOVED"
+    });
+    assert!(c
+        .log("holder")
+        .contains(&format!("removed placement group {held}")));
+}
+
+fn owner_rpcs_refuse_bad_input(c: &Cluster) {
+    use orchestrator::client;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let root = orchestrator::paths::CacheRoot(c.cache());
+        let token = orchestrator::auth::client_token(None, &root).unwrap();
+        let (mut cl, _) = client::connect(Some(&c.head_addr()), &root, &token)
+            .await
+            .unwrap();
+        let e = client::refresh_owner(&mut cl, "owner_nope")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, orchestrator::Error::NotFound { .. }), "{e}");
+        let e = client::register_owner(&mut cl, "x", 1.0, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("between 2 s"), "{e}");
+        let e = client::register_owner(&mut cl, "x", 0.0, Some("a/b"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid owner_id"), "{e}");
+        let e = cl
+            .create_placement_group(proto::orchestrator::CreatePlacementGroupRequest {
+                bundles_json: r#"[{"CPU":1}]"#.into(),
+                strategy: "PACK".into(),
+                name: String::new(),
+                timeout_s: 1.0,
+                owner: "owner_nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("owner 'owner_nope"), "{e:?}");
+        // The default TTL is the node TTL; a live owner refreshes.
+        let o = client::register_owner(&mut cl, "t", 0.0, None)
+            .await
+            .unwrap();
+        assert_eq!(o.ttl_s, 3);
+        let r = client::refresh_owner(&mut cl, &o.owner_id).await.unwrap();
+        assert_eq!(r.owner_id, o.owner_id);
+    });
 }

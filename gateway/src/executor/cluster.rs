@@ -8,12 +8,16 @@
 //! The gateway finds the cluster as `ray.init(address="auto")` does:
 //! `FLOTILLA_ADDRESS`, else the head recorded under the cache root; the
 //! token as the orchestrator CLI finds it. The placement group is removed
-//! (and with it the actors) when the executor is dropped.
+//! (and with it the actors) when the executor is dropped; it is owned by
+//! this process (Ray's non-detached lifetime), so when the gateway dies
+//! without dropping it (kill -9) the orchestrator removes it once the
+//! owner's lease lapses. As vLLM does, bundle 0 asks for a sliver of
+//! `node:<driver ip>` so that rank 0 runs on the gateway's node.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use orchestrator::client::Client;
+use orchestrator::client::{Client, HeadDialer, OwnerKeeper};
 use orchestrator::paths::CacheRoot;
 use orchestrator::state::{ActorRecord, ActorState, NodeRecord, PgRecord, PgState};
 use proto::orchestrator::{CreateActorRequest, CreatePlacementGroupRequest, ListRequest, NameOrId};
@@ -109,11 +113,56 @@ pub fn order_bundles(bundle_ips: &[String], driver_ip: &str) -> Vec<usize> {
     order
 }
 
+/// vLLM's request for the driver's node in bundle 0.
+const DRIVER_NODE_SHARE: f64 = 0.001;
+
+/// The bundles: `world` copies of `bundle`, the first also pinned to the
+/// driver's node.
+pub fn bundles_for(bundle: &serde_json::Value, world: usize, driver_ip: &str) -> serde_json::Value {
+    let mut all = vec![bundle.clone(); world];
+    if let Some(serde_json::Value::Object(first)) = all.first_mut() {
+        first.insert(
+            orchestrator::resources::node_resource(driver_ip),
+            serde_json::json!(DRIVER_NODE_SHARE),
+        );
+    }
+    serde_json::Value::Array(all)
+}
+
+/// The driver must run on a cluster node: rank 0 goes there.
+pub fn check_driver_node(nodes: &[NodeRecord], driver_ip: &str, why: &str) -> Result<()> {
+    if nodes
+        .iter()
+        .any(|n| n.ip == driver_ip && n.state == orchestrator::state::NodeState::Alive)
+    {
+        return Ok(());
+    }
+    let ips: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.state == orchestrator::state::NodeState::Alive)
+        .map(|n| n.ip.as_str())
+        .collect();
+    Err(cluster_err(format!(
+        "the gateway's node {driver_ip} ({why}) is not a node of the cluster (its nodes: {}): \
+         the first worker runs on the gateway's node, so the gateway must run on a cluster node \
+         (start one there with `orchestrator start --address HEAD_IP:PORT`), or set VLLM_HOST_IP \
+         to the IP of the cluster node it runs on",
+        if ips.is_empty() {
+            "none".to_string()
+        } else {
+            ips.join(", ")
+        }
+    )))
+}
+
 /// The placement group and its actors, removed on drop.
 struct ActorGroup {
     runtime: Option<tokio::runtime::Runtime>,
     client: Client,
     pg_id: String,
+    /// Keeps this process the group's live owner; stopped (after the
+    /// group is removed) when the group drops.
+    _owner: OwnerKeeper,
 }
 
 impl ActorGroup {
@@ -191,25 +240,46 @@ impl ClusterExecutor {
             &root,
         )
         .map_err(|e| cluster_err(e.to_string()))?;
-        let address = envs::raw(envs::FLOTILLA_ADDRESS);
-        let (client, head) = block_on(runtime.handle(), async {
-            orchestrator::client::connect(address.as_deref(), &root, &token).await
-        })
-        .map_err(|e| cluster_err(format!("cannot reach the orchestrator: {e}")))?;
+        let dialer = HeadDialer {
+            address: envs::raw(envs::FLOTILLA_ADDRESS),
+            root: root.clone(),
+            token: token.clone(),
+        };
+        let (client, head) = block_on(runtime.handle(), dialer.connect())
+            .map_err(|e| cluster_err(format!("cannot reach the orchestrator: {e}")))?;
         tracing::info!("Connected to the orchestrator head at {head}");
+        let (driver_ip, driver_why) = orchestrator::detect::node_ip(None, Some(&head));
+        let nodes: Vec<NodeRecord> = list_with(&runtime, &client, "nodes")?;
+        check_driver_node(&nodes, &driver_ip, &driver_why)?;
 
-        // The placement group: created here, removed when `group` drops.
+        // The placement group: owned by this process, created here, removed
+        // when `group` drops (or by the orchestrator if this process dies).
         let name = format!(
             "flotilla-gateway-{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let bundles = serde_json::Value::Array(vec![bundle.clone(); world]);
-        let pg = create_placement_group(&runtime, &client, &name, &bundles)?;
+        let mut c = client.clone();
+        let owner = block_on(runtime.handle(), async {
+            orchestrator::client::register_owner(&mut c, &name, 0.0, None).await
+        })
+        .map_err(|e| cluster_err(format!("registering the gateway as an owner: {e}")))?;
+        let owner_id = owner.owner_id.clone();
+        let keeper = OwnerKeeper::spawn(client.clone(), dialer, owner, name.clone())
+            .map_err(|e| cluster_err(e.to_string()))?;
+        let bundles = bundles_for(&bundle, world, &driver_ip);
+        let pg = match create_placement_group(&runtime, &client, &name, &bundles, &owner_id) {
+            Ok(pg) => pg,
+            Err(e) => {
+                drop(keeper);
+                return Err(e);
+            }
+        };
         let group = ActorGroup {
             runtime: Some(runtime),
             client: client.clone(),
             pg_id: pg.id.clone(),
+            _owner: keeper,
         };
         let pg = wait_created(&group, pg, &bundles)?;
 
@@ -231,7 +301,6 @@ impl ClusterExecutor {
                     })
             })
             .collect::<Result<_>>()?;
-        let driver_ip = orchestrator::detect::node_ip(None, Some(&head)).0;
         let rank_bundles = indices.unwrap_or_else(|| order_bundles(&bundle_ips, &driver_ip));
 
         // One actor per rank, running the worker binary on its node.
@@ -316,6 +385,7 @@ fn create_placement_group(
     client: &Client,
     name: &str,
     bundles: &serde_json::Value,
+    owner: &str,
 ) -> Result<PgRecord> {
     let mut c = client.clone();
     let req = CreatePlacementGroupRequest {
@@ -324,6 +394,7 @@ fn create_placement_group(
         name: name.to_string(),
         // Short: the wait below logs while the group is pending.
         timeout_s: 1.0,
+        owner: owner.to_string(),
     };
     match block_on(runtime.handle(), async move {
         c.create_placement_group(req).await
@@ -340,17 +411,27 @@ fn create_placement_group(
             assignments: Vec::new(),
             created_at: 0.0,
             ended_at: None,
+            owner: Some(owner.to_string()),
         }),
         Err(s) => Err(status_err("creating the placement group", s)),
     }
 }
 
 fn list<T: serde::de::DeserializeOwned>(group: &ActorGroup, kind: &str) -> Result<Vec<T>> {
-    let mut c = group.client.clone();
+    list_with(group.runtime.as_ref().expect("live"), &group.client, kind)
+}
+
+fn list_with<T: serde::de::DeserializeOwned>(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    kind: &str,
+) -> Result<Vec<T>> {
+    let mut c = client.clone();
     let kind_s = kind.to_string();
-    let reply = group
-        .call(async move { c.list(ListRequest { kind: kind_s }).await })
-        .map_err(|s| status_err(&format!("listing {kind}"), s))?;
+    let reply = block_on(runtime.handle(), async move {
+        c.list(ListRequest { kind: kind_s }).await
+    })
+    .map_err(|s| status_err(&format!("listing {kind}"), s))?;
     serde_json::from_str(&reply.into_inner().json)
         .map_err(|e| cluster_err(format!("bad {kind} list from the head: {e}")))
 }
@@ -497,6 +578,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("VLLM_RAY_BUNDLE_INDICES"), "{e}");
+    }
+
+    #[test]
+    fn bundle_zero_asks_for_the_driver_node() {
+        let b = bundles_for(&serde_json::json!({"CPU": 1}), 3, "10.0.0.4");
+        assert_eq!(
+            b,
+            serde_json::json!([{"CPU": 1, "node:10.0.0.4": 0.001}, {"CPU": 1}, {"CPU": 1}])
+        );
+        let parsed = orchestrator::resources::parse_bundles(&b.to_string()).unwrap();
+        assert_eq!(parsed[0].get("node:10.0.0.4"), 10);
+    }
+
+    #[test]
+    fn a_driver_off_the_cluster_is_a_clear_error() {
+        let node = |ip: &str| NodeRecord {
+            id: format!("node_{ip}"),
+            ip: ip.into(),
+            agent_address: String::new(),
+            is_head: false,
+            total: Default::default(),
+            gpu_ids: vec![],
+            gpu_model: None,
+            gpu_memory_bytes: 0,
+            state: orchestrator::state::NodeState::Alive,
+            started_at: 0.0,
+            died_at: None,
+            death_reason: None,
+        };
+        let nodes = vec![node("10.0.0.1"), node("10.0.0.2")];
+        check_driver_node(&nodes, "10.0.0.2", "x").unwrap();
+        let e = check_driver_node(&nodes, "10.0.0.9", "from VLLM_HOST_IP")
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "10.0.0.9 (from VLLM_HOST_IP) is not a node of the cluster",
+            "10.0.0.1, 10.0.0.2",
+            "must run on a cluster node",
+            "VLLM_HOST_IP",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 
     #[test]

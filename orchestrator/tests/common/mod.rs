@@ -431,6 +431,19 @@ impl Cluster {
         self.procs.len() - 1
     }
 
+    /// Runs a client command that keeps running (`placement-group create
+    /// --hold`) against the head, logging to `NAME.log`; killed on drop.
+    pub fn spawn_cli(&mut self, name: &str, args: &[&str]) -> usize {
+        let addr = self.head_addr();
+        let mut a = args.to_vec();
+        a.extend(["--address", &addr]);
+        self.spawn(name, &a)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.root.0.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     /// Starts a head on 127.0.0.1:`port` against this cluster's etcd.
     pub fn start_head(&mut self, name: &str, port: u16, gpus: u32) -> usize {
         self.start_head_with(name, port, gpus, &[])
