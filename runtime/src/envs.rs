@@ -398,7 +398,8 @@ pub fn startup_report(lookup: impl Fn(&str) -> Option<String>) -> StartupReport 
 }
 
 /// Logs a warning for each variable set to no effect and fails on those
-/// that would give a wrong result. Every binary calls it once at start.
+/// that would give a wrong result. Whatever runs a model calls it before
+/// loading one (the engine, each worker); the orchestrator runs no model.
 pub fn check_startup() -> Result<(), StartupError> {
     let r = startup_report(|name| std::env::var(name).ok());
     for line in &r.accepted {

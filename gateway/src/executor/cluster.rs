@@ -213,7 +213,14 @@ impl ClusterExecutor {
         let indices =
             parse_bundle_indices(envs::raw(envs::VLLM_RAY_BUNDLE_INDICES).as_deref(), world)?;
         let bin = locate_worker_bin()?;
-        let bundle = match config.device.resolve()? {
+        // The workers run where the GPUs are: a gateway told `--device cuda`
+        // may have none itself (a Kubernetes gateway pod), so only `auto`
+        // looks at this machine; the workers check their own devices.
+        let device = match config.device {
+            Device::Auto => config.device.resolve()?,
+            explicit => explicit,
+        };
+        let bundle = match device {
             Device::Cuda => {
                 let gpus: f64 = envs::get(envs::VLLM_RAY_PER_WORKER_GPUS)?.unwrap_or(1.0);
                 if !(gpus > 0.0 && gpus.is_finite()) {
@@ -325,14 +332,14 @@ impl ClusterExecutor {
             env.insert("LOCAL_RANK".into(), local_rank.to_string());
             // The gateway's own thread setting wins; else a CPU bundle
             // reserves one CPU for this worker.
-            match std::env::var("RAYON_NUM_THREADS") {
-                Ok(n) => {
+            match envs::raw(envs::RAYON_NUM_THREADS) {
+                Some(n) => {
                     env.insert("RAYON_NUM_THREADS".into(), n);
                 }
-                Err(_) if bundle.get("CPU").is_some() => {
+                None if bundle.get("CPU").is_some() => {
                     env.insert("RAYON_NUM_THREADS".into(), "1".into());
                 }
-                Err(_) => {}
+                None => {}
             }
             let req = CreateActorRequest {
                 command: bin.to_string_lossy().into_owned(),
