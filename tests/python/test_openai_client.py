@@ -6,7 +6,7 @@ import openai
 import pytest
 import requests
 
-from conftest import API_KEY, MAX_MODEL_LEN, MODEL_NAME
+from conftest import API_KEY, MAX_MODEL_LEN, MODEL_NAME, start_server
 from helpers import sse_events, tokenize
 
 PROMPT = "The capital of France is"
@@ -235,3 +235,27 @@ def test_401_wrong_key(auth_server):
     # Only /v1 is guarded, as in vLLM.
     assert requests.get(f"{auth_server.root}/health", timeout=10).status_code == 200
     assert requests.get(f"{auth_server.root}/metrics", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def reasoning_client():
+    s = start_server(["--reasoning-parser", "deepseek_r1"])
+    yield openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
+    s.stop()
+
+
+def test_reasoning_parser_fields(reasoning_client, client):
+    # SmolLM2 never closes a <think>, so under deepseek_r1 its plain answer is
+    # all reasoning; the SDK keeps the fields it does not model in model_extra.
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+    r = reasoning_client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+    msg = r.choices[0].message
+    assert msg.content is None
+    assert msg.model_extra["reasoning"] == plain.choices[0].message.content
+    assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"]
+    assert "reasoning" not in (plain.choices[0].message.model_extra or {})
+    chunks = list(reasoning_client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == msg.model_extra["reasoning"]
+    assert "".join(d.content or "" for d in deltas) == ""

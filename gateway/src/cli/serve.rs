@@ -11,6 +11,7 @@ use crate::chat_template::ChatTemplate;
 use crate::engine::args::EngineArgs;
 use crate::envs;
 use crate::openai::middleware::CorsConfig;
+use crate::openai::reasoning::{self, ReasoningParser};
 use crate::openai::sampling::SamplingDefaults;
 use crate::openai::state::{unix_now, AppState, SharedState};
 use crate::openai::{serve, ServerConfig};
@@ -58,6 +59,10 @@ pub struct ServerArgs {
     /// Role of the generated message when add_generation_prompt is true.
     #[arg(long, default_value = "assistant")]
     pub response_role: String,
+    /// Return the text inside <think>…</think> of chat replies as `reasoning`
+    /// (and `reasoning_content`) instead of `content`.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(reasoning::NAMES))]
+    pub reasoning_parser: Option<String>,
     /// Echo (or generate) X-Request-Id on every response.
     #[arg(long)]
     pub enable_request_id_headers: bool,
@@ -177,6 +182,17 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
     }
     // Fail on bad server flags before spending time loading weights.
     let config = args.server.server_config()?;
+    let reasoning_parser = match args.server.reasoning_parser.as_deref() {
+        None => None,
+        Some(name) => {
+            Some(
+                ReasoningParser::from_name(name).ok_or_else(|| CliError::InvalidArg {
+                    flag: "--reasoning-parser",
+                    message: format!("{name:?} is not one of {:?}", reasoning::NAMES),
+                })?,
+            )
+        }
+    };
     let loaded = args.engine.build(Path::new(&model))?;
     let names = if args.server.served_model_name.is_empty() {
         vec![model.clone()]
@@ -216,6 +232,7 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
         model_root: model,
         max_model_len: loaded.max_model_len,
         response_role: args.server.response_role.clone(),
+        reasoning_parser,
         defaults,
         log_requests: !args.server.disable_log_requests,
         created: unix_now(),

@@ -17,6 +17,7 @@ use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, DeltaMessage,
 };
+use super::reasoning::{Delta, ReasoningStream};
 use super::sampling::{self, EndpointSampling};
 use super::sse::{json_event, stream_response, ChunkEncoder};
 use super::state::{base_request_id, engine_request_id, unix_now, AppState, SharedState};
@@ -231,6 +232,11 @@ pub async fn create_chat_completion(
         let opts = req.stream_options.unwrap_or_default();
         let encoder = StreamEncoder {
             choices: vec![ChoiceState::default(); n],
+            reasoning: ctx
+                .state
+                .reasoning_parser
+                .map(|p| vec![p.stream(); n])
+                .unwrap_or_default(),
             include_usage: opts.include_usage.unwrap_or(false),
             continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
             ctx,
@@ -268,11 +274,7 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
         .enumerate()
         .map(|(idx, c)| ChatChoice {
             index: idx,
-            message: ChatMessage {
-                role: ctx.role.clone(),
-                content: format!("{}{}", ctx.echo, c.text),
-                tool_calls: Vec::new(),
-            },
+            message: message(&ctx, &c.text),
             logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
             finish_reason: fanout::finish_reason(&c.finished),
             stop_reason: fanout::stop_reason(&c.finished),
@@ -293,9 +295,34 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
     }))
 }
 
+/// The reply's message; the echo stays in front of the content, since the
+/// reasoning parser reads only what the model generated.
+fn message(ctx: &Ctx, text: &str) -> ChatMessage {
+    let (reasoning, content) = match ctx.state.reasoning_parser {
+        None => (None, Some(text.to_string())),
+        Some(parser) => {
+            let split = parser.split(text);
+            (split.reasoning, split.content)
+        }
+    };
+    let content = match content {
+        Some(c) => Some(format!("{}{c}", ctx.echo)),
+        None => (!ctx.echo.is_empty()).then(|| ctx.echo.clone()),
+    };
+    ChatMessage {
+        role: ctx.role.clone(),
+        content,
+        reasoning_content: reasoning.clone(),
+        reasoning,
+        tool_calls: Vec::new(),
+    }
+}
+
 struct StreamEncoder {
     ctx: Ctx,
     choices: Vec<ChoiceState>,
+    /// One parser state per choice; empty without `--reasoning-parser`.
+    reasoning: Vec<ReasoningStream>,
     include_usage: bool,
     continuous_usage: bool,
 }
@@ -325,6 +352,7 @@ impl ChunkEncoder for StreamEncoder {
                 delta: DeltaMessage {
                     role: Some(self.ctx.role.clone()),
                     content: Some(String::new()),
+                    ..Default::default()
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -334,8 +362,8 @@ impl ChunkEncoder for StreamEncoder {
                 events.push(self.chunk(vec![ChatChunkChoice {
                     index: idx,
                     delta: DeltaMessage {
-                        role: None,
                         content: Some(self.ctx.echo.clone()),
+                        ..Default::default()
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -355,7 +383,24 @@ impl ChunkEncoder for StreamEncoder {
             return vec![json_event(&err.body())];
         }
         let finished = out.finished.is_some();
-        if out.new_text.is_empty() && !finished && out.new_logprobs.is_empty() {
+        let delta = match self.reasoning.get_mut(idx) {
+            None => DeltaMessage {
+                content: (!out.new_text.is_empty() || !finished).then_some(out.new_text),
+                ..Default::default()
+            },
+            Some(parser) => {
+                let mut d = parser.push(&out.new_text);
+                if finished {
+                    let rest = parser.finish();
+                    d.reasoning += &rest.reasoning;
+                    d.content += &rest.content;
+                }
+                reasoning_delta(d)
+            }
+        };
+        let empty =
+            delta.content.as_ref().is_none_or(|c| c.is_empty()) && delta.reasoning.is_none();
+        if empty && !finished && out.new_logprobs.is_empty() {
             return Vec::new();
         }
         let logprobs = self
@@ -364,10 +409,7 @@ impl ChunkEncoder for StreamEncoder {
             .map(|k| chat_logprobs(&out.new_logprobs, k, self.ctx.state.tokenizer.as_ref()));
         vec![self.chunk(vec![ChatChunkChoice {
             index: idx,
-            delta: DeltaMessage {
-                role: None,
-                content: (!out.new_text.is_empty() || !finished).then_some(out.new_text),
-            },
+            delta,
             logprobs,
             finish_reason: fanout::finish_reason(&out.finished),
             stop_reason: fanout::stop_reason(&out.finished),
@@ -386,5 +428,16 @@ impl ChunkEncoder for StreamEncoder {
             choices: Vec::new(),
             usage: Some(fanout::usage(&self.choices, self.ctx.n)),
         })]
+    }
+}
+
+/// A parsed delta as the wire has it: only the fields that gained text.
+fn reasoning_delta(d: Delta) -> DeltaMessage {
+    let reasoning = (!d.reasoning.is_empty()).then_some(d.reasoning);
+    DeltaMessage {
+        content: (!d.content.is_empty()).then_some(d.content),
+        reasoning_content: reasoning.clone(),
+        reasoning,
+        ..Default::default()
     }
 }

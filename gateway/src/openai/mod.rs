@@ -8,6 +8,7 @@ pub mod logprobs;
 pub mod middleware;
 pub mod openapi;
 pub mod protocol;
+pub mod reasoning;
 pub mod sampling;
 pub mod server;
 pub mod sse;

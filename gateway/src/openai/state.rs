@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 
 use super::error::{ApiError, Result};
+use super::reasoning::ReasoningParser;
 use super::sampling::SamplingDefaults;
 use crate::chat_template::ChatTemplate;
 use crate::engine::client::EngineClient;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub model_root: String,
     pub max_model_len: usize,
     pub response_role: String,
+    /// `--reasoning-parser`: chat replies split into reasoning and content.
+    pub reasoning_parser: Option<ReasoningParser>,
     pub defaults: SamplingDefaults,
     pub log_requests: bool,
     /// Unix seconds at startup (the models' `created`).
