@@ -57,6 +57,8 @@ async fn smollm2_served_over_http() {
     };
     // The only test in this binary: nothing else reads the environment.
     std::env::set_var("VLLM_SERVER_DEV_MODE", "1");
+    let traces = std::env::temp_dir().join(format!("flotilla-traces-{}", std::process::id()));
+    std::env::set_var("VLLM_TORCH_PROFILER_DIR", &traces);
     let (state, cfg) = tokio::task::block_in_place(|| prepare(&args)).expect("engine loads");
     let listener = bind(&cfg).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -180,6 +182,51 @@ async fn smollm2_served_over_http() {
         .await
         .unwrap();
     assert!(doc["paths"]["/reset_prefix_cache"]["post"].is_object());
+
+    // The profiler (VLLM_TORCH_PROFILER_DIR, set before the server
+    // started): a trace of the steps between start and stop.
+    let profile = |what: &'static str| {
+        c.post(format!("{base}/api/{what}"))
+            .bearer_auth("sekret")
+            .send()
+    };
+    assert_eq!(
+        profile("start_profile").await.unwrap().status().as_u16(),
+        200
+    );
+    assert_eq!(
+        profile("start_profile").await.unwrap().status().as_u16(),
+        400,
+        "already recording"
+    );
+    let (status, _) = post(
+        &c,
+        &format!("{base}/api/v1/completions"),
+        Some("sekret"),
+        json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        profile("stop_profile").await.unwrap().status().as_u16(),
+        200
+    );
+    let files: Vec<_> = std::fs::read_dir(&traces).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "one trace file");
+    let trace: Value = serde_json::from_slice(&std::fs::read(files[0].path()).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let steps: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["name"] == "execute_model")
+        .collect();
+    assert!(steps.len() >= 3, "prefill + decodes: {events:?}");
+    assert!(steps
+        .iter()
+        .all(|e| e["ph"] == "X" && e["args"]["num_tokens"].as_u64() > Some(0)));
+    for phase in ["schedule", "process_outputs"] {
+        assert!(events.iter().any(|e| e["name"] == phase), "{phase}");
+    }
+    std::fs::remove_dir_all(&traces).unwrap();
 
     // A stream left open is ended by the shutdown, and the server returns.
     let streaming = c

@@ -145,8 +145,8 @@ env_vars! {
         "Kernels not to use.";
     VLLM_SKIP_P2P_CHECK = "VLLM_SKIP_P2P_CHECK", "0", @Accepted("Flotilla does not check GPU peer access; multi-GPU collectives are not available yet"),
         "Trust the driver's GPU peer-to-peer report.";
-    VLLM_TORCH_PROFILER_DIR = "VLLM_TORCH_PROFILER_DIR", "", @Warn("the profiler is not available in Flotilla yet: /start_profile and /stop_profile answer 404"),
-        "Directory for profiler traces; enables /start_profile and /stop_profile.";
+    VLLM_TORCH_PROFILER_DIR = "VLLM_TORCH_PROFILER_DIR", "",
+        "Directory for engine traces: enables POST /start_profile and /stop_profile, which record every step's phases as Chrome-trace JSON (Perfetto).";
     VLLM_SERVER_DEV_MODE = "VLLM_SERVER_DEV_MODE", "0",
         "1: serve the development endpoints (POST /reset_prefix_cache).";
     VLLM_USE_RAY_SPMD_WORKER = "VLLM_USE_RAY_SPMD_WORKER", "0", @Accepted("every executor drives its workers with one step stream each"),

@@ -159,6 +159,27 @@ impl EngineClient {
         rx.await.map_err(|_| self.dead_error())
     }
 
+    /// Starts the engine profiler (`VLLM_TORCH_PROFILER_DIR`); the error
+    /// says why it cannot.
+    pub async fn start_profile(&self) -> Result<std::result::Result<(), String>> {
+        self.check_alive()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.tx.send(Command::StartProfile(tx)).is_err() {
+            return Err(self.dead_error());
+        }
+        rx.await.map_err(|_| self.dead_error())
+    }
+
+    /// Stops the profiler and returns the trace file it wrote.
+    pub async fn stop_profile(&self) -> Result<std::result::Result<std::path::PathBuf, String>> {
+        self.check_alive()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.tx.send(Command::StopProfile(tx)).is_err() {
+            return Err(self.dead_error());
+        }
+        rx.await.map_err(|_| self.dead_error())
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.inner.shared.stats.lock().expect("stats lock").clone()
     }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use worker::SchedulerOutput;
 
 use super::output::{OutputProcessor, Ready};
+use super::profiler::{Phase, Profiler};
 use super::scheduler::{Scheduler, SchedulerStats};
 use super::types::{EngineRequest, FinishReason, RequestOutput};
 use crate::executor::{Executor, ExecutorError, Rebuild};
@@ -27,6 +28,10 @@ pub(crate) enum Command {
     Abort(String),
     /// Forget cached prefixes; answers whether it could (no request running).
     ResetPrefixCache(tokio::sync::oneshot::Sender<bool>),
+    /// Start recording engine steps (`VLLM_TORCH_PROFILER_DIR`).
+    StartProfile(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Stop recording; answers the trace file written.
+    StopProfile(tokio::sync::oneshot::Sender<Result<std::path::PathBuf, String>>),
     Shutdown,
 }
 
@@ -78,6 +83,8 @@ pub(crate) struct EngineCore {
     /// Steps submitted to a pipelined executor and not collected yet, oldest
     /// first, with their step numbers.
     in_flight: VecDeque<(u64, SchedulerOutput)>,
+    /// Present only with `VLLM_TORCH_PROFILER_DIR`.
+    profiler: Option<Profiler>,
 }
 
 impl EngineCore {
@@ -100,6 +107,7 @@ impl EngineCore {
             pending: Vec::new(),
             fatal: None,
             in_flight: VecDeque::new(),
+            profiler: runtime::envs::raw(runtime::envs::VLLM_TORCH_PROFILER_DIR).map(Profiler::new),
         };
         core.publish_stats();
         core
@@ -210,6 +218,26 @@ impl EngineCore {
                 self.publish_stats();
                 let _ = reply.send(done);
             }
+            Command::StartProfile(reply) => {
+                let r = match &mut self.profiler {
+                    Some(p) => p.start().map_err(|e| e.to_string()),
+                    None => Err("the profiler is off: set VLLM_TORCH_PROFILER_DIR".into()),
+                };
+                if r.is_ok() {
+                    tracing::info!("Profiler started");
+                }
+                let _ = reply.send(r);
+            }
+            Command::StopProfile(reply) => {
+                let r = match &mut self.profiler {
+                    Some(p) => p.stop().map_err(|e| e.to_string()),
+                    None => Err("the profiler is off: set VLLM_TORCH_PROFILER_DIR".into()),
+                };
+                if let Ok(path) = &r {
+                    tracing::info!("Profiler stopped; trace written to {}", path.display());
+                }
+                let _ = reply.send(r);
+            }
             Command::Shutdown => return false,
         }
         true
@@ -297,14 +325,48 @@ impl EngineCore {
         if self.max_concurrent_batches() > 1 {
             return self.step_with_batch_queue();
         }
+        let scheduling = Instant::now();
         let step = self.scheduler.schedule();
         if step.is_empty() {
             return false;
         }
         self.step_num += 1;
+        let executing = Instant::now();
         let result = self.execute(self.step_num, &step);
+        let applying = Instant::now();
         self.apply(self.step_num, &step, result);
+        if self.profiler.as_ref().is_some_and(Profiler::is_recording) {
+            let n = self.step_num;
+            self.profile(n, "schedule", scheduling, executing, &step);
+            self.profile(n, "execute_model", executing, applying, &step);
+            self.profile(n, "process_outputs", applying, Instant::now(), &step);
+        }
         true
+    }
+
+    /// One phase of step `n` for the profiler, with what the step held.
+    fn profile(
+        &mut self,
+        n: u64,
+        name: &'static str,
+        start: Instant,
+        end: Instant,
+        step: &SchedulerOutput,
+    ) {
+        if let Some(p) = &mut self.profiler {
+            p.record(Phase {
+                name,
+                start,
+                end,
+                args: serde_json::json!({
+                    "step": n,
+                    "batch_size": step.num_scheduled_tokens.len(),
+                    "num_tokens": step.total_num_scheduled_tokens(),
+                    "new_requests": step.new_requests.len(),
+                    "request_ids": req_ids(step),
+                }),
+            });
+        }
     }
 
     /// vLLM's batch queue, for pipeline stages: schedule and submit while
@@ -323,11 +385,16 @@ impl EngineCore {
             let share = (stats.num_running + stats.num_waiting)
                 .div_ceil(depth)
                 .max(1);
+            let scheduling = Instant::now();
             let step = self.scheduler.schedule_at_most(share);
             if !step.is_empty() {
                 self.step_num += 1;
                 let num = self.step_num;
-                match self.guarded(|ex| ex.submit(&step)) {
+                let submitting = Instant::now();
+                let submitted = self.guarded(|ex| ex.submit(&step));
+                self.profile(num, "schedule", scheduling, submitting, &step);
+                self.profile(num, "submit", submitting, Instant::now(), &step);
+                match submitted {
                     Ok(()) => self.in_flight.push_back((num, step)),
                     Err(e) => self.apply(num, &step, Err(e)),
                 }
@@ -336,8 +403,12 @@ impl EngineCore {
         }
         if !self.in_flight.is_empty() && (self.in_flight.len() >= depth || !progressed) {
             let (num, step) = self.in_flight.pop_front().expect("checked non-empty");
+            let waiting = Instant::now();
             let result = self.guarded(|ex| ex.wait_oldest());
+            let applying = Instant::now();
             self.apply(num, &step, result);
+            self.profile(num, "wait_oldest", waiting, applying, &step);
+            self.profile(num, "process_outputs", applying, Instant::now(), &step);
             progressed = true;
         }
         progressed

@@ -6,6 +6,7 @@ pub mod client;
 mod core;
 pub mod error;
 mod output;
+pub mod profiler;
 pub mod request;
 pub mod scheduler;
 pub mod types;

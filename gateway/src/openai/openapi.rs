@@ -19,6 +19,22 @@ pub const DEV_ROUTES: &[RouteDoc] = &[RouteDoc {
     request: None,
 }];
 
+/// The profiler's endpoints, served only with `VLLM_TORCH_PROFILER_DIR`.
+pub const PROFILER_ROUTES: &[RouteDoc] = &[
+    RouteDoc {
+        path: "/start_profile",
+        methods: &["POST"],
+        summary: "Start recording engine steps (VLLM_TORCH_PROFILER_DIR)",
+        request: None,
+    },
+    RouteDoc {
+        path: "/stop_profile",
+        methods: &["POST"],
+        summary: "Stop recording; writes a Chrome-trace JSON file into VLLM_TORCH_PROFILER_DIR",
+        request: None,
+    },
+];
+
 pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         path: "/openapi.json",
@@ -186,16 +202,36 @@ fn schemas() -> Value {
     })
 }
 
-/// The routes served: `ROUTES`, and `DEV_ROUTES` in development mode.
-pub fn served_routes(dev_mode: bool) -> impl Iterator<Item = &'static RouteDoc> {
-    ROUTES
-        .iter()
-        .chain(DEV_ROUTES.iter().filter(move |_| dev_mode))
+/// Which optional endpoints the server has (from the environment).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Optional {
+    /// `VLLM_SERVER_DEV_MODE=1`.
+    pub dev_mode: bool,
+    /// `VLLM_TORCH_PROFILER_DIR` set.
+    pub profiler: bool,
 }
 
-pub fn document(root_path: &str, dev_mode: bool) -> Value {
+impl Optional {
+    pub fn from_env() -> Self {
+        use runtime::envs;
+        Self {
+            dev_mode: envs::flag(envs::VLLM_SERVER_DEV_MODE),
+            profiler: envs::raw(envs::VLLM_TORCH_PROFILER_DIR).is_some(),
+        }
+    }
+}
+
+/// The routes served: `ROUTES`, and the optional ones that are on.
+pub fn served_routes(on: Optional) -> impl Iterator<Item = &'static RouteDoc> {
+    ROUTES
+        .iter()
+        .chain(DEV_ROUTES.iter().filter(move |_| on.dev_mode))
+        .chain(PROFILER_ROUTES.iter().filter(move |_| on.profiler))
+}
+
+pub fn document(root_path: &str, on: Optional) -> Value {
     let mut paths = Map::new();
-    for r in served_routes(dev_mode) {
+    for r in served_routes(on) {
         let mut ops = Map::new();
         for m in r.methods {
             let mut op = json!({
@@ -236,10 +272,16 @@ mod tests {
 
     #[test]
     fn every_route_is_documented_with_its_schema() {
-        let doc = document("/api", true);
+        let all = Optional {
+            dev_mode: true,
+            profiler: true,
+        };
+        let doc = document("/api", all);
         assert_eq!(doc["servers"][0]["url"], "/api");
-        assert!(!document("/api", false)["paths"]["/reset_prefix_cache"].is_object());
-        for r in ROUTES.iter().chain(DEV_ROUTES) {
+        let plain = document("/api", Optional::default());
+        assert!(!plain["paths"]["/reset_prefix_cache"].is_object());
+        assert!(!plain["paths"]["/start_profile"].is_object());
+        for r in ROUTES.iter().chain(DEV_ROUTES).chain(PROFILER_ROUTES) {
             for m in r.methods {
                 let op = &doc["paths"][r.path][m.to_ascii_lowercase()];
                 assert!(op.is_object(), "{} {}", m, r.path);

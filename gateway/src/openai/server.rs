@@ -63,8 +63,8 @@ fn normalized_root(root: &str) -> Result<String> {
 }
 
 fn routes(state: SharedState, root_path: &str) -> Router {
-    let dev_mode = runtime::envs::flag(runtime::envs::VLLM_SERVER_DEV_MODE);
-    let doc = Arc::new(openapi::document(root_path, dev_mode));
+    let on = openapi::Optional::from_env();
+    let doc = Arc::new(openapi::document(root_path, on));
     let router = Router::new()
         .route(
             "/openapi.json",
@@ -82,8 +82,15 @@ fn routes(state: SharedState, root_path: &str) -> Router {
         .route("/v1/models", get(system::list_models))
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion));
-    let router = if dev_mode {
+    let router = if on.dev_mode {
         router.route("/reset_prefix_cache", post(system::reset_prefix_cache))
+    } else {
+        router
+    };
+    let router = if on.profiler {
+        router
+            .route("/start_profile", post(system::start_profile))
+            .route("/stop_profile", post(system::stop_profile))
     } else {
         router
     };
@@ -155,13 +162,13 @@ pub async fn serve_listener(
     let shown = format!("http://{}:{}", cfg.host, local.port());
     tracing::info!("Starting API server on {shown}");
     tracing::info!("Available routes are:");
-    let dev_mode = runtime::envs::flag(runtime::envs::VLLM_SERVER_DEV_MODE);
-    if dev_mode {
+    let on = openapi::Optional::from_env();
+    if on.dev_mode {
         tracing::warn!(
             "SECURITY WARNING: development endpoints are enabled (VLLM_SERVER_DEV_MODE=1); do not use this in production"
         );
     }
-    for r in openapi::served_routes(dev_mode) {
+    for r in openapi::served_routes(on) {
         tracing::info!("Route: {}, Methods: {}", r.path, r.methods.join(", "));
     }
     tracing::info!("Started server process [{}]", std::process::id());

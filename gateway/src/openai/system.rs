@@ -65,6 +65,24 @@ pub async fn reset_prefix_cache(State(state): State<SharedState>) -> Response {
     }
 }
 
+/// `POST /start_profile` (with `VLLM_TORCH_PROFILER_DIR`).
+pub async fn start_profile(State(state): State<SharedState>) -> Response {
+    match state.engine.start_profile().await {
+        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Err(why)) => ApiError::invalid(why, None).into_response(),
+        Err(e) => ApiError::Engine(e).into_response(),
+    }
+}
+
+/// `POST /stop_profile`: writes the trace into `VLLM_TORCH_PROFILER_DIR`.
+pub async fn stop_profile(State(state): State<SharedState>) -> Response {
+    match state.engine.stop_profile().await {
+        Ok(Ok(_)) => StatusCode::OK.into_response(),
+        Ok(Err(why)) => ApiError::invalid(why, None).into_response(),
+        Err(e) => ApiError::Engine(e).into_response(),
+    }
+}
+
 pub async fn version() -> Json<serde_json::Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
