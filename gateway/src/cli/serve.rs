@@ -1,6 +1,6 @@
 //! `gateway serve MODEL`: load the engine and run the OpenAI server.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
@@ -14,6 +14,7 @@ use crate::openai::middleware::CorsConfig;
 use crate::openai::reasoning::{self, ReasoningParser};
 use crate::openai::sampling::SamplingDefaults;
 use crate::openai::state::{unix_now, AppState, SharedState};
+use crate::openai::tls::TlsSettings;
 use crate::openai::{serve, ServerConfig};
 
 #[derive(Debug, Args)]
@@ -43,6 +44,19 @@ pub struct ServerArgs {
     /// Address to listen on (all interfaces by default, as vLLM).
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
+    /// PEM private key: serve HTTPS (with --ssl-certfile).
+    #[arg(long, requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// PEM certificate chain: serve HTTPS (with --ssl-keyfile).
+    #[arg(long, requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to.
+    #[arg(long, requires = "ssl_keyfile")]
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// Client certificates, as Python's ssl module numbers them: 0 none,
+    /// 1 optional (verified when sent), 2 required.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub ssl_cert_reqs: u8,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Clients must send `Authorization: Bearer KEY` on /v1 routes (also VLLM_API_KEY).
@@ -136,6 +150,15 @@ impl ServerArgs {
                 allow_credentials: self.allow_credentials,
             },
             root_path: self.root_path.clone(),
+            tls: match (&self.ssl_keyfile, &self.ssl_certfile) {
+                (Some(keyfile), Some(certfile)) => Some(TlsSettings {
+                    keyfile: keyfile.clone(),
+                    certfile: certfile.clone(),
+                    ca_certs: self.ssl_ca_certs.clone(),
+                    cert_reqs: self.ssl_cert_reqs,
+                }),
+                _ => None,
+            },
         })
     }
 }

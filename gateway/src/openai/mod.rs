@@ -14,6 +14,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod system;
+pub mod tls;
 pub mod tokenize;
 
 pub use error::{ApiError, Result};

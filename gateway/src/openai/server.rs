@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub cors: CorsConfig,
     /// `--root-path`: routes answer both with and without this prefix.
     pub root_path: String,
+    /// `--ssl-keyfile` and friends: HTTPS instead of HTTP.
+    pub tls: Option<super::tls::TlsSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,8 @@ pub enum ServerError {
     },
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 pub type Result<T> = std::result::Result<T, ServerError>;
@@ -159,7 +163,10 @@ pub async fn serve_listener(
 ) -> Result<()> {
     let app = router(state.clone(), &cfg)?;
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
-    let shown = format!("http://{}:{}", cfg.host, local.port());
+    // Checked before the banner: a bad certificate is a start-up error.
+    let tls = cfg.tls.as_ref().map(super::tls::acceptor).transpose()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let shown = format!("{scheme}://{}:{}", cfg.host, local.port());
     tracing::info!("Starting API server on {shown}");
     tracing::info!("Available routes are:");
     let on = openapi::Optional::from_env();
@@ -175,6 +182,31 @@ pub async fn serve_listener(
     tracing::info!("Application startup complete.");
     tracing::info!("Serving on {shown} (Press CTRL+C to quit)");
 
+    match tls {
+        Some(acceptor) => {
+            let listener =
+                super::tls::TlsListener::new(listener, acceptor).map_err(ServerError::Serve)?;
+            run_until_shutdown(listener, app, &state, shutdown).await?;
+        }
+        None => run_until_shutdown(listener, app, &state, shutdown).await?,
+    }
+    state.engine.shutdown().await;
+    tracing::info!("Server stopped.");
+    Ok(())
+}
+
+/// Serves `app` on `listener` (plain or TLS) until `shutdown`, then stops
+/// the engine (which ends every in-flight stream) and lets connections drain.
+async fn run_until_shutdown<L>(
+    listener: L,
+    app: Router,
+    state: &SharedState,
+    shutdown: CancellationToken,
+) -> Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let engine = state.engine.clone();
     let signal = shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -190,8 +222,6 @@ pub async fn serve_listener(
         r = server.into_future() => r.map_err(ServerError::Serve)?,
         _ = drain_deadline => tracing::warn!("Connections still open after {DRAIN_TIMEOUT:?}; closing them"),
     }
-    state.engine.shutdown().await;
-    tracing::info!("Server stopped.");
     Ok(())
 }
 
