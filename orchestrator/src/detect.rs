@@ -111,7 +111,7 @@ fn nvml_gpus() -> std::result::Result<Gpus, String> {
             uuids.push(uuid);
             mems.push(total);
         }
-        let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let cvd = envs::raw(envs::CUDA_VISIBLE_DEVICES);
         let ids = visible_indices(cvd.as_deref(), count, &uuids);
         let first = ids.first().map(|&i| i as usize);
         Ok(Gpus {

@@ -14,9 +14,7 @@ impl CacheRoot {
         if let Some(p) = envs::raw(envs::FLOTILLA_CACHE_ROOT) {
             return CacheRoot(PathBuf::from(p));
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        let home = envs::home_dir().unwrap_or_else(|| PathBuf::from("/tmp"));
         CacheRoot(home.join(".cache").join("flotilla"))
     }
 

@@ -2,6 +2,9 @@
 //! declared once with its default and doc. `gateway env` prints this table;
 //! code reads variables only through the accessors here so the list stays true.
 
+// The one place that reads the environment (clippy.toml forbids it elsewhere).
+#![allow(clippy::disallowed_methods)]
+
 use std::str::FromStr;
 
 /// One environment variable Flotilla reads (or knows from vLLM).
@@ -267,9 +270,18 @@ pub fn cache_root() -> Option<std::path::PathBuf> {
     raw(FLOTILLA_CACHE_ROOT)
         .or_else(|| raw(VLLM_CACHE_ROOT))
         .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/flotilla"))
-        })
+        .or_else(|| home_dir().map(|h| h.join(".cache/flotilla")))
+}
+
+/// The process's own variables (PATH, HOME, LANG, …) that are not
+/// Flotilla settings: what a spawned worker inherits, where home is.
+pub fn process_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// `$HOME`, when set.
+pub fn home_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME").map(std::path::PathBuf::from)
 }
 
 /// The raw value: the environment's, else the default; `None` when both are empty.

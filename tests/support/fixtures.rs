@@ -23,6 +23,8 @@ pub fn find_smollm2_gguf() -> Option<PathBuf> {
 
 /// `name` under the generated-fixture root (`$FLOTILLA_FIXTURES`, else
 /// `~/.cache/flotilla/fixtures`), whether or not it exists.
+// Test-harness settings, not Flotilla's: outside the envs registry.
+#[allow(clippy::disallowed_methods)]
 pub fn fixture_path(name: &str) -> PathBuf {
     std::env::var_os("FLOTILLA_FIXTURES")
         .filter(|v| !v.is_empty())
@@ -36,6 +38,7 @@ pub fn fixture_path(name: &str) -> PathBuf {
 
 /// `found`, or `None` after a loud SKIP line. Under `CI=true` a missing
 /// fixture fails the test instead, so CI never passes by skipping.
+#[allow(clippy::disallowed_methods)] // CI's own variable
 pub fn require<T>(found: Option<T>, what: &str, how: &str) -> Option<T> {
     if found.is_none() {
         if std::env::var("CI").as_deref() == Ok("true") {

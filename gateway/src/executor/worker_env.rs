@@ -36,7 +36,7 @@ pub fn forwarded(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(Strin
 pub fn process_basics() -> Vec<(String, String)> {
     PROCESS_BASICS
         .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .filter_map(|k| runtime::envs::process_var(k).map(|v| (k.to_string(), v)))
         .collect()
 }
 

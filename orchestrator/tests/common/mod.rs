@@ -108,6 +108,7 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    #[allow(clippy::disallowed_methods)] // a test-harness switch, not Flotilla's
     fn drop(&mut self) {
         // FLOTILLA_KEEP_TEST_DIRS=1 keeps logs for a post-mortem.
         if std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_some() {
