@@ -256,7 +256,10 @@ impl EngineCore {
     /// rebuild, or a shutdown meanwhile); `None` once it serves again.
     /// vLLM stops serving here; a gateway of ours recovers by itself.
     fn recover(&mut self, reason: &str, rx: &Receiver<Command>) -> Option<String> {
-        self.rebuild.as_ref()?;
+        if self.rebuild.is_none() {
+            // Nothing can replace the workers (the in-process executor): stop.
+            return Some(reason.to_string());
+        }
         // Unhealthy before the failed requests hear of it, so that a client
         // that sees the error also sees /health 503.
         *self.shared.dead.lock().expect("dead lock") =
@@ -293,7 +296,9 @@ impl EngineCore {
                     Err(RecvTimeoutError::Disconnected) => return Some("all clients gone".into()),
                 }
             }
-            let rebuild = self.rebuild.as_mut()?;
+            let Some(rebuild) = self.rebuild.as_mut() else {
+                return Some(reason.to_string());
+            };
             match rebuild() {
                 Ok(executor) => {
                     self.executor = Some(executor);
