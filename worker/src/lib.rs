@@ -28,5 +28,6 @@ pub use model_runner::{KvBudget, KvSizing, MemoryProfile, ModelRunner, WorkerCon
 pub use parallel::ParallelConfig;
 pub use sampling_params::SamplingParams;
 pub use step::{
-    CachedRequestData, ModelRunnerOutput, NewRequestData, RequestId, SchedulerOutput, TokenLogprobs,
+    CachedRequestData, GrammarBitmask, ModelRunnerOutput, NewRequestData, RequestId,
+    SchedulerOutput, TokenLogprobs,
 };

@@ -569,6 +569,21 @@ impl<B: Backend> Runner<B> {
             let blocks = r.block_table.len() + c.new_block_ids.len();
             after.insert(&c.req_id, (r.num_computed, known, blocks));
         }
+        if let Some(g) = step
+            .grammar_bitmask
+            .as_ref()
+            .filter(|g| !g.is_well_formed())
+        {
+            return Err(Error::bad_step(
+                g.req_ids.first().map_or("", String::as_str),
+                format!(
+                    "grammar bitmask of {} words for {} rows of {}",
+                    g.words.len(),
+                    g.req_ids.len(),
+                    g.words_per_row
+                ),
+            ));
+        }
         let bs = self.spec.block_size;
         let mut max_blocks = 0;
         for (id, n) in &step.num_scheduled_tokens {
@@ -694,17 +709,24 @@ impl<B: Backend> Runner<B> {
             });
         }
 
+        // Structured-output rows: the engine core sent each one's token
+        // bitmask (its shape was checked in `validate_step`).
+        let masks: HashMap<&str, &[u32]> =
+            step.grammar_bitmask.iter().flat_map(|g| g.rows()).collect();
         // Rows whose requests take the raw argmax need only the top of their
         // logits (the GPU keeps whole rows on the device); any other row
-        // (processed sampling, prompt logprobs) brings the logits to the host.
+        // (processed sampling, a grammar bitmask, prompt logprobs) brings the
+        // logits to the host.
         let mut top_k = 0;
         let mut whole_rows = false;
-        for (s, (_, r)) in sched.iter().zip(&order) {
+        for (s, (id, r)) in sched.iter().zip(&order) {
             if s.prompt_rows.1 > 0 {
                 whole_rows = true;
             }
             if s.sample_row.is_some() {
-                if sampler::takes_raw_argmax(&r.params, &r.sampler) {
+                if masks.contains_key(id.as_str()) {
+                    whole_rows = true;
+                } else if sampler::takes_raw_argmax(&r.params, &r.sampler) {
                     top_k = top_k.max(r.params.logprobs.unwrap_or(0).max(1));
                 } else {
                     whole_rows = true;
@@ -774,10 +796,11 @@ impl<B: Backend> Runner<B> {
             // Stages before the last only ran their layers: the last samples.
             if let Some(row) = s.sample_row.filter(|_| self.is_last_stage) {
                 let sampled = if whole_rows {
-                    sampler::sample(
+                    sampler::sample_masked(
                         &mut logits[row * vocab..(row + 1) * vocab],
                         &r.params,
                         &r.sampler,
+                        masks.get(id.as_str()).copied(),
                         &mut self.rng,
                     )
                 } else {

@@ -1,5 +1,6 @@
-//! Token sampling with vLLM's semantics. Order: raw logprobs (before any
-//! processing), allowed_token_ids, min_tokens stop masking, logit_bias,
+//! Token sampling with vLLM's semantics. Order: the structured-output token
+//! bitmask (as vLLM v1 applies `grammar_bitmask` to the logits before its
+//! sampler), raw logprobs (before any other processing), allowed_token_ids, min_tokens stop masking, logit_bias,
 //! penalties, then greedy argmax or temperature -> min_p -> top_k -> top_p
 //! -> draw. A seeded request draws from a counter-based generator keyed by
 //! (seed, output index), so its tokens do not depend on the batch around it
@@ -233,6 +234,38 @@ pub fn sample(
         token,
         logprobs: raw.map(|raw| token_logprobs(&raw, token, p.logprobs.unwrap_or(0))),
     }
+}
+
+/// Disallows (-inf) every token whose bit is clear in `mask` (bit `t % 32`
+/// of word `t / 32`); tokens past the mask's end are disallowed too.
+pub fn apply_token_bitmask(logits: &mut [f32], mask: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let word = mask.get(w).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (b, x) in chunk.iter_mut().enumerate() {
+            if word & (1 << b) == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// `sample` after the row's structured-output bitmask, when it has one:
+/// every sampling mode then draws only among the tokens the grammar allows,
+/// and logprobs are those of the masked logits (as in vLLM v1).
+pub fn sample_masked(
+    logits: &mut [f32],
+    p: &SamplingParams,
+    st: &SamplerState,
+    mask: Option<&[u32]>,
+    rng: &mut impl Rng,
+) -> Sampled {
+    if let Some(mask) = mask {
+        apply_token_bitmask(logits, mask);
+    }
+    sample(logits, p, st, rng)
 }
 
 /// temperature -> min_p -> top_k -> top_p, then the token at cumulative
@@ -537,6 +570,123 @@ mod tests {
         let t = sample(&mut logits.clone(), &p, &st, &mut rng()).token;
         assert_eq!(t, a[7]);
         st.push_output(t);
+    }
+
+    /// Bitmask allowing exactly `allowed` among `n` tokens.
+    fn mask_of(n: usize, allowed: &[u32]) -> Vec<u32> {
+        let mut m = vec![0u32; n.div_ceil(32)];
+        for &t in allowed {
+            m[t as usize / 32] |= 1 << (t % 32);
+        }
+        m
+    }
+
+    #[test]
+    fn bitmask_applies_to_every_sampling_mode() {
+        // 70 tokens (three mask words, the last partial); the favourites
+        // (0..10) are all disallowed, so only the mask's tokens can win.
+        let n = 70;
+        let logits: Vec<f32> = (0..n).map(|i| 10.0 - i as f32 * 0.1).collect();
+        let allowed = [33u32, 40, 65];
+        let mask = mask_of(n, &allowed);
+        let modes = vec![
+            ("greedy", greedy()),
+            ("temperature", SamplingParams::default()),
+            (
+                "top_k",
+                SamplingParams {
+                    top_k: 2,
+                    ..Default::default()
+                },
+            ),
+            (
+                "top_p",
+                SamplingParams {
+                    top_p: 0.3,
+                    ..Default::default()
+                },
+            ),
+            (
+                "min_p",
+                SamplingParams {
+                    min_p: 0.5,
+                    ..Default::default()
+                },
+            ),
+            (
+                "seeded",
+                SamplingParams {
+                    seed: Some(3),
+                    temperature: 2.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "penalties",
+                SamplingParams {
+                    repetition_penalty: 1.5,
+                    presence_penalty: 1.0,
+                    frequency_penalty: 1.0,
+                    ..greedy()
+                },
+            ),
+            (
+                "logit_bias on a masked token",
+                SamplingParams {
+                    logit_bias: vec![(1, 100.0)],
+                    ..greedy()
+                },
+            ),
+            (
+                "logprobs",
+                SamplingParams {
+                    logprobs: Some(5),
+                    temperature: 0.7,
+                    ..Default::default()
+                },
+            ),
+        ];
+        let mut r = rng();
+        for (name, p) in modes {
+            let st = SamplerState::new(&p, &[33], &[33, 40]);
+            for _ in 0..50 {
+                let s = sample_masked(&mut logits.clone(), &p, &st, Some(mask.as_slice()), &mut r);
+                assert!(allowed.contains(&s.token), "{name}: drew {}", s.token);
+                if let Some(lp) = s.logprobs {
+                    // Logprobs are over the masked row: only allowed tokens
+                    // have mass, and they sum to one.
+                    let finite = lp.top.iter().filter(|(_, l)| l.is_finite());
+                    assert!(finite.clone().all(|(t, _)| allowed.contains(t)), "{name}");
+                    assert_eq!(finite.count(), allowed.len(), "{name}");
+                    let total: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
+                    assert!((total - 1.0).abs() < 1e-4, "{name}: {total}");
+                }
+            }
+        }
+        // Greedy picks the best allowed token; without a mask, the argmax.
+        let s = sample_masked(
+            &mut logits.clone(),
+            &greedy(),
+            &SamplerState::default(),
+            Some(mask.as_slice()),
+            &mut r,
+        );
+        assert_eq!(s.token, 33);
+        let s = sample_masked(
+            &mut logits.clone(),
+            &greedy(),
+            &SamplerState::default(),
+            None,
+            &mut r,
+        );
+        assert_eq!(s.token, 0);
+        // A mask shorter than the row (model vocab padded past the
+        // tokenizer's) disallows the tail.
+        let mut row = vec![0.0f32; 40];
+        row[39] = 5.0;
+        apply_token_bitmask(&mut row, &[1]);
+        assert_eq!(argmax(&row), 0);
+        assert!(row[1..].iter().all(|x| *x == f32::NEG_INFINITY));
     }
 
     #[test]

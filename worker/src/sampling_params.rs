@@ -38,6 +38,53 @@ pub struct SamplingParams {
     /// Filled by the engine, not by users: the EOS ids (unless `ignore_eos`) plus
     /// `stop_token_ids`. The sampler masks these until `min_tokens` are out.
     pub all_stop_token_ids: Vec<u32>,
+    /// A grammar the output must follow. The engine core compiles it and
+    /// sends token bitmasks with each step; workers never read this field
+    /// (it does not travel on the step wire).
+    pub structured_outputs: Option<StructuredOutputs>,
+}
+
+/// What a structured-output request constrains the output to (vLLM's
+/// `StructuredOutputsParams`, one constraint at a time).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StructuredOutputRequest {
+    /// JSON valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// Any JSON object.
+    JsonObject,
+    /// Text matching this regular expression (Rust `regex` syntax).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A grammar in llguidance's Lark-like syntax.
+    Grammar(String),
+}
+
+/// A constraint with its options and the request field it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StructuredOutputs {
+    pub request: StructuredOutputRequest,
+    /// JSON only: the whitespace allowed between tokens (a regex), as
+    /// vLLM's `guided_whitespace_pattern` / `whitespace_pattern`.
+    pub whitespace_pattern: Option<String>,
+    /// JSON only: no whitespace between tokens at all (vLLM's
+    /// `disable_any_whitespace`).
+    #[serde(default)]
+    pub disable_any_whitespace: bool,
+    /// The request field that asked for it, named in errors
+    /// (`response_format`, `guided_json`, `structured_outputs`, ...).
+    pub param: String,
+}
+
+impl StructuredOutputs {
+    pub fn new(request: StructuredOutputRequest, param: impl Into<String>) -> Self {
+        Self {
+            request,
+            whitespace_pattern: None,
+            disable_any_whitespace: false,
+            param: param.into(),
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -66,6 +113,7 @@ impl Default for SamplingParams {
             allowed_token_ids: None,
             truncate_prompt_tokens: None,
             all_stop_token_ids: Vec::new(),
+            structured_outputs: None,
         }
     }
 }

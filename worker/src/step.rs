@@ -58,6 +58,54 @@ pub struct SchedulerOutput {
     /// Requests the worker drops before running this step (finished,
     /// aborted or preempted).
     pub finished_req_ids: Vec<RequestId>,
+    /// Token bitmasks of the structured-output requests that sample this
+    /// step (vLLM v1's `grammar_bitmask`): the engine core owns the
+    /// grammars, the worker only applies the masks.
+    #[serde(default)]
+    pub grammar_bitmask: Option<GrammarBitmask>,
+}
+
+/// One bitmask row per listed request: bit `t % 32` of word `t / 32` set
+/// means token `t` may be sampled. Tokens past the row (a model vocabulary
+/// padded beyond the tokenizer's) are never allowed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrammarBitmask {
+    pub req_ids: Vec<RequestId>,
+    pub words_per_row: usize,
+    /// `req_ids.len() * words_per_row` words, row after row.
+    pub words: Vec<u32>,
+}
+
+impl GrammarBitmask {
+    pub fn new(words_per_row: usize) -> Self {
+        Self {
+            words_per_row,
+            ..Default::default()
+        }
+    }
+
+    pub fn push(&mut self, req_id: RequestId, row: &[u32]) {
+        debug_assert_eq!(row.len(), self.words_per_row);
+        self.req_ids.push(req_id);
+        self.words.extend_from_slice(row);
+    }
+
+    pub fn row(&self, i: usize) -> &[u32] {
+        &self.words[i * self.words_per_row..(i + 1) * self.words_per_row]
+    }
+
+    /// Each request's row, by request id.
+    pub fn rows(&self) -> impl Iterator<Item = (&str, &[u32])> {
+        self.req_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), self.row(i)))
+    }
+
+    /// Checks the shape (a step from the wire is not trusted).
+    pub fn is_well_formed(&self) -> bool {
+        self.words.len() == self.req_ids.len() * self.words_per_row
+    }
 }
 
 impl SchedulerOutput {

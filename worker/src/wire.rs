@@ -7,7 +7,8 @@ use proto::worker as pb;
 use crate::error::{Error, Result};
 use crate::sampling_params::SamplingParams;
 use crate::step::{
-    CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput, TokenLogprobs,
+    CachedRequestData, GrammarBitmask, ModelRunnerOutput, NewRequestData, SchedulerOutput,
+    TokenLogprobs,
 };
 
 fn to_usize(v: u64) -> usize {
@@ -37,6 +38,11 @@ impl From<&SchedulerOutput> for pb::SchedulerOutput {
                 })
                 .collect(),
             finished_req_ids: s.finished_req_ids.clone(),
+            grammar_bitmask: s.grammar_bitmask.as_ref().map(|g| pb::GrammarBitmask {
+                req_ids: g.req_ids.clone(),
+                words_per_row: g.words_per_row as u64,
+                words: g.words.clone(),
+            }),
         }
     }
 }
@@ -66,6 +72,11 @@ impl TryFrom<pb::SchedulerOutput> for SchedulerOutput {
                 .map(|t| (t.req_id, to_usize(t.num_tokens)))
                 .collect(),
             finished_req_ids: s.finished_req_ids,
+            grammar_bitmask: s.grammar_bitmask.map(|g| GrammarBitmask {
+                req_ids: g.req_ids,
+                words_per_row: to_usize(g.words_per_row),
+                words: g.words,
+            }),
         })
     }
 }
@@ -169,6 +180,8 @@ impl From<pb::SamplingParams> for SamplingParams {
             allowed_token_ids: p.allowed_token_ids.map(|t| t.ids),
             truncate_prompt_tokens: opt(p.truncate_prompt_tokens),
             all_stop_token_ids: p.all_stop_token_ids,
+            // The engine core keeps the grammar; workers get its bitmasks.
+            structured_outputs: None,
         }
     }
 }
@@ -299,6 +312,11 @@ mod tests {
             }],
             num_scheduled_tokens: vec![("a".into(), 2), ("b".into(), 1)],
             finished_req_ids: vec!["c".into()],
+            grammar_bitmask: Some(GrammarBitmask {
+                req_ids: vec!["b".into()],
+                words_per_row: 2,
+                words: vec![0b101, u32::MAX],
+            }),
         };
         assert_eq!(decode_step(&encode_step(&step)).unwrap(), step);
         // Defaults (None vs Some(0), empty vs absent allow-list) survive too.

@@ -426,6 +426,7 @@ fn step(
         cached_requests: cached,
         num_scheduled_tokens: sched.iter().map(|(id, n)| (id.to_string(), *n)).collect(),
         finished_req_ids: vec![],
+        grammar_bitmask: None,
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::core::{Command, EngineCore, Shared};
 use super::error::{EngineError, Result};
 use super::scheduler::{Scheduler, SchedulerStats};
+use super::structured_output::GrammarCompiler;
 use super::types::{EngineRequest, FinishReason, RequestOutput};
 use crate::executor::{Executor, Rebuild};
 use crate::metrics;
@@ -39,6 +40,8 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// `--max-concurrent-requests`.
     max_concurrent: Option<usize>,
+    /// Compiles structured-output constraints before a request is queued.
+    grammars: GrammarCompiler,
 }
 
 impl EngineClient {
@@ -52,6 +55,7 @@ impl EngineClient {
     ) -> Result<Self> {
         let max_model_len = scheduler.config().max_model_len;
         let vocab_size = executor.model_config().vocab_size;
+        let grammars = GrammarCompiler::new(tokenizer.clone(), scheduler.eos_token_ids().to_vec());
         let shared = Arc::new(Shared::default());
         shared.log_stats.store(true, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -78,6 +82,7 @@ impl EngineClient {
                 model_name: RwLock::new(String::new()),
                 thread: Mutex::new(Some(thread)),
                 max_concurrent: None,
+                grammars,
             }),
         })
     }
@@ -101,6 +106,12 @@ impl EngineClient {
             }
         }
         validate_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
+        // Compiled here, so that a bad schema or grammar is the caller's
+        // 400 and never reaches the batch.
+        let grammar = match &req.sampling_params.structured_outputs {
+            Some(so) => Some(Box::new(self.inner.grammars.compile(so)?)),
+            None => None,
+        };
         {
             let mut live = self.inner.shared.live_ids.lock().expect("ids lock");
             if let Some(limit) = self.inner.max_concurrent {
@@ -124,6 +135,7 @@ impl EngineClient {
             .send(Command::Add {
                 req: Box::new(req),
                 tx,
+                grammar,
             })
             .is_err()
         {

@@ -15,6 +15,7 @@ use worker::SchedulerOutput;
 use super::output::{OutputProcessor, Ready};
 use super::profiler::{Phase, Profiler};
 use super::scheduler::{Scheduler, SchedulerStats};
+use super::structured_output::{RequestGrammar, StructuredOutputManager};
 use super::types::{EngineRequest, FinishReason, RequestOutput};
 use crate::executor::{Executor, ExecutorError, Rebuild};
 use crate::metrics::{EngineMetrics, SchedulerGauges, StatLogger};
@@ -24,6 +25,8 @@ pub(crate) enum Command {
     Add {
         req: Box<EngineRequest>,
         tx: UnboundedSender<RequestOutput>,
+        /// The request's compiled structured-output constraint.
+        grammar: Option<Box<RequestGrammar>>,
     },
     Abort(String),
     /// Forget cached prefixes; answers whether it could (no request running).
@@ -85,6 +88,10 @@ pub(crate) struct EngineCore {
     in_flight: VecDeque<(u64, SchedulerOutput)>,
     /// Present only with `VLLM_TORCH_PROFILER_DIR`.
     profiler: Option<Profiler>,
+    /// Grammar matchers of structured-output requests.
+    structured: StructuredOutputManager,
+    /// Requests whose matcher failed while computing a mask, and why.
+    grammar_failures: Vec<(String, String)>,
 }
 
 impl EngineCore {
@@ -108,6 +115,8 @@ impl EngineCore {
             fatal: None,
             in_flight: VecDeque::new(),
             profiler: runtime::envs::raw(runtime::envs::VLLM_TORCH_PROFILER_DIR).map(Profiler::new),
+            structured: StructuredOutputManager::default(),
+            grammar_failures: Vec::new(),
         };
         core.publish_stats();
         core
@@ -196,8 +205,11 @@ impl EngineCore {
     /// Returns false on shutdown.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Add { req, tx } => {
+            Command::Add { req, tx, grammar } => {
                 tracing::debug!(request_id = %req.request_id, prompt_tokens = req.prompt_token_ids.len(), "Added request");
+                if let Some(g) = grammar {
+                    self.structured.add(req.request_id.clone(), *g);
+                }
                 self.outputs.add(&req, tx);
                 self.scheduler.add_request(*req);
             }
@@ -331,18 +343,23 @@ impl EngineCore {
             return self.step_with_batch_queue();
         }
         let scheduling = Instant::now();
-        let step = self.scheduler.schedule();
+        let mut step = self.scheduler.schedule();
         if step.is_empty() {
             return false;
         }
         self.step_num += 1;
+        let masking = Instant::now();
+        self.attach_grammar_bitmask(&mut step);
         let executing = Instant::now();
         let result = self.execute(self.step_num, &step);
         let applying = Instant::now();
         self.apply(self.step_num, &step, result);
         if self.profiler.as_ref().is_some_and(Profiler::is_recording) {
             let n = self.step_num;
-            self.profile(n, "schedule", scheduling, executing, &step);
+            self.profile(n, "schedule", scheduling, masking, &step);
+            if step.grammar_bitmask.is_some() {
+                self.profile(n, "grammar_bitmask", masking, executing, &step);
+            }
             self.profile(n, "execute_model", executing, applying, &step);
             self.profile(n, "process_outputs", applying, Instant::now(), &step);
         }
@@ -391,10 +408,12 @@ impl EngineCore {
                 .div_ceil(depth)
                 .max(1);
             let scheduling = Instant::now();
-            let step = self.scheduler.schedule_at_most(share);
+            let mut step = self.scheduler.schedule_at_most(share);
             if !step.is_empty() {
                 self.step_num += 1;
                 let num = self.step_num;
+                // While the steps already in flight run on the workers.
+                self.attach_grammar_bitmask(&mut step);
                 let submitting = Instant::now();
                 let submitted = self.guarded(|ex| ex.submit(&step));
                 self.profile(num, "schedule", scheduling, submitting, &step);
@@ -430,6 +449,16 @@ impl EngineCore {
         match result {
             Ok(out) => {
                 let updates = self.scheduler.update_from_output(step, &out);
+                let mut rejected = Vec::new();
+                if !self.structured.is_empty() {
+                    for u in &updates {
+                        for &t in &u.new_token_ids {
+                            if let Err(e) = self.structured.accept(&u.request_id, t) {
+                                rejected.push((u.request_id.clone(), t, e));
+                            }
+                        }
+                    }
+                }
                 let now = Instant::now();
                 let mut m = self.shared.metrics.lock().expect("metrics lock");
                 for u in updates {
@@ -443,6 +472,20 @@ impl EngineCore {
                         self.pending.push(ready);
                     }
                 }
+                drop(m);
+                for (id, token, e) in rejected {
+                    // Cannot happen while masks are applied; if it does, only
+                    // this request ends, with the reason.
+                    tracing::error!(request_id = %id, token, "Grammar rejected a sampled token: {e}");
+                    self.finish(
+                        &id,
+                        FinishReason::Abort,
+                        Some(format!(
+                            "structured output: the grammar rejected sampled token {token}: {e}"
+                        )),
+                    );
+                }
+                self.drop_finished_grammars();
             }
             Err(e) if e.is_fatal() => {
                 // Workers are gone: nothing can run any more. Fail this
@@ -504,8 +547,53 @@ impl EngineCore {
         self.guarded(|ex| ex.execute_model(step))
     }
 
+    /// Puts the token bitmasks of the step's structured-output requests
+    /// that sample this step (their last known token is in the step) on the
+    /// step. A matcher that fails gets an EOS-only row and its request ends
+    /// with the error; the rest of the batch is untouched.
+    fn attach_grammar_bitmask(&mut self, step: &mut SchedulerOutput) {
+        if self.structured.is_empty() {
+            return;
+        }
+        let sampling: Vec<&str> = step
+            .num_scheduled_tokens
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .filter(|id| {
+                self.structured.contains(id)
+                    && self
+                        .scheduler
+                        .request(id)
+                        .is_some_and(|r| r.num_computed_tokens == r.num_tokens())
+            })
+            .collect();
+        let (bitmask, failed) = self.structured.grammar_bitmask(&sampling);
+        step.grammar_bitmask = bitmask;
+        for (id, e) in failed {
+            tracing::error!(request_id = %id, "Grammar mask failed: {e}");
+            // Ends once this step is back (its row only allows EOS).
+            self.structured.remove(&id);
+            self.grammar_failures.push((id, e));
+        }
+    }
+
+    /// Forgets the grammars of requests that ended, and ends those whose
+    /// grammar failed while computing a mask.
+    fn drop_finished_grammars(&mut self) {
+        for (id, e) in std::mem::take(&mut self.grammar_failures) {
+            self.finish(
+                &id,
+                FinishReason::Abort,
+                Some(format!("structured output failed: {e}")),
+            );
+        }
+        let scheduler = &self.scheduler;
+        self.structured.retain(|id| scheduler.contains(id));
+    }
+
     /// Ends a request from outside the scheduler's own checks.
     fn finish(&mut self, id: &str, reason: FinishReason, error: Option<String>) {
+        self.structured.remove(id);
         let Some(req) = self.scheduler.finish_request(id, &reason) else {
             return;
         };

@@ -36,6 +36,10 @@ pub enum EngineError {
     #[error(transparent)]
     InvalidParam(#[from] InvalidParam),
 
+    /// A schema, regex, choice list or grammar that cannot be compiled.
+    #[error(transparent)]
+    StructuredOutput(#[from] super::structured_output::StructuredOutputError),
+
     #[error("Request id {request_id} is already running.")]
     DuplicateRequest { request_id: String },
 
@@ -112,6 +116,7 @@ impl EngineError {
                 | EngineError::TokenOutOfVocab { .. }
                 | EngineError::InvalidParam(_)
                 | EngineError::DuplicateRequest { .. }
+                | EngineError::StructuredOutput(_)
         )
     }
 }

@@ -9,6 +9,7 @@ mod output;
 pub mod profiler;
 pub mod request;
 pub mod scheduler;
+pub mod structured_output;
 pub mod types;
 
 pub use args::{EngineArgs, LoadedEngine};

@@ -95,6 +95,11 @@ impl Scheduler {
         &self.config
     }
 
+    /// The ids that end a request (unless `ignore_eos`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
     /// vLLM's `reset_prefix_cache`: false while requests hold blocks.
     pub fn reset_prefix_cache(&mut self) -> bool {
         self.block_manager.reset_prefix_cache()

@@ -91,6 +91,7 @@ impl ApiError {
             ApiError::NotSupported { param, .. } => Some(param.to_string()),
             ApiError::ModelNotFound { .. } => Some("model".into()),
             ApiError::NoChatTemplate | ApiError::ChatTemplate(_) => Some("messages".into()),
+            ApiError::Engine(EngineError::StructuredOutput(e)) => e.param().map(str::to_string),
             ApiError::Engine(e) => e.param().map(str::to_string),
             _ => None,
         }

@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod structured_outputs;
 pub mod system;
 pub mod tls;
 pub mod tokenize;

@@ -67,6 +67,15 @@ pub struct SamplingFields {
     pub request_id: Option<String>,
     pub use_beam_search: Option<bool>,
     pub response_format: Option<Value>,
+    /// Structured outputs (openai/structured_outputs.rs): vLLM's current
+    /// object and its older `guided_*` fields.
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub guided_whitespace_pattern: Option<String>,
+    pub guided_decoding_backend: Option<String>,
     pub add_special_tokens: Option<bool>,
     pub user: Option<String>,
 }

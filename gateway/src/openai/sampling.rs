@@ -59,16 +59,7 @@ pub fn build(
             detail: " by this server.".into(),
         });
     }
-    if let Some(format) = &fields.response_format {
-        let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        if kind != "text" {
-            return Err(ApiError::NotSupported {
-                feature: "Structured output (response_format)",
-                param: "response_format",
-                detail: format!(" yet: only type \"text\" is accepted, got {format}."),
-            });
-        }
-    }
+    let structured_outputs = super::structured_outputs::from_fields(fields)?;
     let vllm = SamplingParams::default();
     let logit_bias = match &fields.logit_bias {
         Some(map) => map
@@ -135,6 +126,7 @@ pub fn build(
         allowed_token_ids: fields.allowed_token_ids.clone(),
         truncate_prompt_tokens: fields.truncate_prompt_tokens,
         all_stop_token_ids: Vec::new(),
+        structured_outputs,
     })
 }
 
@@ -267,17 +259,25 @@ mod tests {
     }
 
     #[test]
-    fn structured_output_is_refused_clearly() {
+    fn structured_outputs_reach_the_params() {
         let fields = SamplingFields {
             response_format: Some(serde_json::json!({"type": "json_object"})),
             ..Default::default()
         };
-        let e = build(
+        let p = build(
             &fields,
             &EndpointSampling::default(),
             &SamplingDefaults::default(),
         )
-        .unwrap_err();
-        assert_eq!(e.param().as_deref(), Some("response_format"));
+        .unwrap();
+        let so = p.structured_outputs.expect("a constraint");
+        assert_eq!(so.param, "response_format");
+        // n > 1: every sample carries the constraint (each gets its own matcher).
+        let p = SamplingParams {
+            n: 2,
+            structured_outputs: Some(so),
+            ..Default::default()
+        };
+        assert!(for_sample(&p, 1).structured_outputs.is_some());
     }
 }
