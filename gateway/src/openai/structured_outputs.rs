@@ -106,11 +106,12 @@ pub fn from_fields(fields: &SamplingFields) -> Result<Option<StructuredOutputs>>
     }
 }
 
-/// The constraints a `structured_outputs` object holds, its whitespace
-/// pattern and whether it disables whitespace.
-fn structured_outputs_object(
-    so: &Value,
-) -> Result<(Vec<(String, StructuredOutputRequest)>, Option<String>, bool)> {
+/// The constraints (field, constraint) a `structured_outputs` object
+/// holds, its whitespace pattern and whether it disables whitespace.
+type ObjectConstraints = (Vec<(String, StructuredOutputRequest)>, Option<String>, bool);
+
+/// The constraints a `structured_outputs` object holds.
+fn structured_outputs_object(so: &Value) -> Result<ObjectConstraints> {
     let obj = so.as_object().ok_or_else(|| {
         ApiError::invalid(
             format!("structured_outputs must be an object, got {so}."),
