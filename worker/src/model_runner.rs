@@ -697,23 +697,45 @@ impl<B: Backend> Runner<B> {
         // Rows whose requests take the raw argmax need only the top of their
         // logits (the GPU keeps whole rows on the device); any other row
         // (processed sampling, prompt logprobs) brings the logits to the host.
+        // A backend that samples on the device takes the other sampled rows
+        // there too, as `SampleSpec`s (the uniforms drawn here, in row order,
+        // as the host sampler would draw them).
+        let on_device = self.backend.samples_on_device() && self.is_last_stage;
+        let vocab = self.cfg.vocab_size;
         let mut top_k = 0;
         let mut whole_rows = false;
+        let mut specs = Vec::new();
+        // Index into `specs` of each logits row sampled on the device.
+        let mut spec_of_row = vec![None; self.logits_rows.len()];
         for (s, (_, r)) in sched.iter().zip(&order) {
             if s.prompt_rows.1 > 0 {
                 whole_rows = true;
             }
-            if s.sample_row.is_some() {
+            if let Some(row) = s.sample_row {
                 if sampler::takes_raw_argmax(&r.params, &r.sampler) {
                     top_k = top_k.max(r.params.logprobs.unwrap_or(0).max(1));
+                } else if on_device {
+                    top_k = top_k.max(r.params.logprobs.unwrap_or(0));
+                    let u = if r.params.is_greedy() {
+                        0.0
+                    } else {
+                        sampler::draw_uniform(&r.params, &r.sampler, &mut self.rng)
+                    };
+                    spec_of_row[row] = Some(specs.len());
+                    specs.push(sampler::sample_spec(&r.params, &r.sampler, vocab, row, u));
                 } else {
                     whole_rows = true;
                 }
             }
         }
+        if whole_rows {
+            // The host samples every row after all; its draws come later.
+            specs.clear();
+            spec_of_row.iter_mut().for_each(|s| *s = None);
+        }
         let kv = self.kv.as_mut().expect("checked above");
-        let (logits, tops) = if step.is_empty() {
-            (Vec::new(), Vec::new())
+        let (logits, tops, device) = if step.is_empty() {
+            (Vec::new(), Vec::new(), Vec::new())
         } else {
             let inputs = StepInputs {
                 input_ids: &self.input_ids,
@@ -738,10 +760,22 @@ impl<B: Backend> Runner<B> {
                 .forward(&self.backend, &prepared, kv, wants_logits, input)?
             {
                 StageOutput::Logits(Some(t)) if whole_rows => {
-                    (self.backend.to_host(&t)?, Vec::new())
+                    (self.backend.to_host(&t)?, Vec::new(), Vec::new())
                 }
-                StageOutput::Logits(Some(t)) => (Vec::new(), self.backend.top_logits(&t, top_k)?),
-                StageOutput::Logits(None) => (Vec::new(), Vec::new()),
+                StageOutput::Logits(Some(t)) => {
+                    let tops = if top_k > 0 {
+                        self.backend.top_logits(&t, top_k)?
+                    } else {
+                        Vec::new()
+                    };
+                    let device = if specs.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.backend.sample(&t, &specs)?
+                    };
+                    (Vec::new(), tops, device)
+                }
+                StageOutput::Logits(None) => (Vec::new(), Vec::new(), Vec::new()),
                 StageOutput::Intermediate(t) => {
                     let link = self.link.as_ref().ok_or_else(|| {
                         Error::config("a pipeline stage before the last has no link to the next")
@@ -751,11 +785,10 @@ impl<B: Backend> Runner<B> {
                         self.backend.to_host(&t.residual)?,
                     );
                     link.send(&h, &r, rows, hidden)?;
-                    (Vec::new(), Vec::new())
+                    (Vec::new(), Vec::new(), Vec::new())
                 }
             }
         };
-        let vocab = self.cfg.vocab_size;
 
         let mut out = ModelRunnerOutput::default();
         let mut logits = logits;
@@ -780,6 +813,8 @@ impl<B: Backend> Runner<B> {
                         &r.sampler,
                         &mut self.rng,
                     )
+                } else if let Some(i) = spec_of_row[row] {
+                    sampler::sampled_from_device(&device[i], tops.get(row), &r.params)
                 } else {
                     sampler::sample_from_top(&tops[row], &r.params)
                 };

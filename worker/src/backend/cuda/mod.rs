@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{Backend, ComputeDtype, RowTop, StepInputs};
+use super::{Backend, ComputeDtype, DeviceSampled, RowTop, SampleSpec, StepInputs};
 use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
 use crate::error::{Error, Result};
@@ -114,6 +114,7 @@ struct Kernels {
     paged_attention: CudaFunction,
     attention_reduce: CudaFunction,
     top_logits: CudaFunction,
+    sample_rows: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
 }
@@ -137,6 +138,7 @@ impl Kernels {
             paged_attention: f("paged_attention")?,
             attention_reduce: f("attention_reduce")?,
             top_logits: f("top_logits")?,
+            sample_rows: f("sample_rows")?,
             max_smem,
         };
         // The opt-in limit covers static and dynamic shared memory together.
@@ -164,6 +166,104 @@ struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
+    busy: std::sync::Mutex<BusyMeter>,
+}
+
+/// How much of the serving time the GPU works on steps, from a step's first
+/// upload to its last result on the host; the rest is the time the engine
+/// spends between steps (scheduling, detokenization, HTTP), when the GPU
+/// waits. Logged every `BusyMeter::PERIOD` of back-to-back steps.
+struct BusyMeter {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    /// `start` holds an unaccounted step; `end` has been recorded for it.
+    open: bool,
+    ended: bool,
+    window: Option<std::time::Instant>,
+    last_start: std::time::Instant,
+    busy_ms: f64,
+    steps: u64,
+}
+
+impl BusyMeter {
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+    /// A longer pause between steps is the engine idle, not between steps.
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || {
+            ctx.new_event(timed)
+                .map_err(|e| Error::cuda("cuEventCreate", e))
+        };
+        Ok(Self {
+            start: ev()?,
+            end: ev()?,
+            open: false,
+            ended: false,
+            window: None,
+            last_start: std::time::Instant::now(),
+            busy_ms: 0.0,
+            steps: 0,
+        })
+    }
+
+    /// At a step's first device work: accounts the previous step (whose
+    /// results the host has read) and starts timing this one.
+    fn step_starts(&mut self, stream: &CudaStream) -> Result<()> {
+        let now = std::time::Instant::now();
+        if self.open && self.ended {
+            let ms = self
+                .start
+                .elapsed_ms(&self.end)
+                .map_err(|e| Error::cuda("cuEventElapsedTime", e))?;
+            self.busy_ms += ms as f64;
+            self.steps += 1;
+        }
+        if now.duration_since(self.last_start) > Self::IDLE {
+            self.window = None;
+        }
+        match self.window {
+            None => {
+                self.window = Some(now);
+                self.busy_ms = 0.0;
+                self.steps = 0;
+            }
+            Some(w) if now.duration_since(w) >= Self::PERIOD && self.steps > 0 => {
+                let wall_ms = now.duration_since(w).as_secs_f64() * 1e3;
+                tracing::info!(
+                    "GPU busy {:.1}% of {:.1} s of back-to-back steps ({} steps, {:.2} ms on the GPU and {:.2} ms between steps on average)",
+                    100.0 * self.busy_ms / wall_ms,
+                    wall_ms / 1e3,
+                    self.steps,
+                    self.busy_ms / self.steps as f64,
+                    (wall_ms - self.busy_ms) / self.steps as f64,
+                );
+                self.window = Some(now);
+                self.busy_ms = 0.0;
+                self.steps = 0;
+            }
+            Some(_) => {}
+        }
+        self.last_start = now;
+        self.start
+            .record(stream)
+            .map_err(|e| Error::cuda("cuEventRecord", e))?;
+        self.open = true;
+        self.ended = false;
+        Ok(())
+    }
+
+    /// Before the host waits for a step's results: the step's work so far.
+    fn results_read(&mut self, stream: &CudaStream) -> Result<()> {
+        if self.open {
+            self.end
+                .record(stream)
+                .map_err(|e| Error::cuda("cuEventRecord", e))?;
+            self.ended = true;
+        }
+        Ok(())
+    }
 }
 
 /// The CUDA backend of one device.
@@ -265,6 +365,7 @@ impl CudaBackend {
         let kernels = Kernels::load(&module, suffix, max_smem)?;
         let pool = keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
+        let busy = std::sync::Mutex::new(BusyMeter::new(&ctx)?);
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         tracing::info!(
             "CUDA device {ordinal}: {name}, compute capability {}.{}, {} compute",
@@ -279,6 +380,7 @@ impl CudaBackend {
                 stream,
                 blas,
                 kernels,
+                busy,
             }),
             dtype,
         })
@@ -310,6 +412,11 @@ impl CudaBackend {
 
     fn k(&self) -> &Kernels {
         &self.gpu.kernels
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, BusyMeter> {
+        // The meter holds only timings: a panic elsewhere leaves it usable.
+        self.gpu.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn elem(&self) -> usize {
@@ -556,6 +663,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, inputs: StepInputs<'_>, rope: &CudaRope) -> Result<CudaStep> {
+        self.busy().step_starts(self.stream())?;
         let meta = inputs.meta;
         let n = meta.num_tokens();
         check_positions(&meta.positions, rope.max_positions)?;
@@ -888,9 +996,121 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         self.mem_info().map(Some)
     }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample(&self, logits: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
+        self.sample_impl(logits, rows)
+    }
+}
+
+/// `SampleSpec`s as `kernels.cu` lays out `SampleRow` (48 bytes) and
+/// `LogitEdit` (20 bytes), little-endian.
+fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
+    let mut r = Vec::with_capacity(rows.len() * 48);
+    let mut e = Vec::new();
+    let mut start = 0i32;
+    for spec in rows {
+        let count = spec.edits.len() as i32;
+        r.extend_from_slice(&(spec.greedy as i32).to_le_bytes());
+        r.extend_from_slice(&(spec.allowlist as i32).to_le_bytes());
+        r.extend_from_slice(&start.to_le_bytes());
+        r.extend_from_slice(&count.to_le_bytes());
+        r.extend_from_slice(&spec.inv_temperature.to_le_bytes());
+        r.extend_from_slice(&spec.min_p.to_le_bytes());
+        r.extend_from_slice(&spec.top_p.to_le_bytes());
+        r.extend_from_slice(&(spec.top_k.min(i32::MAX as u32) as i32).to_le_bytes());
+        r.extend_from_slice(&spec.u.to_le_bytes());
+        r.extend_from_slice(&(spec.logits_row as i32).to_le_bytes());
+        r.extend_from_slice(&(spec.logprobs as i32).to_le_bytes());
+        for ed in &spec.edits {
+            let flags = ed.allowed as i32 | (ed.banned as i32) << 1;
+            e.extend_from_slice(&(ed.token as i32).to_le_bytes());
+            e.extend_from_slice(&flags.to_le_bytes());
+            e.extend_from_slice(&ed.bias.to_le_bytes());
+            e.extend_from_slice(&ed.repetition.to_le_bytes());
+            e.extend_from_slice(&ed.subtract.to_le_bytes());
+        }
+        start += count;
+    }
+    (r, e)
 }
 
 impl CudaBackend {
+    fn sample_impl(&self, x: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vocab = x.cols;
+        for spec in rows {
+            if spec.logits_row >= x.rows {
+                return Err(Error::config(format!(
+                    "sample: logits row {} of a [{}, {vocab}] tensor",
+                    spec.logits_row, x.rows
+                )));
+            }
+            if let Some(e) = spec.edits.iter().find(|e| e.token as usize >= vocab) {
+                return Err(Error::config(format!(
+                    "sample: an edit of token {} outside a vocabulary of {vocab}",
+                    e.token
+                )));
+            }
+        }
+        let (packed_rows, mut packed_edits) = pack_sample_specs(rows);
+        if packed_edits.is_empty() {
+            packed_edits.resize(20, 0);
+        }
+        let s = self.stream();
+        let up = |bytes: &[u8]| {
+            s.clone_htod(bytes)
+                .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+        };
+        let (rows_buf, edits_buf) = (up(&packed_rows)?, up(&packed_edits)?);
+        let n = rows.len();
+        // SAFETY: the kernel writes each row of scratch before reading it,
+        // and every `out` value the host reads below.
+        let scratch =
+            unsafe { s.alloc::<f32>(n * vocab) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let out = unsafe { s.alloc::<f32>(4 * n) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let (xp, rp, ep, sp, op) = (
+            addr(&x.buf, s),
+            addr(&rows_buf, s),
+            addr(&edits_buf, s),
+            addr(&scratch, s),
+            addr(&out, s),
+        );
+        let v = vocab as i32;
+        self.launch(
+            &self.k().sample_rows,
+            (n as u32, 1, 1),
+            1024,
+            0,
+            &mut kargs![xp, v, rp, ep, sp, op],
+            "sample_rows",
+        )?;
+        self.busy().results_read(s)?;
+        let mut host = vec![0f32; 4 * n];
+        s.memcpy_dtoh(&out, &mut host[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        self.synchronize()?;
+        Ok(host
+            .chunks_exact(4)
+            .zip(rows)
+            .map(|(o, spec)| DeviceSampled {
+                token: o[0].to_bits(),
+                logit: if spec.logprobs { o[1] } else { 0.0 },
+                rank: if spec.logprobs {
+                    o[2].to_bits() as usize
+                } else {
+                    0
+                },
+                log_sum_exp: if spec.logprobs { o[3] } else { 0.0 },
+            })
+            .collect())
+    }
+
     fn top_logits_impl(&self, x: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
         let (rows, k) = (x.rows, k.max(1).min(x.cols));
         if rows == 0 {
@@ -910,6 +1130,7 @@ impl CudaBackend {
             &mut kargs![xp, vocab, kk, op],
             "top_logits",
         )?;
+        self.busy().results_read(s)?;
         let mut host = vec![0f32; n];
         s.memcpy_dtoh(&out, &mut host[..])
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
@@ -962,6 +1183,7 @@ impl CudaBackend {
             &mut kargs![ptr, fp, nn],
             "to_float",
         )?;
+        self.busy().results_read(s)?;
         let mut host = vec![0f32; n];
         s.memcpy_dtoh(&f.slice(..n), &mut host[..])
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
