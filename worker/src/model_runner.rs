@@ -122,7 +122,7 @@ impl ModelRunner {
     /// cache comes later (`initialize_kv_cache`).
     pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
-            Device::Cuda => load_cuda(cfg, None)?,
+            Device::Cuda => load_cuda(cfg, None, None)?,
             _ => Box::new(Runner::load(cfg, Device::Cpu, None, |dtype| {
                 Ok(CpuBackend::new(dtype).with_int8_activations(cfg.cpu_int8_activations))
             })?),
@@ -131,7 +131,7 @@ impl ModelRunner {
     }
 
     /// One rank of a distributed model: its tensor-parallel collectives run
-    /// over `group` (CPU only for now: CUDA needs NCCL), its pipeline stage
+    /// over `group` (on CUDA: NCCL, set up through it), its pipeline stage
     /// talks to its neighbours over `link`.
     pub fn load_rank(
         cfg: &WorkerConfig,
@@ -139,12 +139,7 @@ impl ModelRunner {
         link: Option<Arc<dyn StageLink>>,
     ) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match (cfg.device.resolve()?, group) {
-            (Device::Cuda, Some(_)) => {
-                return Err(Error::NotImplemented {
-                    feature: "tensor parallel on CUDA (needs NCCL); use --device cpu".into(),
-                })
-            }
-            (Device::Cuda, None) => load_cuda(cfg, link)?,
+            (Device::Cuda, group) => load_cuda(cfg, link, group)?,
             (_, group) => Box::new(Runner::load(cfg, Device::Cpu, link, |dtype| {
                 let b = match group {
                     Some(g) => CpuBackend::with_group(dtype, g),
@@ -224,18 +219,32 @@ impl ModelRunner {
     }
 }
 
+/// The CUDA runner of this process's GPU (device 0 of what it sees: each
+/// rank is given its own through CUDA_VISIBLE_DEVICES); with `group`, its
+/// tensor-parallel collectives run on NCCL, set up over that group.
 #[cfg(feature = "cuda")]
-fn load_cuda(cfg: &WorkerConfig, link: Option<Arc<dyn StageLink>>) -> Result<Box<dyn StepRunner>> {
+fn load_cuda(
+    cfg: &WorkerConfig,
+    link: Option<Arc<dyn StageLink>>,
+    group: Option<Arc<dyn HostGroup>>,
+) -> Result<Box<dyn StepRunner>> {
     use crate::backend::cuda::CudaBackend;
-    Ok(Box::new(Runner::load(cfg, Device::Cuda, link, |dtype| {
-        CudaBackend::new(0, dtype)
-    })?))
+    Ok(Box::new(Runner::load(
+        cfg,
+        Device::Cuda,
+        link,
+        |dtype| match &group {
+            Some(g) => CudaBackend::with_group(0, dtype, g.as_ref()),
+            None => CudaBackend::new(0, dtype),
+        },
+    )?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(
     _cfg: &WorkerConfig,
     _link: Option<Arc<dyn StageLink>>,
+    _group: Option<Arc<dyn HostGroup>>,
 ) -> Result<Box<dyn StepRunner>> {
     Err(Device::cuda_not_built())
 }

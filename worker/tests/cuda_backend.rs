@@ -1026,3 +1026,52 @@ fn device_sampling_matches_host_sampler() {
     eprintln!("device sampling: {differ} of {total} rows differ from the host sampler");
     assert!(differ * 50 <= total, "{differ} of {total} rows differ");
 }
+
+/// NCCL in a group of one (one GPU here; several ranks need several GPUs):
+/// the collectives run through NCCL and the pad/concat kernels and leave the
+/// values as they are, and a model runner on such a group gives exactly the
+/// runner's results without one.
+#[test]
+fn nccl_group_of_one() {
+    use worker::collective::{HostGroup, TcpGroup};
+    if !gpu_present() {
+        return;
+    }
+    let timeout = std::time::Duration::from_secs(30);
+    for dtype in [ComputeDtype::Bf16, ComputeDtype::F32] {
+        let group = TcpGroup::rendezvous("127.0.0.1:0", 0, 1, timeout).unwrap();
+        let b = CudaBackend::with_group(0, dtype, &group).unwrap();
+        assert_eq!(b.group_size(), 1);
+        let v = Rng(11).vec(5 * 37, 2.0);
+        let mut x = tensor_of(&b, &v, 5, 37);
+        let before = b.to_host(&x).unwrap();
+        b.all_reduce(&mut x).unwrap();
+        assert_eq!(b.to_host(&x).unwrap(), before, "{dtype:?} all_reduce");
+        let g = b.all_gather_cols(x).unwrap();
+        assert_eq!(b.to_host(&g).unwrap(), before, "{dtype:?} all_gather_cols");
+    }
+    let dir = model_dir("nccl1");
+    let cfg = WorkerConfig {
+        device: Device::Cuda,
+        model: dir.clone(),
+        load_format: LoadFormat::Dummy,
+        dtype: "bfloat16".into(),
+        hf_overrides: serde_json::Value::Null,
+        block_size: 16,
+        parallel: ParallelConfig::default(),
+        seed: 7,
+        max_model_len: 2048,
+        cpu_int8_activations: false,
+    };
+    let group: std::sync::Arc<dyn HostGroup> =
+        std::sync::Arc::new(TcpGroup::rendezvous("127.0.0.1:0", 0, 1, timeout).unwrap());
+    let mut with = ModelRunner::load_rank(&cfg, Some(group), None).unwrap();
+    let mut without = ModelRunner::load(&cfg).unwrap();
+    with.initialize_kv_cache(256).unwrap();
+    without.initialize_kv_cache(256).unwrap();
+    let got = scenario(&mut with, 16);
+    let want = scenario(&mut without, 16);
+    let d = compare_outputs(&got, &want, 0.0);
+    eprintln!("runner on an NCCL group of one: max logprob diff {d:.2e} (identical expected)");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

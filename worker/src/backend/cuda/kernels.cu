@@ -786,6 +786,29 @@ __device__ void sample_rows(const T* __restrict__ logits, int vocab,
     }
 }
 
+// out[r, c] = x[r, c] for c < cols, 0 up to `pad` (a vocab shard widened to
+// the group's widest before NCCL's all-gather). Grid-stride over rows * pad.
+template <typename T>
+__device__ void pad_cols(const T* x, int cols, int pad, T* out, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int r = (int)(i / pad), c = (int)(i % pad);
+        out[i] = c < cols ? x[(i64)r * cols + c] : from_f32<T>(0.f);
+    }
+}
+
+// The gathered shards [size][rows][pad] side by side: out[r, j] is column
+// j - offsets[k] of rank k's shard, where offsets[k] <= j < offsets[k + 1].
+template <typename T>
+__device__ void concat_shards(const T* recv, const int* offsets, int size, int rows, int pad,
+                              T* out, int total, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int r = (int)(i / total), j = (int)(i % total);
+        int k = 0;
+        while (k + 1 < size && offsets[k + 1] <= j) k++;
+        out[i] = recv[((i64)k * rows + r) * pad + (j - offsets[k])];
+    }
+}
+
 #define INSTANTIATE(SUFFIX, T)                                                                   \
     extern "C" __global__ void embed_##SUFFIX(const int* ids, const T* table, int vocab_start,  \
                                               int rows, int hidden, T* out) {                   \
@@ -828,6 +851,14 @@ __device__ void sample_rows(const T* __restrict__ logits, int vocab,
                                                     const LogitEdit* edits, float* scratch,     \
                                                     float* out) {                               \
         sample_rows<T>(logits, vocab, rows, edits, scratch, out);                                \
+    }                                                                                            \
+    extern "C" __global__ void pad_cols_##SUFFIX(const T* x, int cols, int pad, T* out, i64 n) { \
+        pad_cols<T>(x, cols, pad, out, n);                                                       \
+    }                                                                                            \
+    extern "C" __global__ void concat_shards_##SUFFIX(const T* recv, const int* offsets,        \
+                                                      int size, int rows, int pad, T* out,      \
+                                                      int total, i64 n) {                       \
+        concat_shards<T>(recv, offsets, size, rows, pad, out, total, n);                         \
     }                                                                                            \
     extern "C" __global__ void top_logits_##SUFFIX(const T* logits, int vocab, int k,           \
                                                    float* out) {                                \

@@ -115,6 +115,8 @@ struct Kernels {
     attention_reduce: CudaFunction,
     top_logits: CudaFunction,
     sample_rows: CudaFunction,
+    pad_cols: CudaFunction,
+    concat_shards: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
 }
@@ -139,6 +141,8 @@ impl Kernels {
             attention_reduce: f("attention_reduce")?,
             top_logits: f("top_logits")?,
             sample_rows: f("sample_rows")?,
+            pad_cols: f("pad_cols")?,
+            concat_shards: f("concat_shards")?,
             max_smem,
         };
         // The opt-in limit covers static and dynamic shared memory together.
@@ -271,6 +275,29 @@ impl BusyMeter {
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     dtype: ComputeDtype,
+    /// This rank's tensor-parallel group; `None`: a group of one.
+    group: Option<Arc<NcclGroup>>,
+}
+
+/// A tensor-parallel group over NCCL: the ranks' communicator on this
+/// backend's stream.
+struct NcclGroup {
+    comm: std::sync::Mutex<cudarc::nccl::safe::Comm>,
+    size: usize,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread provided calls on
+// it do not overlap; the mutex serializes them, and every call is queued on
+// the backend's one stream.
+unsafe impl Send for NcclGroup {}
+unsafe impl Sync for NcclGroup {}
+
+fn nccl_err(op: &'static str, e: impl std::fmt::Debug) -> Error {
+    Error::Collective {
+        op,
+        peer: String::new(),
+        msg: format!("NCCL: {e:?}"),
+    }
 }
 
 /// A 2-D activation [rows, cols] in the compute dtype.
@@ -383,7 +410,71 @@ impl CudaBackend {
                 busy,
             }),
             dtype,
+            group: None,
         })
+    }
+
+    /// Opens device `ordinal` as rank `host.rank()` of a tensor-parallel
+    /// group of `host.size()` GPUs: rank 0 makes NCCL's unique id and the
+    /// host group (the TCP rendezvous every rank has joined) hands it to
+    /// the others. A group of one still runs its collectives through NCCL.
+    pub fn with_group(
+        ordinal: usize,
+        dtype: ComputeDtype,
+        host: &dyn crate::collective::HostGroup,
+    ) -> Result<Self> {
+        use cudarc::nccl::safe::{Comm, Id};
+        // cudarc panics where the library is missing: say so first.
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(nccl_err(
+                "ncclCommInitRank",
+                "libnccl.so not found: tensor parallel on CUDA needs NCCL 2 on the library path (LD_LIBRARY_PATH)",
+            ));
+        }
+        let mut b = Self::new(ordinal, dtype)?;
+        // The id's 128 bytes travel as 32 f32 bit patterns (the group moves f32s).
+        let words: Vec<f32> = if host.rank() == 0 {
+            let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+            id.internal()
+                .chunks_exact(4)
+                .map(|c| {
+                    f32::from_bits(u32::from_le_bytes([
+                        c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8,
+                    ]))
+                })
+                .collect()
+        } else {
+            vec![0.0; 32]
+        };
+        let all = host.all_gather(&words)?;
+        let root = all
+            .first()
+            .filter(|w| w.len() == 32)
+            .ok_or_else(|| nccl_err("ncclGetUniqueId", "rank 0 sent no NCCL id"))?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (i, w) in root.iter().enumerate() {
+            for (j, byte) in w.to_bits().to_le_bytes().into_iter().enumerate() {
+                internal[4 * i + j] = byte as std::ffi::c_char;
+            }
+        }
+        let comm = Comm::from_rank(
+            b.stream().clone(),
+            host.rank(),
+            host.size(),
+            Id::uninit(internal),
+        )
+        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        tracing::info!(
+            "rank {} of a tensor-parallel group of {} on NCCL",
+            host.rank(),
+            host.size()
+        );
+        b.group = Some(Arc::new(NcclGroup {
+            comm: std::sync::Mutex::new(comm),
+            size: host.size(),
+        }));
+        Ok(b)
     }
 
     pub fn dtype(&self) -> ComputeDtype {
@@ -969,15 +1060,44 @@ impl Backend for CudaBackend {
     }
 
     fn group_size(&self) -> usize {
-        1
+        self.group.as_ref().map_or(1, |g| g.size)
     }
 
-    fn all_reduce(&self, _x: &mut CudaTensor) -> Result<()> {
-        Ok(())
+    fn all_reduce(&self, x: &mut CudaTensor) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        use cudarc::nccl::safe::ReduceOp;
+        let n = x.rows * x.cols;
+        let comm = g
+            .comm
+            .lock()
+            .map_err(|_| nccl_err("ncclAllReduce", "lock poisoned"))?;
+        // SAFETY: the buffer holds n elements of the compute dtype.
+        let r = unsafe {
+            match self.dtype {
+                ComputeDtype::Bf16 => {
+                    let mut v = x.buf.transmute_mut::<bf16>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+                ComputeDtype::F16 => {
+                    let mut v = x.buf.transmute_mut::<f16>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+                ComputeDtype::F32 => {
+                    let mut v = x.buf.transmute_mut::<f32>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+            }
+        };
+        r.map(|_| ()).map_err(|e| nccl_err("ncclAllReduce", e))
     }
 
     fn all_gather_cols(&self, x: CudaTensor) -> Result<CudaTensor> {
-        Ok(x)
+        match &self.group {
+            None => Ok(x),
+            Some(g) => self.all_gather_cols_nccl(g, x),
+        }
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
@@ -1039,6 +1159,96 @@ fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
 }
 
 impl CudaBackend {
+    /// The ranks' column shards side by side, in rank order. Shards may
+    /// differ in width (the last vocab shard can be short): widths travel
+    /// first, then every rank sends its shard padded to the widest.
+    fn all_gather_cols_nccl(&self, g: &NcclGroup, x: CudaTensor) -> Result<CudaTensor> {
+        let s = self.stream();
+        let comm = g
+            .comm
+            .lock()
+            .map_err(|_| nccl_err("ncclAllGather", "lock poisoned"))?;
+        let mine = s
+            .clone_htod(&[x.cols as i32])
+            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))?;
+        let mut widths_dev = s
+            .alloc_zeros::<i32>(g.size)
+            .map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        comm.all_gather(&mine, &mut widths_dev)
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
+        let mut widths = vec![0i32; g.size];
+        s.memcpy_dtoh(&widths_dev, &mut widths[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        self.synchronize()?;
+        let pad = widths.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let mut offsets = vec![0i32; g.size + 1];
+        for (k, w) in widths.iter().enumerate() {
+            offsets[k + 1] = offsets[k] + w;
+        }
+        let total = offsets[g.size] as usize;
+        let rows = x.rows;
+        let mut padded = self.tensor(rows, pad)?;
+        let (xp, pp) = (addr(&x.buf, s), addr(&padded.buf, s));
+        let (cols, padi, n) = (x.cols as i32, pad as i32, (rows * pad) as i64);
+        self.launch(
+            &self.k().pad_cols,
+            Self::grid_1d(rows * pad),
+            256,
+            0,
+            &mut kargs![xp, cols, padi, pp, n],
+            "pad_cols",
+        )?;
+        let mut recv = self.tensor(g.size * rows, pad)?;
+        let count = rows * pad;
+        // SAFETY: `padded` holds count elements and `recv` size * count, of the compute dtype.
+        let r = unsafe {
+            match self.dtype {
+                ComputeDtype::Bf16 => comm.all_gather(
+                    &padded.buf.transmute_mut::<bf16>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<bf16>(g.size * count)
+                        .expect("sized"),
+                ),
+                ComputeDtype::F16 => comm.all_gather(
+                    &padded.buf.transmute_mut::<f16>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<f16>(g.size * count)
+                        .expect("sized"),
+                ),
+                ComputeDtype::F32 => comm.all_gather(
+                    &padded.buf.transmute_mut::<f32>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<f32>(g.size * count)
+                        .expect("sized"),
+                ),
+            }
+        };
+        r.map_err(|e| nccl_err("ncclAllGather", e))?;
+        let offsets_dev = s
+            .clone_htod(&offsets)
+            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))?;
+        let out = self.tensor(rows, total)?;
+        let (rp, op, offp) = (addr(&recv.buf, s), addr(&out.buf, s), addr(&offsets_dev, s));
+        let (size, rowsi, totali, n) = (
+            g.size as i32,
+            rows as i32,
+            total as i32,
+            (rows * total) as i64,
+        );
+        self.launch(
+            &self.k().concat_shards,
+            Self::grid_1d(rows * total),
+            256,
+            0,
+            &mut kargs![rp, offp, size, rowsi, padi, op, totali, n],
+            "concat_shards",
+        )?;
+        Ok(out)
+    }
+
     fn sample_impl(&self, x: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
         if rows.is_empty() {
             return Ok(Vec::new());
