@@ -21,6 +21,8 @@ use super::reasoning::{Delta, ReasoningStream};
 use super::sampling::{self, EndpointSampling};
 use super::sse::{json_event, stream_response, ChunkEncoder};
 use super::state::{base_request_id, engine_request_id, unix_now, AppState, SharedState};
+use super::tool_parsers::{ParsedCall, ToolEvent, ToolStream};
+use super::tools::{self, ToolMode};
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::engine::{EngineRequest, RequestOutput};
 
@@ -97,7 +99,7 @@ pub async fn create_chat_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    let req: ChatCompletionRequest = parse_request(&body)?;
+    let mut req: ChatCompletionRequest = parse_request(&body)?;
     let model = state.check_model(req.model.as_deref())?;
     let stream = req.stream.unwrap_or(false);
     if req.stream_options.is_some() && !stream {
@@ -106,17 +108,16 @@ pub async fn create_chat_completion(
             Some("stream_options"),
         ));
     }
-    let has_tools = req
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()));
-    let tool_choice_none = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
-    if has_tools && !tool_choice_none {
-        return Err(ApiError::NotSupported {
-            feature: "Tool calling",
-            param: "tool_choice",
-            detail: " yet: set tool_choice to \"none\" to only show the tools to the model.".into(),
-        });
+    let tool_request = tools::resolve(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let tool_mode = tools::mode(
+        &tool_request,
+        state.enable_auto_tool_choice,
+        state.tool_parser,
+    )?;
+    if let Some(ToolMode::Auto(parser)) = &tool_mode {
+        if parser.keeps_special_tokens() {
+            req.sampling.skip_special_tokens = Some(false);
+        }
     }
     let n = sampling::check_n(req.sampling.n, None)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -143,15 +144,19 @@ pub async fn create_chat_completion(
         logprobs,
         echo_prompt_logprobs: false,
     };
-    let params = sampling::build(&req.sampling, &endpoint, &state.defaults)?;
+    let mut params = sampling::build(&req.sampling, &endpoint, &state.defaults)?;
     params
         .validate(state.tokenizer.vocab_size())
         .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?;
+    if let Some(schema) = tools::tool_schema(&tool_request)? {
+        tools::constrain_to_tool_schema(&mut params, &tool_request.choice, schema)?;
+    }
 
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let rendered = {
         let state = state.clone();
         let req = req.clone();
+        let template_tools = tool_request.tools.clone();
         tokio::task::spawn_blocking(move || {
             render_chat(
                 &state,
@@ -162,7 +167,7 @@ pub async fn create_chat_completion(
                     add_special_tokens: req.sampling.add_special_tokens.unwrap_or(false),
                     chat_template: req.chat_template.as_deref(),
                     chat_template_kwargs: req.chat_template_kwargs.clone(),
-                    tools: req.tools.clone(),
+                    tools: template_tools,
                     documents: req.documents.clone(),
                 },
             )
@@ -226,6 +231,7 @@ pub async fn create_chat_completion(
         role,
         echo,
         top_logprobs: logprobs,
+        tool_mode,
         state,
     };
     if stream {
@@ -236,6 +242,11 @@ pub async fn create_chat_completion(
                 .state
                 .reasoning_parser
                 .map(|p| vec![p.stream(); n])
+                .unwrap_or_default(),
+            tools: ctx
+                .tool_mode
+                .as_ref()
+                .map(|m| (0..n).map(|_| m.stream()).collect())
                 .unwrap_or_default(),
             include_usage: opts.include_usage.unwrap_or(false),
             continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
@@ -255,6 +266,8 @@ struct Ctx {
     role: String,
     echo: String,
     top_logprobs: Option<usize>,
+    /// How tool calls are read from the reply; None: plain content.
+    tool_mode: Option<ToolMode>,
     state: SharedState,
 }
 
@@ -272,12 +285,19 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
     let out = choices
         .iter()
         .enumerate()
-        .map(|(idx, c)| ChatChoice {
-            index: idx,
-            message: message(&ctx, &c.text),
-            logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
-            finish_reason: fanout::finish_reason(&c.finished),
-            stop_reason: fanout::stop_reason(&c.finished),
+        .map(|(idx, c)| {
+            let (message, called) = message(&ctx, &c.text);
+            ChatChoice {
+                index: idx,
+                message,
+                logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
+                finish_reason: if called {
+                    Some("tool_calls".into())
+                } else {
+                    fanout::finish_reason(&c.finished)
+                },
+                stop_reason: fanout::stop_reason(&c.finished),
+            }
         })
         .collect();
     let prompt_logprobs = choices
@@ -295,27 +315,75 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
     }))
 }
 
-/// The reply's message; the echo stays in front of the content, since the
-/// reasoning parser reads only what the model generated.
-fn message(ctx: &Ctx, text: &str) -> ChatMessage {
-    let (reasoning, content) = match ctx.state.reasoning_parser {
+/// The reply's message, and whether it ends in tool calls (`finish_reason:
+/// "tool_calls"`); the echo stays in front of the content, since the
+/// reasoning and tool parsers read only what the model generated, and tool
+/// calls come from the content alone.
+fn message(ctx: &Ctx, text: &str) -> (ChatMessage, bool) {
+    let (reasoning, mut content) = match ctx.state.reasoning_parser {
         None => (None, Some(text.to_string())),
         Some(parser) => {
             let split = parser.split(text);
             (split.reasoning, split.content)
         }
     };
+    let mut tool_calls = Vec::new();
+    let mut called = false;
+    if let (Some(mode), Some(text)) = (&ctx.tool_mode, &content) {
+        let extracted = mode.stream().extract(text);
+        if !extracted.calls.is_empty() {
+            called = mode.finish_reason_tool_calls();
+            tool_calls = extracted.calls.into_iter().map(tool_call_json).collect();
+            content = extracted.content.or_else(|| mode.empty_content());
+        }
+    }
     let content = match content {
         Some(c) => Some(format!("{}{c}", ctx.echo)),
         None => (!ctx.echo.is_empty()).then(|| ctx.echo.clone()),
     };
-    ChatMessage {
+    let message = ChatMessage {
         role: ctx.role.clone(),
         content,
         reasoning_content: reasoning.clone(),
         reasoning,
-        tool_calls: Vec::new(),
-    }
+        tool_calls,
+    };
+    (message, called)
+}
+
+/// vLLM's tool-call ids.
+fn tool_call_id() -> String {
+    format!("chatcmpl-tool-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn tool_call_json(call: ParsedCall) -> Value {
+    serde_json::json!({
+        "id": tool_call_id(),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    })
+}
+
+/// One tool event as vLLM's delta: the name whole with the call's id, type
+/// and index first, then argument fragments.
+fn tool_delta(event: ToolEvent) -> Option<DeltaMessage> {
+    let call = match event {
+        ToolEvent::Content(_) => return None,
+        ToolEvent::Start { index, name } => serde_json::json!({
+            "index": index,
+            "id": tool_call_id(),
+            "type": "function",
+            "function": {"name": name},
+        }),
+        ToolEvent::Arguments { index, fragment } => serde_json::json!({
+            "index": index,
+            "function": {"arguments": fragment},
+        }),
+    };
+    Some(DeltaMessage {
+        tool_calls: Some(vec![call]),
+        ..Default::default()
+    })
 }
 
 struct StreamEncoder {
@@ -323,6 +391,8 @@ struct StreamEncoder {
     choices: Vec<ChoiceState>,
     /// One parser state per choice; empty without `--reasoning-parser`.
     reasoning: Vec<ReasoningStream>,
+    /// One tool-call parser per choice; empty when the reply is plain content.
+    tools: Vec<ToolStream>,
     include_usage: bool,
     continuous_usage: bool,
 }
@@ -398,22 +468,73 @@ impl ChunkEncoder for StreamEncoder {
                 reasoning_delta(d)
             }
         };
-        let empty =
-            delta.content.as_ref().is_none_or(|c| c.is_empty()) && delta.reasoning.is_none();
+        // Tool calls come from the content only: the content delta goes
+        // through the choice's tool parser, which may hold it back or turn it
+        // into call deltas (each sent as a chunk of its own).
+        let mut deltas = vec![delta];
+        let mut called = false;
+        if let Some(parser) = self.tools.get_mut(idx) {
+            let text = deltas[0].content.take().unwrap_or_default();
+            let mut events = parser.push(&text);
+            if finished {
+                events.extend(parser.finish());
+            }
+            let mut content = String::new();
+            for e in &events {
+                if let ToolEvent::Content(c) = e {
+                    content.push_str(c);
+                }
+            }
+            deltas[0].content = (!content.is_empty()).then_some(content);
+            deltas.extend(events.into_iter().filter_map(tool_delta));
+            called = parser.calls() > 0
+                && self
+                    .ctx
+                    .tool_mode
+                    .as_ref()
+                    .is_some_and(ToolMode::finish_reason_tool_calls);
+            let first_empty = deltas[0].content.is_none() && deltas[0].reasoning.is_none();
+            if first_empty && deltas.len() > 1 {
+                deltas.remove(0);
+            }
+        }
+        let only = &deltas[0];
+        let empty = deltas.len() == 1
+            && only.content.as_ref().is_none_or(|c| c.is_empty())
+            && only.reasoning.is_none()
+            && only.tool_calls.is_none();
         if empty && !finished && out.new_logprobs.is_empty() {
             return Vec::new();
         }
-        let logprobs = self
+        let mut logprobs = self
             .ctx
             .top_logprobs
             .map(|k| chat_logprobs(&out.new_logprobs, k, self.ctx.state.tokenizer.as_ref()));
-        vec![self.chunk(vec![ChatChunkChoice {
-            index: idx,
-            delta,
-            logprobs,
-            finish_reason: fanout::finish_reason(&out.finished),
-            stop_reason: fanout::stop_reason(&out.finished),
-        }])]
+        let last = deltas.len() - 1;
+        let mut events = Vec::with_capacity(deltas.len());
+        for (i, delta) in deltas.into_iter().enumerate() {
+            let (finish_reason, stop_reason) = if i < last {
+                (None, None)
+            } else if called && finished {
+                (
+                    Some("tool_calls".to_string()),
+                    fanout::stop_reason(&out.finished),
+                )
+            } else {
+                (
+                    fanout::finish_reason(&out.finished),
+                    fanout::stop_reason(&out.finished),
+                )
+            };
+            events.push(self.chunk(vec![ChatChunkChoice {
+                index: idx,
+                delta,
+                logprobs: logprobs.take(),
+                finish_reason,
+                stop_reason,
+            }]));
+        }
+        events
     }
 
     fn finish(&mut self) -> Vec<Event> {
