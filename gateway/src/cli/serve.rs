@@ -87,6 +87,10 @@ pub struct ServerArgs {
     /// format. Required for `--enable-auto-tool-choice`.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tool_parsers::NAMES))]
     pub tool_call_parser: Option<String>,
+    /// If specified, exclude tool definitions in prompts when
+    /// tool_choice='none'.
+    #[arg(long)]
+    pub exclude_tools_when_tool_choice_none: bool,
     /// Echo (or generate) X-Request-Id on every response.
     #[arg(long)]
     pub enable_request_id_headers: bool,
@@ -287,6 +291,7 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
         response_role: args.server.response_role.clone(),
         reasoning_parser,
         enable_auto_tool_choice: args.server.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none: args.server.exclude_tools_when_tool_choice_none,
         tool_parser,
         defaults,
         log_requests: !args.server.disable_log_requests,

@@ -156,7 +156,9 @@ pub async fn create_chat_completion(
     let rendered = {
         let state = state.clone();
         let req = req.clone();
-        let template_tools = tool_request.tools.clone();
+        let hide = state.exclude_tools_when_tool_choice_none
+            && tool_request.choice == tools::ToolChoice::None;
+        let template_tools = tool_request.tools.clone().filter(|_| !hide);
         tokio::task::spawn_blocking(move || {
             render_chat(
                 &state,

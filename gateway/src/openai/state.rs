@@ -29,6 +29,8 @@ pub struct AppState {
     pub reasoning_parser: Option<ReasoningParser>,
     /// `--enable-auto-tool-choice`: `tool_choice: "auto"` is served.
     pub enable_auto_tool_choice: bool,
+    /// `--exclude-tools-when-tool-choice-none`: `none` hides the tools from the template.
+    pub exclude_tools_when_tool_choice_none: bool,
     /// `--tool-call-parser`: how tool calls are read from replies.
     pub tool_parser: Option<ToolCallParser>,
     pub defaults: SamplingDefaults,

@@ -220,12 +220,22 @@ pub fn mode(
     Ok(match &request.choice {
         ToolChoice::None => None,
         ToolChoice::Auto => match (enable_auto_tool_choice, parser) {
+            // vLLM parses only when there is a tool to call.
+            (true, Some(_)) if !has_tools(request) => None,
             (true, Some(p)) => Some(ToolMode::Auto(p)),
             _ => return Err(ToolError::AutoNotEnabled),
         },
         ToolChoice::Required => Some(ToolMode::Required),
         ToolChoice::Named(n) => Some(ToolMode::Named(n.clone())),
     })
+}
+
+fn has_tools(request: &ToolRequest) -> bool {
+    request
+        .tools
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|l| !l.is_empty())
 }
 
 fn parameters_of(tool: &Value) -> Option<&Value> {
@@ -394,9 +404,30 @@ mod tests {
             mode(&req, true, Some(ToolCallParser::Hermes)),
             Ok(Some(ToolMode::Auto(ToolCallParser::Hermes)))
         );
+        let empty = resolve(Some(&json!([])), Some(&json!("auto"))).unwrap();
+        assert_eq!(mode(&empty, false, None), Err(ToolError::AutoNotEnabled));
+        assert_eq!(mode(&empty, true, Some(ToolCallParser::Hermes)), Ok(None));
         assert_eq!(
             ToolError::AutoNotEnabled.to_string(),
             "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
+        );
+    }
+
+    #[test]
+    fn errors_are_400_naming_the_field() {
+        use crate::openai::ApiError;
+        let e = ApiError::from(ToolError::AutoNotEnabled);
+        assert_eq!(e.status().as_u16(), 400);
+        assert_eq!(e.body()["error"]["param"], "tool_choice");
+        assert_eq!(e.body()["error"]["type"], "BadRequestError");
+        let e = ApiError::from(ToolError::ConflictingDefs { name: "X".into() });
+        assert_eq!(e.param().as_deref(), Some("tools"));
+        let mut params = SamplingParams::default();
+        let e =
+            constrain_to_tool_schema(&mut params, &ToolChoice::Required, json!({})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tool_choice 'required' needs structured outputs, not supported yet"
         );
     }
 

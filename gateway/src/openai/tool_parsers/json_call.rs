@@ -3,6 +3,10 @@
 //! does, one character at a time (so streamed argument fragments always
 //! concatenate to the non-streamed arguments), and a reader for one call
 //! object `{"name": ..., "arguments": ...}` built on it.
+//!
+//! One difference from Python remains: an object that repeats a key keeps
+//! every occurrence here, where `json.loads` keeps only the last value (a
+//! stream cannot know a later duplicate is coming).
 
 /// Python's `repr(float)`: shortest round-trip digits, positional between
 /// 1e-4 and 1e16, otherwise `d.ddde+XX` with at least two exponent digits.
