@@ -17,7 +17,7 @@ use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, DeltaMessage,
 };
-use super::reasoning::{Delta, ReasoningStream};
+use super::reasoning::{Delta, ReasoningParser, ReasoningStream};
 use super::sampling::{self, EndpointSampling};
 use super::sse::{json_event, stream_response, ChunkEncoder};
 use super::state::{base_request_id, engine_request_id, unix_now, AppState, SharedState};
@@ -322,35 +322,59 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
 /// reasoning and tool parsers read only what the model generated, and tool
 /// calls come from the content alone.
 fn message(ctx: &Ctx, text: &str) -> (ChatMessage, bool) {
-    let (reasoning, mut content) = match ctx.state.reasoning_parser {
-        None => (None, Some(text.to_string())),
-        Some(parser) => {
-            let split = parser.split(text);
-            (split.reasoning, split.content)
-        }
-    };
-    let mut tool_calls = Vec::new();
-    let mut called = false;
-    if let (Some(mode), Some(text)) = (&ctx.tool_mode, &content) {
-        let extracted = mode.stream().extract(text);
-        if !extracted.calls.is_empty() {
-            called = mode.finish_reason_tool_calls();
-            tool_calls = extracted.calls.into_iter().map(tool_call_json).collect();
-            content = extracted.content.or_else(|| mode.empty_content());
-        }
-    }
-    let content = match content {
+    let reply = split_reply(ctx.state.reasoning_parser, ctx.tool_mode.as_ref(), text);
+    let content = match reply.content {
         Some(c) => Some(format!("{}{c}", ctx.echo)),
         None => (!ctx.echo.is_empty()).then(|| ctx.echo.clone()),
     };
     let message = ChatMessage {
         role: ctx.role.clone(),
         content,
-        reasoning_content: reasoning.clone(),
-        reasoning,
-        tool_calls,
+        reasoning_content: reply.reasoning.clone(),
+        reasoning: reply.reasoning,
+        tool_calls: reply.calls.into_iter().map(tool_call_json).collect(),
     };
-    (message, called)
+    (message, reply.tool_calls_finish)
+}
+
+/// A whole reply's fields.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    reasoning: Option<String>,
+    content: Option<String>,
+    calls: Vec<ParsedCall>,
+    /// `finish_reason: "tool_calls"`.
+    tool_calls_finish: bool,
+}
+
+/// Reasoning first; tool calls come from what is left as content.
+fn split_reply(
+    reasoning_parser: Option<ReasoningParser>,
+    tool_mode: Option<&ToolMode>,
+    text: &str,
+) -> Reply {
+    let (reasoning, content) = match reasoning_parser {
+        None => (None, Some(text.to_string())),
+        Some(parser) => {
+            let split = parser.split(text);
+            (split.reasoning, split.content)
+        }
+    };
+    let mut reply = Reply {
+        reasoning,
+        content,
+        calls: Vec::new(),
+        tool_calls_finish: false,
+    };
+    if let (Some(mode), Some(text)) = (tool_mode, &reply.content) {
+        let extracted = mode.stream().extract(text);
+        if !extracted.calls.is_empty() {
+            reply.tool_calls_finish = mode.finish_reason_tool_calls();
+            reply.calls = extracted.calls;
+            reply.content = extracted.content.or_else(|| mode.empty_content());
+        }
+    }
+    reply
 }
 
 /// vLLM's tool-call ids.
@@ -562,5 +586,102 @@ fn reasoning_delta(d: Delta) -> DeltaMessage {
         reasoning_content: reasoning.clone(),
         reasoning,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::tool_parsers::ToolCallParser;
+
+    fn call(name: &str, arguments: &str) -> ParsedCall {
+        ParsedCall {
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn tool_calls_come_from_the_content_only() {
+        let hermes = ToolMode::Auto(ToolCallParser::Hermes);
+        let text =
+            "<think>maybe <tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call></think>\
+                    Calling.<tool_call>{\"name\": \"b\", \"arguments\": {\"x\": 1}}</tool_call>";
+        let r = split_reply(Some(ReasoningParser::DeepSeekR1), Some(&hermes), text);
+        assert_eq!(
+            r,
+            Reply {
+                reasoning: Some(
+                    "maybe <tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>".into()
+                ),
+                content: Some("Calling.".into()),
+                calls: vec![call("b", r#"{"x": 1}"#)],
+                tool_calls_finish: true,
+            }
+        );
+        // All reasoning: nothing to parse.
+        let r = split_reply(
+            Some(ReasoningParser::DeepSeekR1),
+            Some(&hermes),
+            "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+        );
+        assert!(r.calls.is_empty() && r.content.is_none());
+        // No tool mode: the text is left alone.
+        let r = split_reply(
+            None,
+            None,
+            "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+        );
+        assert!(r.calls.is_empty() && r.content.is_some());
+    }
+
+    #[test]
+    fn constrained_replies_as_vllm() {
+        let r = split_reply(
+            None,
+            Some(&ToolMode::Required),
+            r#"[{"name": "a", "parameters": {"k": "v"}}]"#,
+        );
+        assert_eq!(r.calls, vec![call("a", r#"{"k": "v"}"#)]);
+        assert_eq!(
+            (r.content.as_deref(), r.tool_calls_finish),
+            (Some(""), true)
+        );
+        let r = split_reply(None, Some(&ToolMode::Named("f".into())), r#"{"k": 1}"#);
+        assert_eq!(r.calls, vec![call("f", r#"{"k": 1}"#)]);
+        assert_eq!(
+            (r.content.as_deref(), r.tool_calls_finish),
+            (Some(""), false)
+        );
+    }
+
+    #[test]
+    fn tool_deltas_have_vllm_shape() {
+        let d = tool_delta(ToolEvent::Start {
+            index: 1,
+            name: "f".into(),
+        })
+        .unwrap();
+        let v = serde_json::to_value(&d).unwrap();
+        let call = &v["tool_calls"][0];
+        assert!(call["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+        assert_eq!(
+            (&call["index"], &call["type"], &call["function"]),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!("function"),
+                &serde_json::json!({"name": "f"})
+            )
+        );
+        let d = tool_delta(ToolEvent::Arguments {
+            index: 1,
+            fragment: "{\"".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\""}}]})
+        );
+        assert!(tool_delta(ToolEvent::Content("x".into())).is_none());
     }
 }
