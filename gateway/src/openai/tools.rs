@@ -99,6 +99,36 @@ fn tool_name(tool: &Value) -> Option<&str> {
     function_of(tool)?.get("name")?.as_str()
 }
 
+/// A tool as vLLM hands it to the template (pydantic's `model_dump()`):
+/// `type` and `function` first, the function's `name`, `description` and
+/// `parameters` always present (null when not given), other fields kept
+/// after them.
+fn as_vllm_dumps(tool: &Value) -> Value {
+    let Some(obj) = tool.as_object() else {
+        return tool.clone();
+    };
+    let mut function = Map::new();
+    let given = function_of(tool).cloned().unwrap_or_default();
+    for key in ["name", "description", "parameters"] {
+        function.insert(key.into(), given.get(key).cloned().unwrap_or(Value::Null));
+    }
+    for (k, v) in given {
+        function.entry(k).or_insert(v);
+    }
+    let mut out = Map::new();
+    out.insert(
+        "type".into(),
+        obj.get("type")
+            .cloned()
+            .unwrap_or_else(|| json!("function")),
+    );
+    out.insert("function".into(), Value::Object(function));
+    for (k, v) in obj {
+        out.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    Value::Object(out)
+}
+
 /// vLLM's `check_tool_usage` plus the shape pydantic enforces on `tools`.
 pub fn resolve(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolRequest, ToolError> {
     let tools = tools.filter(|t| !t.is_null());
@@ -135,9 +165,12 @@ pub fn resolve(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolRequ
     let has_tools = tools
         .and_then(Value::as_array)
         .is_some_and(|l| !l.is_empty());
+    let template_tools = tools
+        .and_then(Value::as_array)
+        .map(|l| Value::Array(l.iter().map(as_vllm_dumps).collect()));
     let request = |choice| ToolRequest {
         choice,
-        tools: tools.cloned(),
+        tools: template_tools.clone(),
     };
     let choice = match choice.filter(|c| !c.is_null()) {
         None if has_tools => return Ok(request(ToolChoice::Auto)),
@@ -364,6 +397,22 @@ mod tests {
         );
         let none = resolve(Some(&json!([])), Some(&json!("required"))).unwrap();
         assert_eq!((none.choice, none.tools), (ToolChoice::None, None));
+    }
+
+    #[test]
+    fn tools_reach_the_template_as_vllm_dumps_them() {
+        let tools = json!([
+            {"function": {"strict": true, "name": "ping"}},
+            weather(),
+        ]);
+        let req = resolve(Some(&tools), None).unwrap();
+        let got = serde_json::to_string(&req.tools.unwrap()).unwrap();
+        let want = json!([
+            {"type": "function", "function": {"name": "ping", "description": null,
+                                              "parameters": null, "strict": true}},
+            weather(),
+        ]);
+        assert_eq!(got, serde_json::to_string(&want).unwrap());
     }
 
     #[test]
