@@ -16,6 +16,8 @@ pub mod state;
 pub mod system;
 pub mod tls;
 pub mod tokenize;
+pub mod tool_parsers;
+pub mod tools;
 
 pub use error::{ApiError, Result};
 pub use server::{bind, router, serve, serve_listener, ServerConfig, ServerError};
