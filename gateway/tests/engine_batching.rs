@@ -156,6 +156,27 @@ fn concurrent_matches_alone(dtype: &str) {
         );
     }
     assert_eq!(stats.num_free_blocks, stats.num_total_blocks);
+    drop(llm);
+
+    // --async-scheduling: two steps in flight on the runner's own thread,
+    // each with half of the requests; also under preemption.
+    for blocks in [512, MAX_MODEL_LEN / 16] {
+        let overlapped = EngineArgs {
+            async_scheduling: true,
+            num_gpu_blocks_override: Some(blocks),
+            ..args(&gguf)
+        };
+        let llm = LLM::new(&model.0, overlapped).unwrap();
+        let batched = llm.generate(prompts.clone(), &params).unwrap();
+        for (i, c) in batched.iter().enumerate() {
+            assert_eq!(
+                c.outputs[0].token_ids, alone[i],
+                "prompt {i} differs with --async-scheduling ({blocks} blocks)"
+            );
+        }
+        let stats = llm.engine().stats();
+        assert_eq!(stats.num_free_blocks, stats.num_total_blocks);
+    }
 }
 
 fn request(id: &str, prompt: Vec<u32>, params: SamplingParams) -> EngineRequest {

@@ -7,7 +7,7 @@ D=${1:?usage: build.sh DIR}
 mkdir -p "$D"
 cargo build -q -p flotilla-worker --features cuda --examples
 test_bin=$(cargo test -q -p flotilla-worker --features cuda --test cuda_backend --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+  | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "cuda_backend"][-1])')
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cp "$test_bin" "$D/cuda_backend"
 cp "$target/debug/examples/gpu_bench" "$target/debug/examples/generate" "$D/"

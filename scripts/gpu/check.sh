@@ -21,7 +21,7 @@ for part in $parts; do
   case $part in
   tests)
     echo "== kernels and model steps against the CPU backend"
-    "$D"/cuda_backend --test-threads 1 2>&1 | tee "$OUT/tests.log" | grep -E "rel err|max logprob|identical|test |SKIP|panicked|result" | grep -vE "^\s*$" | tail -80
+    "$D"/cuda_backend --test-threads 1 2>&1 | tee "$OUT/tests.log" | grep -E "rel err|max logprob|identical|differ|test |SKIP|panicked|result" | grep -vE "^\s*$" | tail -80
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   hf)

@@ -20,6 +20,7 @@ for _ in $(seq 1 300); do
 done
 echo "server ready after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
 grep -E "Memory profiling|GPU blocks|Maximum concurrency|Loaded" "$OUT/serve.log"
+trap 'grep -E "GPU busy" "$OUT/serve.log" | tail -8' EXIT
 "$D"/gateway bench serve --url http://127.0.0.1:8011/v1 --num-prompts 1000 --max-concurrency 1000 \
   --random-input-len 256 --random-output-len 256 --ignore-eos --result-file "$OUT/serve.json" 2>&1 | tail -25
 rc=$?

@@ -26,6 +26,8 @@ struct Args {
     dtype: String,
     /// Also time each op at the model's shapes.
     ops: bool,
+    /// Only time sampling on the device at the model's vocabulary (no model).
+    sampling: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +39,7 @@ fn parse() -> Result<Args, String> {
         new_tokens: 64,
         dtype: "bfloat16".into(),
         ops: false,
+        sampling: false,
     };
     let mut dir = None;
     while let Some(x) = it.next() {
@@ -60,6 +63,7 @@ fn parse() -> Result<Args, String> {
             }
             "--dtype" => a.dtype = val("--dtype")?,
             "--ops" => a.ops = true,
+            "--sampling" => a.sampling = true,
             other if dir.is_none() && !other.starts_with("--") => dir = Some(PathBuf::from(other)),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -281,7 +285,54 @@ fn gpu_rows(
     b.upload_tensor(&v, rows, cols)
 }
 
+/// Time of `Backend::sample` per mode over `rows` rows of the model's
+/// vocabulary, against `top_logits` (what greedy rows take).
+fn sampling_times(vocab: usize) -> worker::Result<()> {
+    use worker::backend::{Backend, SampleSpec};
+    let b = CudaBackend::new(0, ComputeDtype::Bf16)?;
+    let spec = |top_k: u32, top_p: f32| SampleSpec {
+        logits_row: 0,
+        greedy: false,
+        allowlist: false,
+        edits: Vec::new(),
+        inv_temperature: 1.0 / 0.8,
+        min_p: 0.0,
+        top_k,
+        top_p,
+        u: 0.37,
+        logprobs: false,
+    };
+    let modes = [
+        ("temperature 0.8", spec(0, 1.0)),
+        ("top_k 50", spec(50, 1.0)),
+        ("top_p 0.9", spec(0, 0.9)),
+        ("top_k 50 + top_p 0.9", spec(50, 0.9)),
+    ];
+    println!("| sampling over {vocab} | rows | µs |");
+    println!("|---|---|---|");
+    for rows in [1usize, 32, 256] {
+        let x = gpu_rows(&b, rows, vocab)?;
+        let t = time_op(&b, || b.top_logits(&x, 1).map(|_| ()))?;
+        println!("| greedy (top_logits k=1) | {rows} | {:.1} |", t * 1e6);
+        for (name, s) in &modes {
+            let specs: Vec<SampleSpec> = (0..rows)
+                .map(|r| SampleSpec {
+                    logits_row: r,
+                    ..s.clone()
+                })
+                .collect();
+            let t = time_op(&b, || b.sample(&x, &specs).map(|_| ()))?;
+            println!("| {name} | {rows} | {:.1} |", t * 1e6);
+        }
+    }
+    Ok(())
+}
+
 fn bench(a: &Args) -> worker::Result<()> {
+    if a.sampling {
+        let c = worker::ModelConfig::load(&a.dir, LoadFormat::Dummy, &serde_json::Value::Null)?;
+        return sampling_times(c.vocab_size);
+    }
     let t = Instant::now();
     let probe = CudaBackend::new(0, ComputeDtype::Bf16)?;
     println!(

@@ -122,7 +122,7 @@ impl ModelRunner {
     /// cache comes later (`initialize_kv_cache`).
     pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
-            Device::Cuda => load_cuda(cfg, None)?,
+            Device::Cuda => load_cuda(cfg, None, None)?,
             _ => Box::new(Runner::load(cfg, Device::Cpu, None, |dtype| {
                 Ok(CpuBackend::new(dtype).with_int8_activations(cfg.cpu_int8_activations))
             })?),
@@ -131,7 +131,7 @@ impl ModelRunner {
     }
 
     /// One rank of a distributed model: its tensor-parallel collectives run
-    /// over `group` (CPU only for now: CUDA needs NCCL), its pipeline stage
+    /// over `group` (on CUDA: NCCL, set up through it), its pipeline stage
     /// talks to its neighbours over `link`.
     pub fn load_rank(
         cfg: &WorkerConfig,
@@ -139,12 +139,7 @@ impl ModelRunner {
         link: Option<Arc<dyn StageLink>>,
     ) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match (cfg.device.resolve()?, group) {
-            (Device::Cuda, Some(_)) => {
-                return Err(Error::NotImplemented {
-                    feature: "tensor parallel on CUDA (needs NCCL); use --device cpu".into(),
-                })
-            }
-            (Device::Cuda, None) => load_cuda(cfg, link)?,
+            (Device::Cuda, group) => load_cuda(cfg, link, group)?,
             (_, group) => Box::new(Runner::load(cfg, Device::Cpu, link, |dtype| {
                 let b = match group {
                     Some(g) => CpuBackend::with_group(dtype, g),
@@ -224,18 +219,32 @@ impl ModelRunner {
     }
 }
 
+/// The CUDA runner of this process's GPU (device 0 of what it sees: each
+/// rank is given its own through CUDA_VISIBLE_DEVICES); with `group`, its
+/// tensor-parallel collectives run on NCCL, set up over that group.
 #[cfg(feature = "cuda")]
-fn load_cuda(cfg: &WorkerConfig, link: Option<Arc<dyn StageLink>>) -> Result<Box<dyn StepRunner>> {
+fn load_cuda(
+    cfg: &WorkerConfig,
+    link: Option<Arc<dyn StageLink>>,
+    group: Option<Arc<dyn HostGroup>>,
+) -> Result<Box<dyn StepRunner>> {
     use crate::backend::cuda::CudaBackend;
-    Ok(Box::new(Runner::load(cfg, Device::Cuda, link, |dtype| {
-        CudaBackend::new(0, dtype)
-    })?))
+    Ok(Box::new(Runner::load(
+        cfg,
+        Device::Cuda,
+        link,
+        |dtype| match &group {
+            Some(g) => CudaBackend::with_group(0, dtype, g.as_ref()),
+            None => CudaBackend::new(0, dtype),
+        },
+    )?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(
     _cfg: &WorkerConfig,
     _link: Option<Arc<dyn StageLink>>,
+    _group: Option<Arc<dyn HostGroup>>,
 ) -> Result<Box<dyn StepRunner>> {
     Err(Device::cuda_not_built())
 }
@@ -715,27 +724,49 @@ impl<B: Backend> Runner<B> {
             step.grammar_bitmask.iter().flat_map(|g| g.rows()).collect();
         // Rows whose requests take the raw argmax need only the top of their
         // logits (the GPU keeps whole rows on the device); any other row
-        // (processed sampling, a grammar bitmask, prompt logprobs) brings the
-        // logits to the host.
+        // (processed sampling, prompt logprobs) brings the logits to the host.
+        // A backend that samples on the device takes the other sampled rows
+        // there too, as `SampleSpec`s (the uniforms drawn here, in row order,
+        // as the host sampler would draw them). Rows with a grammar bitmask
+        // always come to the host whole, so that masks work on every backend.
+        let on_device = self.backend.samples_on_device() && self.is_last_stage;
+        let vocab = self.cfg.vocab_size;
         let mut top_k = 0;
         let mut whole_rows = false;
+        let mut specs = Vec::new();
+        // Index into `specs` of each logits row sampled on the device.
+        let mut spec_of_row = vec![None; self.logits_rows.len()];
         for (s, (id, r)) in sched.iter().zip(&order) {
             if s.prompt_rows.1 > 0 {
                 whole_rows = true;
             }
-            if s.sample_row.is_some() {
+            if let Some(row) = s.sample_row {
                 if masks.contains_key(id.as_str()) {
                     whole_rows = true;
                 } else if sampler::takes_raw_argmax(&r.params, &r.sampler) {
                     top_k = top_k.max(r.params.logprobs.unwrap_or(0).max(1));
+                } else if on_device {
+                    top_k = top_k.max(r.params.logprobs.unwrap_or(0));
+                    let u = if r.params.is_greedy() {
+                        0.0
+                    } else {
+                        sampler::draw_uniform(&r.params, &r.sampler, &mut self.rng)
+                    };
+                    spec_of_row[row] = Some(specs.len());
+                    specs.push(sampler::sample_spec(&r.params, &r.sampler, vocab, row, u));
                 } else {
                     whole_rows = true;
                 }
             }
         }
+        if whole_rows {
+            // The host samples every row after all; its draws come later.
+            specs.clear();
+            spec_of_row.iter_mut().for_each(|s| *s = None);
+        }
         let kv = self.kv.as_mut().expect("checked above");
-        let (logits, tops) = if step.is_empty() {
-            (Vec::new(), Vec::new())
+        let (logits, tops, device) = if step.is_empty() {
+            (Vec::new(), Vec::new(), Vec::new())
         } else {
             let inputs = StepInputs {
                 input_ids: &self.input_ids,
@@ -760,10 +791,22 @@ impl<B: Backend> Runner<B> {
                 .forward(&self.backend, &prepared, kv, wants_logits, input)?
             {
                 StageOutput::Logits(Some(t)) if whole_rows => {
-                    (self.backend.to_host(&t)?, Vec::new())
+                    (self.backend.to_host(&t)?, Vec::new(), Vec::new())
                 }
-                StageOutput::Logits(Some(t)) => (Vec::new(), self.backend.top_logits(&t, top_k)?),
-                StageOutput::Logits(None) => (Vec::new(), Vec::new()),
+                StageOutput::Logits(Some(t)) => {
+                    let tops = if top_k > 0 {
+                        self.backend.top_logits(&t, top_k)?
+                    } else {
+                        Vec::new()
+                    };
+                    let device = if specs.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.backend.sample(&t, &specs)?
+                    };
+                    (Vec::new(), tops, device)
+                }
+                StageOutput::Logits(None) => (Vec::new(), Vec::new(), Vec::new()),
                 StageOutput::Intermediate(t) => {
                     let link = self.link.as_ref().ok_or_else(|| {
                         Error::config("a pipeline stage before the last has no link to the next")
@@ -773,11 +816,10 @@ impl<B: Backend> Runner<B> {
                         self.backend.to_host(&t.residual)?,
                     );
                     link.send(&h, &r, rows, hidden)?;
-                    (Vec::new(), Vec::new())
+                    (Vec::new(), Vec::new(), Vec::new())
                 }
             }
         };
-        let vocab = self.cfg.vocab_size;
 
         let mut out = ModelRunnerOutput::default();
         let mut logits = logits;
@@ -803,6 +845,8 @@ impl<B: Backend> Runner<B> {
                         masks.get(id.as_str()).copied(),
                         &mut self.rng,
                     )
+                } else if let Some(i) = spec_of_row[row] {
+                    sampler::sampled_from_device(&device[i], tops.get(row), &r.params)
                 } else {
                     sampler::sample_from_top(&tops[row], &r.params)
                 };

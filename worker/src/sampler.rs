@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use rand::Rng;
 
-use crate::backend::RowTop;
+use crate::backend::{LogitEdit, RowTop, SampleSpec};
 use crate::sampling_params::SamplingParams;
 use crate::step::TokenLogprobs;
 
@@ -142,6 +142,123 @@ pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     }
 }
 
+/// The uniform a non-greedy row draws with: keyed by (seed, output index)
+/// for a seeded request, else from `rng`.
+pub fn draw_uniform(p: &SamplingParams, st: &SamplerState, rng: &mut impl Rng) -> f64 {
+    match p.seed {
+        Some(seed) => seeded_uniform(seed, st.num_output as u64),
+        None => rng.random::<f64>(),
+    }
+}
+
+/// How `sample` treats one row of `vocab` logits, for a backend that
+/// samples where the logits are (`Backend::sample`): the edits `process`
+/// makes, composed per token, and the draw's settings. `u` is
+/// `draw_uniform`'s (unused when greedy).
+pub fn sample_spec(
+    p: &SamplingParams,
+    st: &SamplerState,
+    vocab: usize,
+    logits_row: usize,
+    u: f64,
+) -> SampleSpec {
+    let mut edits: std::collections::BTreeMap<u32, LogitEdit> = Default::default();
+    // Ids outside the vocabulary change nothing, as in `process`.
+    fn at(
+        edits: &mut std::collections::BTreeMap<u32, LogitEdit>,
+        vocab: usize,
+        t: u32,
+    ) -> Option<&mut LogitEdit> {
+        ((t as usize) < vocab).then(|| {
+            edits.entry(t).or_insert(LogitEdit {
+                token: t,
+                allowed: false,
+                banned: false,
+                bias: 0.0,
+                repetition: 1.0,
+                subtract: 0.0,
+            })
+        })
+    }
+    if let Some(allowed) = &p.allowed_token_ids {
+        for &t in allowed {
+            if let Some(e) = at(&mut edits, vocab, t) {
+                e.allowed = true;
+            }
+        }
+    }
+    if st.num_output < p.min_tokens {
+        for &t in &p.all_stop_token_ids {
+            if let Some(e) = at(&mut edits, vocab, t) {
+                e.banned = true;
+            }
+        }
+    }
+    for &(t, b) in &p.logit_bias {
+        if let Some(e) = at(&mut edits, vocab, t) {
+            e.bias += b;
+        }
+    }
+    if p.repetition_penalty != 1.0 {
+        for &t in st
+            .prompt_tokens
+            .iter()
+            .flatten()
+            .chain(st.output_counts.keys())
+        {
+            if let Some(e) = at(&mut edits, vocab, t) {
+                e.repetition = p.repetition_penalty;
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        for (&t, &c) in &st.output_counts {
+            if let Some(e) = at(&mut edits, vocab, t) {
+                e.subtract = p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+    SampleSpec {
+        logits_row,
+        greedy: p.is_greedy(),
+        allowlist: p.allowed_token_ids.is_some(),
+        edits: edits.into_values().collect(),
+        inv_temperature: 1.0 / p.temperature,
+        min_p: p.min_p,
+        top_k: p.top_k.max(0) as u32,
+        top_p: p.top_p,
+        u,
+        logprobs: p.logprobs.is_some(),
+    }
+}
+
+/// A `Backend::sample` result as `sample` returns it; `top` holds the raw
+/// top logits of the row (at least `p.logprobs` of them) where logprobs are
+/// asked for.
+pub fn sampled_from_device(
+    d: &crate::backend::DeviceSampled,
+    top: Option<&RowTop>,
+    p: &SamplingParams,
+) -> Sampled {
+    Sampled {
+        token: d.token,
+        logprobs: p.logprobs.map(|k| TokenLogprobs {
+            token_id: d.token,
+            logprob: d.logit - d.log_sum_exp,
+            rank: d.rank,
+            top: top
+                .map(|row| {
+                    row.top
+                        .iter()
+                        .take(k)
+                        .map(|&(t, l)| (t, l - d.log_sum_exp))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
+    }
+}
+
 /// The processed logits (masks, bias, penalties) in place.
 fn process(logits: &mut [f32], p: &SamplingParams, st: &SamplerState) {
     if let Some(allowed) = &p.allowed_token_ids {
@@ -224,10 +341,7 @@ pub fn sample(
     let token = if p.is_greedy() {
         argmax(logits)
     } else {
-        let u = match p.seed {
-            Some(seed) => seeded_uniform(seed, st.num_output as u64),
-            None => rng.random::<f64>(),
-        };
+        let u = draw_uniform(p, st, rng);
         draw(logits, p, u)
     };
     Sampled {
@@ -719,5 +833,75 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6);
         // Ties share the best rank.
         assert_eq!(token_logprobs(&[1.0, 1.0, 0.0], 1, 0).rank, 1);
+    }
+
+    /// The kernel's reading of a `SampleSpec`'s edits, on the host.
+    fn apply_spec(raw: &[f32], spec: &SampleSpec) -> Vec<f32> {
+        let mut x: Vec<f32> = raw
+            .iter()
+            .map(|&v| if spec.allowlist { f32::NEG_INFINITY } else { v })
+            .collect();
+        for e in &spec.edits {
+            let mut v = if !spec.allowlist || e.allowed {
+                raw[e.token as usize]
+            } else {
+                f32::NEG_INFINITY
+            };
+            if e.banned {
+                v = f32::NEG_INFINITY;
+            }
+            v += e.bias;
+            if e.repetition != 1.0 {
+                v = if v > 0.0 {
+                    v / e.repetition
+                } else {
+                    v * e.repetition
+                };
+            }
+            v -= e.subtract;
+            x[e.token as usize] = v;
+        }
+        x
+    }
+
+    #[test]
+    fn sample_spec_edits_are_process() {
+        let raw: Vec<f32> = (0..40)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+            .collect();
+        let cases = [
+            SamplingParams::default(),
+            SamplingParams {
+                allowed_token_ids: Some(vec![3, 5, 7, 11, 39, 400]),
+                logit_bias: vec![(5, 2.5), (6, -1.0), (999, 1.0)],
+                repetition_penalty: 1.3,
+                frequency_penalty: 0.4,
+                presence_penalty: 0.25,
+                min_tokens: 4,
+                all_stop_token_ids: vec![7, 12],
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.8,
+                presence_penalty: -0.5,
+                logit_bias: vec![(1, 100.0)],
+                min_tokens: 1,
+                all_stop_token_ids: vec![1],
+                ..Default::default()
+            },
+        ];
+        for p in &cases {
+            let st = SamplerState::new(p, &[1, 2, 3, 2, 30], &[5, 5, 6, 7, 12, 2]);
+            let mut want = raw.clone();
+            process(&mut want, p, &st);
+            let spec = sample_spec(p, &st, raw.len(), 0, 0.5);
+            let got = apply_spec(&raw, &spec);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{p:?}"
+            );
+            assert!(spec.edits.windows(2).all(|w| w[0].token < w[1].token));
+        }
     }
 }

@@ -849,3 +849,229 @@ fn top_logits_match_cpu() {
         eprintln!("{dtype:?}: top-21 of {rows} rows x {vocab} identical to the host sampler's");
     }
 }
+
+/// Sampling on the device against the host sampler on the same logits and
+/// the same uniforms (every request seeded), for each sampling mode: the
+/// same tokens, except where float summation order moves a boundary by a
+/// rounding step (allowed in at most 2% of rows), the same raw logprobs and
+/// ranks, and a row alone samples what it samples in a batch.
+#[test]
+fn device_sampling_matches_host_sampler() {
+    use worker::sampler::{draw_uniform, sample, sample_spec, SamplerState};
+    if !gpu_present() {
+        return;
+    }
+    let base = SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        ..Default::default()
+    };
+    let modes: Vec<(&str, SamplingParams)> = vec![
+        (
+            "temperature 0.7",
+            SamplingParams {
+                temperature: 0.7,
+                ..base.clone()
+            },
+        ),
+        (
+            "top_k 50",
+            SamplingParams {
+                top_k: 50,
+                ..base.clone()
+            },
+        ),
+        (
+            "top_p 0.9",
+            SamplingParams {
+                top_p: 0.9,
+                ..base.clone()
+            },
+        ),
+        (
+            "top_k 40 + top_p 0.8 + min_p 0.05",
+            SamplingParams {
+                top_k: 40,
+                top_p: 0.8,
+                min_p: 0.05,
+                ..base.clone()
+            },
+        ),
+        (
+            "top_k 1",
+            SamplingParams {
+                top_k: 1,
+                ..base.clone()
+            },
+        ),
+        (
+            "greedy + penalties + bias",
+            SamplingParams {
+                temperature: 0.0,
+                seed: None,
+                repetition_penalty: 1.3,
+                frequency_penalty: 0.5,
+                logit_bias: vec![(17, 3.0), (99, -100.0)],
+                logprobs: Some(3),
+                ..Default::default()
+            },
+        ),
+        (
+            "allowed ids + penalties + logprobs",
+            SamplingParams {
+                temperature: 1.2,
+                repetition_penalty: 1.2,
+                presence_penalty: 0.5,
+                allowed_token_ids: Some((0..3000).step_by(7).collect()),
+                logprobs: Some(5),
+                ..base.clone()
+            },
+        ),
+        (
+            "min_tokens + top_p 0.95 + T 1.5",
+            SamplingParams {
+                temperature: 1.5,
+                top_p: 0.95,
+                min_tokens: 10,
+                all_stop_token_ids: vec![2, 5, 11],
+                logprobs: Some(0),
+                ..base.clone()
+            },
+        ),
+    ];
+    let (mut total, mut differ) = (0, 0);
+    for dtype in [ComputeDtype::Bf16, ComputeDtype::F32] {
+        let cuda = CudaBackend::new(0, dtype).unwrap();
+        for vocab in [32_000usize, 128_256] {
+            let rows = 12;
+            let mut rng = Rng(vocab as u64 + 3);
+            // Logits with a realistic spread: a few clear favourites over a long tail.
+            let v: Vec<f32> = (0..rows * vocab)
+                .map(|i| {
+                    let x = rng.next();
+                    if i % 997 == 0 {
+                        12.0 + 4.0 * x
+                    } else {
+                        3.0 * x
+                    }
+                })
+                .collect();
+            let t = tensor_of(&cuda, &v, rows, vocab);
+            let host = cuda.to_host(&t).unwrap();
+            for (name, p) in &modes {
+                let states: Vec<SamplerState> = (0..rows)
+                    .map(|r| {
+                        let out: Vec<u32> = (0..r as u32 * 3).map(|i| i * 31 % 500).collect();
+                        SamplerState::new(p, &[1, 2, 3, 17, 99, 400], &out)
+                    })
+                    .collect();
+                let mut seeds = Vec::new();
+                let specs: Vec<_> = (0..rows)
+                    .map(|r| {
+                        let p = SamplingParams {
+                            seed: p.seed.map(|s| s + r as u64),
+                            ..p.clone()
+                        };
+                        let mut unused =
+                            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+                        let u = if p.is_greedy() {
+                            0.0
+                        } else {
+                            draw_uniform(&p, &states[r], &mut unused)
+                        };
+                        seeds.push(p.clone());
+                        sample_spec(&p, &states[r], vocab, r, u)
+                    })
+                    .collect();
+                let got = cuda.sample(&t, &specs).unwrap();
+                for r in 0..rows {
+                    let mut row = host[r * vocab..(r + 1) * vocab].to_vec();
+                    let mut unused = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+                    let want = sample(&mut row, &seeds[r], &states[r], &mut unused);
+                    total += 1;
+                    if want.token != got[r].token {
+                        differ += 1;
+                        eprintln!(
+                            "{dtype:?} vocab {vocab} {name} row {r}: device {} host {}",
+                            got[r].token, want.token
+                        );
+                        continue;
+                    }
+                    if let Some(lp) = want.logprobs {
+                        let dl = got[r].logit - got[r].log_sum_exp;
+                        assert!(
+                            (dl - lp.logprob).abs() < 1e-3 * lp.logprob.abs().max(1.0),
+                            "{name}: logprob {dl} vs {}",
+                            lp.logprob
+                        );
+                        assert_eq!(got[r].rank, lp.rank, "{name}: rank");
+                    }
+                }
+                // A row alone samples what it samples in the batch.
+                let r = rows / 2;
+                let one = tensor_of(&cuda, &host[r * vocab..(r + 1) * vocab], 1, vocab);
+                let alone = cuda
+                    .sample(
+                        &one,
+                        &[worker::backend::SampleSpec {
+                            logits_row: 0,
+                            ..specs[r].clone()
+                        }],
+                    )
+                    .unwrap();
+                assert_eq!(alone[0].token, got[r].token, "{name}: alone vs batched");
+            }
+        }
+    }
+    eprintln!("device sampling: {differ} of {total} rows differ from the host sampler");
+    assert!(differ * 50 <= total, "{differ} of {total} rows differ");
+}
+
+/// NCCL in a group of one (one GPU here; several ranks need several GPUs):
+/// the collectives run through NCCL and the pad/concat kernels and leave the
+/// values as they are, and a model runner on such a group gives exactly the
+/// runner's results without one.
+#[test]
+fn nccl_group_of_one() {
+    use worker::collective::{HostGroup, TcpGroup};
+    if !gpu_present() {
+        return;
+    }
+    let timeout = std::time::Duration::from_secs(30);
+    for dtype in [ComputeDtype::Bf16, ComputeDtype::F32] {
+        let group = TcpGroup::rendezvous("127.0.0.1:0", 0, 1, timeout).unwrap();
+        let b = CudaBackend::with_group(0, dtype, &group).unwrap();
+        assert_eq!(b.group_size(), 1);
+        let v = Rng(11).vec(5 * 37, 2.0);
+        let mut x = tensor_of(&b, &v, 5, 37);
+        let before = b.to_host(&x).unwrap();
+        b.all_reduce(&mut x).unwrap();
+        assert_eq!(b.to_host(&x).unwrap(), before, "{dtype:?} all_reduce");
+        let g = b.all_gather_cols(x).unwrap();
+        assert_eq!(b.to_host(&g).unwrap(), before, "{dtype:?} all_gather_cols");
+    }
+    let dir = model_dir("nccl1");
+    let cfg = WorkerConfig {
+        device: Device::Cuda,
+        model: dir.clone(),
+        load_format: LoadFormat::Dummy,
+        dtype: "bfloat16".into(),
+        hf_overrides: serde_json::Value::Null,
+        block_size: 16,
+        parallel: ParallelConfig::default(),
+        seed: 7,
+        max_model_len: 2048,
+        cpu_int8_activations: false,
+    };
+    let group: std::sync::Arc<dyn HostGroup> =
+        std::sync::Arc::new(TcpGroup::rendezvous("127.0.0.1:0", 0, 1, timeout).unwrap());
+    let mut with = ModelRunner::load_rank(&cfg, Some(group), None).unwrap();
+    let mut without = ModelRunner::load(&cfg).unwrap();
+    with.initialize_kv_cache(256).unwrap();
+    without.initialize_kv_cache(256).unwrap();
+    let got = scenario(&mut with, 16);
+    let want = scenario(&mut without, 16);
+    let d = compare_outputs(&got, &want, 0.0);
+    eprintln!("runner on an NCCL group of one: max logprob diff {d:.2e} (identical expected)");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

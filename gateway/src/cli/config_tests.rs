@@ -242,3 +242,19 @@ fn readme_example_parses() {
     assert_eq!(a.engine.max_model_len, Some(4000));
     a.engine.validate().unwrap();
 }
+
+#[test]
+fn serve_reads_tool_calling_flags_from_the_file() {
+    let a = serve(
+        "enable-auto-tool-choice: true\ntool_call_parser: llama3_json\n",
+        &["serve", "m", "--config", "FILE"],
+    );
+    assert!(a.server.enable_auto_tool_choice);
+    assert_eq!(a.server.tool_call_parser.as_deref(), Some("llama3_json"));
+    let e = parse(
+        "tool-call-parser: nope\n",
+        &["serve", "m", "--config", "FILE"],
+    )
+    .unwrap_err();
+    assert!(e.contains("tool-call-parser"), "{e}");
+}

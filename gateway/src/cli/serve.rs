@@ -15,6 +15,7 @@ use crate::openai::reasoning::{self, ReasoningParser};
 use crate::openai::sampling::SamplingDefaults;
 use crate::openai::state::{unix_now, AppState, SharedState};
 use crate::openai::tls::TlsSettings;
+use crate::openai::tool_parsers::{self, ToolCallParser};
 use crate::openai::{serve, ServerConfig};
 
 #[derive(Debug, Args)]
@@ -77,6 +78,19 @@ pub struct ServerArgs {
     /// (and `reasoning_content`) instead of `content`.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(reasoning::NAMES))]
     pub reasoning_parser: Option<String>,
+    /// Enable auto tool choice for supported models. Use `--tool-call-parser`
+    /// to specify which parser to use.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// Select the tool call parser depending on the model that you're using.
+    /// This is used to parse the model-generated tool call into OpenAI API
+    /// format. Required for `--enable-auto-tool-choice`.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tool_parsers::NAMES))]
+    pub tool_call_parser: Option<String>,
+    /// If specified, exclude tool definitions in prompts when
+    /// tool_choice='none'.
+    #[arg(long)]
+    pub exclude_tools_when_tool_choice_none: bool,
     /// Echo (or generate) X-Request-Id on every response.
     #[arg(long)]
     pub enable_request_id_headers: bool,
@@ -216,6 +230,26 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
             )
         }
     };
+    let tool_parser = match args.server.tool_call_parser.as_deref() {
+        None => None,
+        Some(name) => {
+            Some(
+                ToolCallParser::from_name(name).ok_or_else(|| CliError::InvalidArg {
+                    flag: "--tool-call-parser",
+                    message: format!(
+                        "invalid tool call parser: {name} (chose from {{ {} }})",
+                        tool_parsers::NAMES.join(",")
+                    ),
+                })?,
+            )
+        }
+    };
+    if args.server.enable_auto_tool_choice && tool_parser.is_none() {
+        return Err(CliError::InvalidArg {
+            flag: "--enable-auto-tool-choice",
+            message: "--enable-auto-tool-choice requires --tool-call-parser".into(),
+        });
+    }
     let loaded = args.engine.build(Path::new(&model))?;
     let names = if args.server.served_model_name.is_empty() {
         vec![model.clone()]
@@ -256,6 +290,9 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
         max_model_len: loaded.max_model_len,
         response_role: args.server.response_role.clone(),
         reasoning_parser,
+        enable_auto_tool_choice: args.server.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none: args.server.exclude_tools_when_tool_choice_none,
+        tool_parser,
         defaults,
         log_requests: !args.server.disable_log_requests,
         created: unix_now(),

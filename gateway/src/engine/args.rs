@@ -102,6 +102,13 @@ pub struct EngineArgs {
     #[arg(long)]
     pub enforce_eager: bool,
 
+    /// Schedule while the model runs: the uni executor runs steps on a
+    /// thread of its own with two in flight, each holding half of the
+    /// running requests, so the engine's work between steps (scheduling,
+    /// detokenization, answering clients) no longer leaves the GPU idle.
+    #[arg(long)]
+    pub async_scheduling: bool,
+
     /// auto (the GPU when this build has the CUDA backend and one is
     /// visible), cuda or cpu.
     #[arg(long, default_value = "auto")]
@@ -148,6 +155,7 @@ impl Default for EngineArgs {
             generation_config: "auto".into(),
             device: "auto".into(),
             enforce_eager: false,
+            async_scheduling: false,
             tensor_parallel_size: 1,
             pipeline_parallel_size: 1,
             distributed_executor_backend: None,
@@ -384,7 +392,12 @@ impl EngineArgs {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
             });
-        let mut executor = executor::build(self.executor_backend(), &worker_config, profile)?;
+        let mut executor = executor::build(
+            self.executor_backend(),
+            &worker_config,
+            profile,
+            self.async_scheduling,
+        )?;
         let model_config = executor.model_config().clone();
 
         let capacity = executor.kv_cache_capacity()?;
@@ -463,7 +476,7 @@ impl EngineArgs {
         let backend = self.executor_backend();
         let rebuild: Option<Rebuild> = (backend != DistributedBackend::Uni).then(|| {
             Box::new(move || {
-                let mut executor = executor::build(backend, &worker_config, None)?;
+                let mut executor = executor::build(backend, &worker_config, None, false)?;
                 executor.initialize_kv_cache(num_blocks)?;
                 Ok(executor)
             }) as Rebuild

@@ -405,6 +405,7 @@ impl EngineCore {
             // An even share of the requests per step, so that no stage idles.
             let stats = self.scheduler.stats();
             let share = (stats.num_running + stats.num_waiting)
+                .min(self.scheduler.config().max_num_seqs)
                 .div_ceil(depth)
                 .max(1);
             let scheduling = Instant::now();
@@ -522,14 +523,9 @@ impl EngineCore {
         };
         match std::panic::catch_unwind(AssertUnwindSafe(|| f(executor))) {
             Ok(r) => r,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(ExecutorError::Panicked { message })
-            }
+            Err(panic) => Err(ExecutorError::Panicked {
+                message: crate::executor::panic_message(panic.as_ref()),
+            }),
         }
     }
 

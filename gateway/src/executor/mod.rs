@@ -73,6 +73,15 @@ impl ExecutorError {
     }
 }
 
+/// What a caught panic in model code said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Bytes of one KV block, and how many blocks fit on every worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheCapacity {
@@ -159,10 +168,14 @@ impl DistributedBackend {
 /// the world: tp_size x pp_size ranks), loads the model on it and sizes the
 /// KV cache (on a GPU by `profile`, vLLM's profile run; `None` when the block
 /// count is given).
+/// `async_scheduling`: the uni executor keeps two steps in flight on a
+/// thread of its own (`InProcessExecutor`); mp and ray keep one per
+/// pipeline stage either way.
 pub fn build(
     backend: DistributedBackend,
     config: &WorkerConfig,
     profile: Option<MemoryProfile>,
+    async_scheduling: bool,
 ) -> Result<Box<dyn Executor>> {
     let world = config.parallel.tp_size * config.parallel.pp_size;
     if config.parallel.pp_size > 1 {
@@ -174,7 +187,11 @@ pub fn build(
             size: world,
             reason: "the uni executor runs one rank; use --distributed-executor-backend mp",
         }),
-        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(config, profile)?)),
+        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load(
+            config,
+            profile,
+            async_scheduling,
+        )?)),
         DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config, profile)?)),
         DistributedBackend::Ray => Ok(Box::new(ClusterExecutor::start(config, profile)?)),
     }

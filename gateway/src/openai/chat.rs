@@ -17,10 +17,12 @@ use super::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, DeltaMessage,
 };
-use super::reasoning::{Delta, ReasoningStream};
+use super::reasoning::{Delta, ReasoningParser, ReasoningStream};
 use super::sampling::{self, EndpointSampling};
 use super::sse::{json_event, stream_response, ChunkEncoder};
 use super::state::{base_request_id, engine_request_id, unix_now, AppState, SharedState};
+use super::tool_parsers::{ParsedCall, ToolEvent, ToolStream};
+use super::tools::{self, ToolMode};
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::engine::{EngineRequest, RequestOutput};
 
@@ -97,7 +99,7 @@ pub async fn create_chat_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    let req: ChatCompletionRequest = parse_request(&body)?;
+    let mut req: ChatCompletionRequest = parse_request(&body)?;
     let model = state.check_model(req.model.as_deref())?;
     let stream = req.stream.unwrap_or(false);
     if req.stream_options.is_some() && !stream {
@@ -106,17 +108,16 @@ pub async fn create_chat_completion(
             Some("stream_options"),
         ));
     }
-    let has_tools = req
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()));
-    let tool_choice_none = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
-    if has_tools && !tool_choice_none {
-        return Err(ApiError::NotSupported {
-            feature: "Tool calling",
-            param: "tool_choice",
-            detail: " yet: set tool_choice to \"none\" to only show the tools to the model.".into(),
-        });
+    let tool_request = tools::resolve(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let tool_mode = tools::mode(
+        &tool_request,
+        state.enable_auto_tool_choice,
+        state.tool_parser,
+    )?;
+    if let Some(ToolMode::Auto(parser)) = &tool_mode {
+        if parser.keeps_special_tokens() {
+            req.sampling.skip_special_tokens = Some(false);
+        }
     }
     let n = sampling::check_n(req.sampling.n, None)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -143,15 +144,21 @@ pub async fn create_chat_completion(
         logprobs,
         echo_prompt_logprobs: false,
     };
-    let params = sampling::build(&req.sampling, &endpoint, &state.defaults)?;
+    let mut params = sampling::build(&req.sampling, &endpoint, &state.defaults)?;
     params
         .validate(state.tokenizer.vocab_size())
         .map_err(|e| ApiError::invalid(e.message, Some(e.param)))?;
+    if let Some(schema) = tools::tool_schema(&tool_request)? {
+        tools::constrain_to_tool_schema(&mut params, &tool_request.choice, schema)?;
+    }
 
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let rendered = {
         let state = state.clone();
         let req = req.clone();
+        let hide = state.exclude_tools_when_tool_choice_none
+            && tool_request.choice == tools::ToolChoice::None;
+        let template_tools = tool_request.tools.clone().filter(|_| !hide);
         tokio::task::spawn_blocking(move || {
             render_chat(
                 &state,
@@ -162,7 +169,7 @@ pub async fn create_chat_completion(
                     add_special_tokens: req.sampling.add_special_tokens.unwrap_or(false),
                     chat_template: req.chat_template.as_deref(),
                     chat_template_kwargs: req.chat_template_kwargs.clone(),
-                    tools: req.tools.clone(),
+                    tools: template_tools,
                     documents: req.documents.clone(),
                 },
             )
@@ -226,6 +233,7 @@ pub async fn create_chat_completion(
         role,
         echo,
         top_logprobs: logprobs,
+        tool_mode,
         state,
     };
     if stream {
@@ -236,6 +244,11 @@ pub async fn create_chat_completion(
                 .state
                 .reasoning_parser
                 .map(|p| vec![p.stream(); n])
+                .unwrap_or_default(),
+            tools: ctx
+                .tool_mode
+                .as_ref()
+                .map(|m| (0..n).map(|_| m.stream()).collect())
                 .unwrap_or_default(),
             include_usage: opts.include_usage.unwrap_or(false),
             continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
@@ -255,6 +268,8 @@ struct Ctx {
     role: String,
     echo: String,
     top_logprobs: Option<usize>,
+    /// How tool calls are read from the reply; None: plain content.
+    tool_mode: Option<ToolMode>,
     state: SharedState,
 }
 
@@ -272,12 +287,19 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
     let out = choices
         .iter()
         .enumerate()
-        .map(|(idx, c)| ChatChoice {
-            index: idx,
-            message: message(&ctx, &c.text),
-            logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
-            finish_reason: fanout::finish_reason(&c.finished),
-            stop_reason: fanout::stop_reason(&c.finished),
+        .map(|(idx, c)| {
+            let (message, called) = message(&ctx, &c.text);
+            ChatChoice {
+                index: idx,
+                message,
+                logprobs: ctx.top_logprobs.map(|k| chat_logprobs(&c.logprobs, k, tok)),
+                finish_reason: if called {
+                    Some("tool_calls".into())
+                } else {
+                    fanout::finish_reason(&c.finished)
+                },
+                stop_reason: fanout::stop_reason(&c.finished),
+            }
         })
         .collect();
     let prompt_logprobs = choices
@@ -295,27 +317,99 @@ async fn collect(ctx: Ctx, mut merged: MergedStream) -> Result<axum::Json<ChatCo
     }))
 }
 
-/// The reply's message; the echo stays in front of the content, since the
-/// reasoning parser reads only what the model generated.
-fn message(ctx: &Ctx, text: &str) -> ChatMessage {
-    let (reasoning, content) = match ctx.state.reasoning_parser {
+/// The reply's message, and whether it ends in tool calls (`finish_reason:
+/// "tool_calls"`); the echo stays in front of the content, since the
+/// reasoning and tool parsers read only what the model generated, and tool
+/// calls come from the content alone.
+fn message(ctx: &Ctx, text: &str) -> (ChatMessage, bool) {
+    let reply = split_reply(ctx.state.reasoning_parser, ctx.tool_mode.as_ref(), text);
+    let content = match reply.content {
+        Some(c) => Some(format!("{}{c}", ctx.echo)),
+        None => (!ctx.echo.is_empty()).then(|| ctx.echo.clone()),
+    };
+    let message = ChatMessage {
+        role: ctx.role.clone(),
+        content,
+        reasoning_content: reply.reasoning.clone(),
+        reasoning: reply.reasoning,
+        tool_calls: reply.calls.into_iter().map(tool_call_json).collect(),
+    };
+    (message, reply.tool_calls_finish)
+}
+
+/// A whole reply's fields.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    reasoning: Option<String>,
+    content: Option<String>,
+    calls: Vec<ParsedCall>,
+    /// `finish_reason: "tool_calls"`.
+    tool_calls_finish: bool,
+}
+
+/// Reasoning first; tool calls come from what is left as content.
+fn split_reply(
+    reasoning_parser: Option<ReasoningParser>,
+    tool_mode: Option<&ToolMode>,
+    text: &str,
+) -> Reply {
+    let (reasoning, content) = match reasoning_parser {
         None => (None, Some(text.to_string())),
         Some(parser) => {
             let split = parser.split(text);
             (split.reasoning, split.content)
         }
     };
-    let content = match content {
-        Some(c) => Some(format!("{}{c}", ctx.echo)),
-        None => (!ctx.echo.is_empty()).then(|| ctx.echo.clone()),
-    };
-    ChatMessage {
-        role: ctx.role.clone(),
-        content,
-        reasoning_content: reasoning.clone(),
+    let mut reply = Reply {
         reasoning,
-        tool_calls: Vec::new(),
+        content,
+        calls: Vec::new(),
+        tool_calls_finish: false,
+    };
+    if let (Some(mode), Some(text)) = (tool_mode, &reply.content) {
+        let extracted = mode.stream().extract(text);
+        if !extracted.calls.is_empty() {
+            reply.tool_calls_finish = mode.finish_reason_tool_calls();
+            reply.calls = extracted.calls;
+            reply.content = extracted.content.or_else(|| mode.empty_content());
+        }
     }
+    reply
+}
+
+/// vLLM's tool-call ids.
+fn tool_call_id() -> String {
+    format!("chatcmpl-tool-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn tool_call_json(call: ParsedCall) -> Value {
+    serde_json::json!({
+        "id": tool_call_id(),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    })
+}
+
+/// One tool event as vLLM's delta: the name whole with the call's id, type
+/// and index first, then argument fragments.
+fn tool_delta(event: ToolEvent) -> Option<DeltaMessage> {
+    let call = match event {
+        ToolEvent::Content(_) => return None,
+        ToolEvent::Start { index, name } => serde_json::json!({
+            "index": index,
+            "id": tool_call_id(),
+            "type": "function",
+            "function": {"name": name},
+        }),
+        ToolEvent::Arguments { index, fragment } => serde_json::json!({
+            "index": index,
+            "function": {"arguments": fragment},
+        }),
+    };
+    Some(DeltaMessage {
+        tool_calls: Some(vec![call]),
+        ..Default::default()
+    })
 }
 
 struct StreamEncoder {
@@ -323,6 +417,8 @@ struct StreamEncoder {
     choices: Vec<ChoiceState>,
     /// One parser state per choice; empty without `--reasoning-parser`.
     reasoning: Vec<ReasoningStream>,
+    /// One tool-call parser per choice; empty when the reply is plain content.
+    tools: Vec<ToolStream>,
     include_usage: bool,
     continuous_usage: bool,
 }
@@ -398,22 +494,73 @@ impl ChunkEncoder for StreamEncoder {
                 reasoning_delta(d)
             }
         };
-        let empty =
-            delta.content.as_ref().is_none_or(|c| c.is_empty()) && delta.reasoning.is_none();
+        // Tool calls come from the content only: the content delta goes
+        // through the choice's tool parser, which may hold it back or turn it
+        // into call deltas (each sent as a chunk of its own).
+        let mut deltas = vec![delta];
+        let mut called = false;
+        if let Some(parser) = self.tools.get_mut(idx) {
+            let text = deltas[0].content.take().unwrap_or_default();
+            let mut events = parser.push(&text);
+            if finished {
+                events.extend(parser.finish());
+            }
+            let mut content = String::new();
+            for e in &events {
+                if let ToolEvent::Content(c) = e {
+                    content.push_str(c);
+                }
+            }
+            deltas[0].content = (!content.is_empty()).then_some(content);
+            deltas.extend(events.into_iter().filter_map(tool_delta));
+            called = parser.calls() > 0
+                && self
+                    .ctx
+                    .tool_mode
+                    .as_ref()
+                    .is_some_and(ToolMode::finish_reason_tool_calls);
+            let first_empty = deltas[0].content.is_none() && deltas[0].reasoning.is_none();
+            if first_empty && deltas.len() > 1 {
+                deltas.remove(0);
+            }
+        }
+        let only = &deltas[0];
+        let empty = deltas.len() == 1
+            && only.content.as_ref().is_none_or(|c| c.is_empty())
+            && only.reasoning.is_none()
+            && only.tool_calls.is_none();
         if empty && !finished && out.new_logprobs.is_empty() {
             return Vec::new();
         }
-        let logprobs = self
+        let mut logprobs = self
             .ctx
             .top_logprobs
             .map(|k| chat_logprobs(&out.new_logprobs, k, self.ctx.state.tokenizer.as_ref()));
-        vec![self.chunk(vec![ChatChunkChoice {
-            index: idx,
-            delta,
-            logprobs,
-            finish_reason: fanout::finish_reason(&out.finished),
-            stop_reason: fanout::stop_reason(&out.finished),
-        }])]
+        let last = deltas.len() - 1;
+        let mut events = Vec::with_capacity(deltas.len());
+        for (i, delta) in deltas.into_iter().enumerate() {
+            let (finish_reason, stop_reason) = if i < last {
+                (None, None)
+            } else if called && finished {
+                (
+                    Some("tool_calls".to_string()),
+                    fanout::stop_reason(&out.finished),
+                )
+            } else {
+                (
+                    fanout::finish_reason(&out.finished),
+                    fanout::stop_reason(&out.finished),
+                )
+            };
+            events.push(self.chunk(vec![ChatChunkChoice {
+                index: idx,
+                delta,
+                logprobs: logprobs.take(),
+                finish_reason,
+                stop_reason,
+            }]));
+        }
+        events
     }
 
     fn finish(&mut self) -> Vec<Event> {
@@ -439,5 +586,102 @@ fn reasoning_delta(d: Delta) -> DeltaMessage {
         reasoning_content: reasoning.clone(),
         reasoning,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::tool_parsers::ToolCallParser;
+
+    fn call(name: &str, arguments: &str) -> ParsedCall {
+        ParsedCall {
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn tool_calls_come_from_the_content_only() {
+        let hermes = ToolMode::Auto(ToolCallParser::Hermes);
+        let text =
+            "<think>maybe <tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call></think>\
+                    Calling.<tool_call>{\"name\": \"b\", \"arguments\": {\"x\": 1}}</tool_call>";
+        let r = split_reply(Some(ReasoningParser::DeepSeekR1), Some(&hermes), text);
+        assert_eq!(
+            r,
+            Reply {
+                reasoning: Some(
+                    "maybe <tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>".into()
+                ),
+                content: Some("Calling.".into()),
+                calls: vec![call("b", r#"{"x": 1}"#)],
+                tool_calls_finish: true,
+            }
+        );
+        // All reasoning: nothing to parse.
+        let r = split_reply(
+            Some(ReasoningParser::DeepSeekR1),
+            Some(&hermes),
+            "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+        );
+        assert!(r.calls.is_empty() && r.content.is_none());
+        // No tool mode: the text is left alone.
+        let r = split_reply(
+            None,
+            None,
+            "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>",
+        );
+        assert!(r.calls.is_empty() && r.content.is_some());
+    }
+
+    #[test]
+    fn constrained_replies_as_vllm() {
+        let r = split_reply(
+            None,
+            Some(&ToolMode::Required),
+            r#"[{"name": "a", "parameters": {"k": "v"}}]"#,
+        );
+        assert_eq!(r.calls, vec![call("a", r#"{"k": "v"}"#)]);
+        assert_eq!(
+            (r.content.as_deref(), r.tool_calls_finish),
+            (Some(""), true)
+        );
+        let r = split_reply(None, Some(&ToolMode::Named("f".into())), r#"{"k": 1}"#);
+        assert_eq!(r.calls, vec![call("f", r#"{"k": 1}"#)]);
+        assert_eq!(
+            (r.content.as_deref(), r.tool_calls_finish),
+            (Some(""), false)
+        );
+    }
+
+    #[test]
+    fn tool_deltas_have_vllm_shape() {
+        let d = tool_delta(ToolEvent::Start {
+            index: 1,
+            name: "f".into(),
+        })
+        .unwrap();
+        let v = serde_json::to_value(&d).unwrap();
+        let call = &v["tool_calls"][0];
+        assert!(call["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+        assert_eq!(
+            (&call["index"], &call["type"], &call["function"]),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!("function"),
+                &serde_json::json!({"name": "f"})
+            )
+        );
+        let d = tool_delta(ToolEvent::Arguments {
+            index: 1,
+            fragment: "{\"".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\""}}]})
+        );
+        assert!(tool_delta(ToolEvent::Content("x".into())).is_none());
     }
 }

@@ -9,6 +9,8 @@ use crate::chat_template::ChatTemplateError;
 use crate::engine::EngineError;
 use crate::tokenizer::TokenizerError;
 
+use super::tools::ToolError;
+
 pub type Result<T> = std::result::Result<T, ApiError>;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum ApiError {
     ChatTemplate(#[from] ChatTemplateError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    /// `tools` / `tool_choice` problems, and choices this build cannot enforce.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("{message}")]
@@ -59,6 +64,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. }
             | ApiError::NotSupported { .. }
             | ApiError::NoChatTemplate
+            | ApiError::Tool(_)
             | ApiError::ChatTemplate(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => {
                 StatusCode::NOT_FOUND
@@ -89,6 +95,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { param, .. } => param.clone(),
             ApiError::NotSupported { param, .. } => Some(param.to_string()),
+            ApiError::Tool(e) => Some(e.param().to_string()),
             ApiError::ModelNotFound { .. } => Some("model".into()),
             ApiError::NoChatTemplate | ApiError::ChatTemplate(_) => Some("messages".into()),
             ApiError::Engine(EngineError::StructuredOutput(e)) => e.param().map(str::to_string),

@@ -17,6 +17,8 @@ pub mod structured_outputs;
 pub mod system;
 pub mod tls;
 pub mod tokenize;
+pub mod tool_parsers;
+pub mod tools;
 
 pub use error::{ApiError, Result};
 pub use server::{bind, router, serve, serve_listener, ServerConfig, ServerError};

@@ -273,6 +273,10 @@ pub struct DeltaMessage {
     /// The same text under vLLM's older name, which older clients read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// Tool-call deltas: `{index, id, type, function: {name}}` first, then
+    /// `{index, function: {arguments}}` fragments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -348,6 +352,8 @@ pub struct TokenizeChatRequest {
     pub chat_template: Option<String>,
     #[serde(default)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub tools: Option<Value>,
     #[serde(default)]
     pub return_token_strs: Option<bool>,
 }

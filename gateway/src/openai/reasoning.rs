@@ -166,7 +166,7 @@ impl ReasoningStream {
 
 /// Length of the longest tail of `text` that is a proper prefix of `tag`,
 /// the only part that cannot be released yet.
-fn partial_tag_len(text: &str, tag: &str) -> usize {
+pub(crate) fn partial_tag_len(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
         .find(|&n| text.is_char_boundary(text.len() - n) && text.ends_with(&tag[..n]))

@@ -8,6 +8,7 @@ use axum::http::HeaderMap;
 use super::error::{ApiError, Result};
 use super::reasoning::ReasoningParser;
 use super::sampling::SamplingDefaults;
+use super::tool_parsers::ToolCallParser;
 use crate::chat_template::ChatTemplate;
 use crate::engine::client::EngineClient;
 use crate::tokenizer::Tokenizer;
@@ -26,6 +27,12 @@ pub struct AppState {
     pub response_role: String,
     /// `--reasoning-parser`: chat replies split into reasoning and content.
     pub reasoning_parser: Option<ReasoningParser>,
+    /// `--enable-auto-tool-choice`: `tool_choice: "auto"` is served.
+    pub enable_auto_tool_choice: bool,
+    /// `--exclude-tools-when-tool-choice-none`: `none` hides the tools from the template.
+    pub exclude_tools_when_tool_choice_none: bool,
+    /// `--tool-call-parser`: how tool calls are read from replies.
+    pub tool_parser: Option<ToolCallParser>,
     pub defaults: SamplingDefaults,
     pub log_requests: bool,
     /// Unix seconds at startup (the models' `created`).

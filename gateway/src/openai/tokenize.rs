@@ -35,7 +35,7 @@ pub async fn tokenize(
                         add_special_tokens: r.add_special_tokens.unwrap_or(false),
                         chat_template: r.chat_template.as_deref(),
                         chat_template_kwargs: r.chat_template_kwargs.clone(),
-                        tools: None,
+                        tools: r.tools.clone(),
                         documents: None,
                     },
                 )?;

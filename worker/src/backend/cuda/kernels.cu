@@ -441,6 +441,374 @@ __device__ void attention_reduce(const int* __restrict__ tok_splits,
     }
 }
 
+// ---------------------------------------------------------------------------
+// Sampling on the device (`Backend::sample`): the sampler's semantics
+// (worker/src/sampler.rs) for one row per block, so only the chosen ids and
+// the requested logprobs cross to the host.
+//
+// Probabilities are summed as 2^-40 fixed point in 64-bit integers: sums do
+// not depend on thread order, so a row samples the same token whatever the
+// batch around it and however often it runs. The sorted-order steps (top-k,
+// top-p, and the draw among the kept tokens) find their boundary element by
+// a three-pass radix select over the probabilities' bits (positive floats
+// order as their bit patterns), then a scan in id order among equal values:
+// the sampler's order (larger first, then lower id).
+
+typedef unsigned long long u64;
+
+struct SampleRow {
+    int greedy;
+    int allowlist;
+    int edit_start;
+    int edit_count;
+    float inv_temp;
+    float min_p;
+    float top_p;
+    int top_k;
+    double u;
+    int logits_row;
+    int want_logprobs;
+};
+
+#define EDIT_ALLOWED 1
+#define EDIT_BANNED 2
+struct LogitEdit {
+    int token;
+    int flags;
+    float bias;
+    float rep;
+    float sub;
+};
+
+// The boundary that keeps every positive probability (the smallest key).
+#define KEEP_ALL_KEY 1u
+
+__device__ __forceinline__ u64 fixed_of(float p) { return (u64)(p * 1099511627776.0f); }
+
+// Exclusive prefix sum over a block of exactly 1024 threads; every thread
+// must call it and gets the block's total in `*total`.
+__device__ u64 block_excl_scan(u64 v, u64* total) {
+    __shared__ u64 warp_sums[32];
+    __shared__ u64 block_total;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        u64 t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    __syncthreads();  // an earlier call has finished reading warp_sums
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        u64 w = warp_sums[lane], wi = w;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            u64 t = __shfl_up_sync(0xffffffffu, wi, o);
+            if (lane >= o) wi += t;
+        }
+        warp_sums[lane] = wi - w;
+        if (lane == 31) block_total = wi;
+    }
+    __syncthreads();
+    *total = block_total;
+    return warp_sums[warp] + incl - v;
+}
+
+__device__ u64 block_sum_u64(u64 v) {
+    u64 total;
+    block_excl_scan(v, &total);
+    return total;
+}
+
+// Kept by the current boundary (bkey, bid): the sampler's order puts it at
+// or before the boundary element. Only positive probabilities count.
+__device__ __forceinline__ bool kept(u32 key, int i, u32 bkey, int bid) {
+    return key != 0u && (key > bkey || (key == bkey && i <= bid));
+}
+
+struct Boundary {
+    u32 key;
+    int id;
+    u64 before;  // quantity of the kept elements before it in sorted order
+    int found;
+};
+
+// The first kept element, in the sampler's order, at which the running sum
+// of `quantity` (1 per element, or its fixed-point probability) reaches
+// `target` (`strict`: exceeds it). `p` is the row's probabilities.
+__device__ Boundary select_boundary(const float* p, int vocab, u32 bkey, int bid, bool by_mass,
+                                    u64 target, bool strict) {
+    __shared__ u64 hist[2048];
+    __shared__ u32 s_prefix;
+    __shared__ u64 s_above;
+    __shared__ int s_found;
+    __shared__ int s_id;
+    __shared__ u64 s_before;
+    const int tid = threadIdx.x;
+    u32 prefix = 0, prefix_mask = 0;
+    u64 above = 0;
+    const int shifts[3] = {21, 10, 0};
+    const int widths[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = shifts[pass], nbins = 1 << widths[pass];
+        const u32 bin_mask = (u32)(nbins - 1);
+        for (int b = tid; b < 2048; b += blockDim.x) hist[b] = 0;
+        if (tid == 0) s_found = 0;
+        __syncthreads();
+        // Whole warps iterate together so that lanes adding to the same bin
+        // combine first: most probabilities share a few exponents, and
+        // uncombined adds to one bin would serialize.
+        const int padded = (vocab + blockDim.x - 1) / blockDim.x * blockDim.x;
+        for (int i = tid; i < padded; i += blockDim.x) {
+            const float v = i < vocab ? p[i] : 0.f;
+            const u32 key = __float_as_uint(v);
+            const bool in = i < vocab && kept(key, i, bkey, bid) && (key & prefix_mask) == prefix;
+            const u32 bin = in ? (key >> shift) & bin_mask : 0xffffffffu;
+            const u64 q = in ? (by_mass ? fixed_of(v) : 1ull) : 0ull;
+#if __CUDA_ARCH__ >= 800
+            const unsigned peers = __match_any_sync(0xffffffffu, bin);
+            // q < 2^41: halves of 21 and 20 bits sum over 32 lanes without overflow.
+            const unsigned hi = __reduce_add_sync(peers, (unsigned)(q >> 20));
+            const unsigned lo = __reduce_add_sync(peers, (unsigned)(q & 0xfffffu));
+            if (in && (tid & 31) == __ffs(peers) - 1) {
+                atomicAdd(&hist[bin], ((u64)hi << 20) + lo);
+            }
+#else
+            if (in) atomicAdd(&hist[bin], q);
+#endif
+        }
+        __syncthreads();
+        // Bins from the largest down: thread t holds bins nbins-1-2t and nbins-2-2t.
+        const int b0 = nbins - 1 - 2 * tid, b1 = b0 - 1;
+        const u64 h0 = b0 >= 0 ? hist[b0] : 0, h1 = b1 >= 0 ? hist[b1] : 0;
+        u64 total;
+        const u64 ex = above + block_excl_scan(h0 + h1, &total);
+        auto reach = [&](u64 c) { return strict ? c > target : c >= target; };
+        if (b0 >= 0 && !reach(ex) && reach(ex + h0)) {
+            s_prefix = (u32)b0;
+            s_above = ex;
+            s_found = 1;
+        } else if (b1 >= 0 && !reach(ex + h0) && reach(ex + h0 + h1)) {
+            s_prefix = (u32)b1;
+            s_above = ex + h0;
+            s_found = 1;
+        }
+        __syncthreads();
+        if (!s_found) {
+            Boundary none = {0u, -1, 0ull, 0};
+            return none;
+        }
+        prefix |= s_prefix << shift;
+        prefix_mask |= bin_mask << shift;
+        above = s_above;
+        __syncthreads();
+    }
+    // Among the kept elements equal to `prefix`, in id order: contiguous
+    // chunks per thread, so a scan over the threads gives the running sum.
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int lo = min(vocab, tid * chunk), hi = min(vocab, lo + chunk);
+    u64 local = 0;
+    for (int i = lo; i < hi; i++) {
+        const float v = p[i];
+        const u32 key = __float_as_uint(v);
+        if (key == prefix && kept(key, i, bkey, bid)) local += by_mass ? fixed_of(v) : 1ull;
+    }
+    u64 total;
+    u64 c = above + block_excl_scan(local, &total);
+    if (tid == 0) s_found = 0;
+    __syncthreads();
+    auto reach = [&](u64 x) { return strict ? x > target : x >= target; };
+    if (!reach(c) && reach(c + local)) {
+        for (int i = lo; i < hi; i++) {
+            const float v = p[i];
+            const u32 key = __float_as_uint(v);
+            if (key == prefix && kept(key, i, bkey, bid)) {
+                const u64 q = by_mass ? fixed_of(v) : 1ull;
+                if (reach(c + q)) {
+                    s_id = i;
+                    s_before = c;
+                    s_found = 1;
+                    break;
+                }
+                c += q;
+            }
+        }
+    }
+    __syncthreads();
+    Boundary b = {prefix, s_id, s_before, s_found};
+    __syncthreads();
+    return b;
+}
+
+// Sum of the fixed-point probabilities kept by (bkey, bid).
+__device__ u64 kept_mass(const float* p, int vocab, u32 bkey, int bid) {
+    u64 s = 0;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = p[i];
+        if (kept(__float_as_uint(v), i, bkey, bid)) s += fixed_of(v);
+    }
+    return block_sum_u64(s);
+}
+
+// grid: rows; block: 1024. scratch: [rows, vocab] f32. out: per row
+// [token (int bits), raw logit of the token, rank (int bits), raw log-sum-exp].
+template <typename T>
+__device__ void sample_rows(const T* __restrict__ logits, int vocab,
+                            const SampleRow* __restrict__ rows,
+                            const LogitEdit* __restrict__ edits, float* __restrict__ scratch,
+                            float* __restrict__ out) {
+    __shared__ float s_val[32];
+    __shared__ int s_idx[32];
+    __shared__ int s_token;
+    const int r = blockIdx.x, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const SampleRow P = rows[r];
+    const T* raw = logits + (i64)P.logits_row * vocab;
+    float* x = scratch + (i64)r * vocab;
+
+    // The processed logits: allowed ids, min-tokens stops, bias, penalties.
+    for (int i = tid; i < vocab; i += blockDim.x) x[i] = P.allowlist ? NEG_INF : to_f32(raw[i]);
+    __syncthreads();
+    for (int e = tid; e < P.edit_count; e += blockDim.x) {
+        const LogitEdit E = edits[P.edit_start + e];
+        float v = (!P.allowlist || (E.flags & EDIT_ALLOWED)) ? to_f32(raw[E.token]) : NEG_INF;
+        if (E.flags & EDIT_BANNED) v = NEG_INF;
+        v += E.bias;
+        if (E.rep != 1.f) v = v > 0.f ? v / E.rep : v * E.rep;
+        v -= E.sub;
+        x[E.token] = v;
+    }
+    __syncthreads();
+
+    // Max, and its lowest id (greedy's argmax).
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const float v = x[i];
+        if (before(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { s_val[warp] = bv; s_idx[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        bv = s_val[lane];
+        bi = s_idx[lane];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) { s_val[0] = bv; s_idx[0] = bi; }
+    }
+    __syncthreads();
+    const float m = s_val[0];
+    int token;
+    if (P.greedy || m == NEG_INF) {
+        // Everything masked: the sampler answers token 0.
+        token = m == NEG_INF ? 0 : s_idx[0];
+    } else {
+        // Probabilities relative to the largest (which is 1), below min_p dropped.
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float q = expf((x[i] - m) * P.inv_temp);
+            if (P.min_p > 0.f && q < P.min_p) q = 0.f;
+            x[i] = q;
+        }
+        __syncthreads();
+        u32 bkey = KEEP_ALL_KEY;
+        int bid = 0x7fffffff;
+        const bool sorted = (P.top_k > 0 && P.top_k < vocab) || P.top_p < 1.f;
+        if (sorted) {
+            if (P.top_k > 0 && P.top_k < vocab) {
+                const Boundary b = select_boundary(x, vocab, bkey, bid, false, (u64)P.top_k, false);
+                if (b.found) { bkey = b.key; bid = b.id; }
+            }
+            if (P.top_p < 1.f) {
+                const u64 total = kept_mass(x, vocab, bkey, bid);
+                u64 target = (u64)ceil((double)P.top_p * (double)total);
+                if (target > total) target = total;
+                const Boundary b = select_boundary(x, vocab, bkey, bid, true, target, false);
+                if (b.found) { bkey = b.key; bid = b.id; }
+            }
+            const u64 total = kept_mass(x, vocab, bkey, bid);
+            u64 target = (u64)(P.u * (double)total);
+            if (total > 0 && target >= total) target = total - 1;
+            const Boundary b = select_boundary(x, vocab, bkey, bid, true, target, true);
+            token = b.found ? b.id : s_idx[0];
+        } else {
+            // The token at cumulative probability u in id order.
+            const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+            const int lo = min(vocab, tid * chunk), hi = min(vocab, lo + chunk);
+            u64 local = 0;
+            for (int i = lo; i < hi; i++) local += fixed_of(x[i]);
+            u64 total;
+            u64 c = block_excl_scan(local, &total);
+            u64 target = (u64)(P.u * (double)total);
+            if (total > 0 && target >= total) target = total - 1;
+            if (tid == 0) s_token = s_idx[0];
+            __syncthreads();
+            if (c <= target && c + local > target) {
+                for (int i = lo; i < hi; i++) {
+                    c += fixed_of(x[i]);
+                    if (c > target) { s_token = i; break; }
+                }
+            }
+            __syncthreads();
+            token = s_token;
+        }
+    }
+    if (tid == 0) out[4 * r] = __int_as_float(token);
+    if (!P.want_logprobs) return;
+
+    // The chosen token under the raw logits: its logit, rank and the log-sum-exp.
+    const float chosen = to_f32(raw[token]);
+    float mx = NEG_INF;
+    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, to_f32(raw[i]));
+    mx = block_max(mx);
+    float s = 0.f, greater = 0.f;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const float v = to_f32(raw[i]);
+        s += expf(v - mx);
+        greater += v > chosen ? 1.f : 0.f;
+    }
+    s = block_sum(s);
+    greater = block_sum(greater);
+    if (tid == 0) {
+        out[4 * r + 1] = chosen;
+        out[4 * r + 2] = __int_as_float(1 + (int)greater);
+        out[4 * r + 3] = mx + logf(s);
+    }
+}
+
+// out[r, c] = x[r, c] for c < cols, 0 up to `pad` (a vocab shard widened to
+// the group's widest before NCCL's all-gather). Grid-stride over rows * pad.
+template <typename T>
+__device__ void pad_cols(const T* x, int cols, int pad, T* out, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int r = (int)(i / pad), c = (int)(i % pad);
+        out[i] = c < cols ? x[(i64)r * cols + c] : from_f32<T>(0.f);
+    }
+}
+
+// The gathered shards [size][rows][pad] side by side: out[r, j] is column
+// j - offsets[k] of rank k's shard, where offsets[k] <= j < offsets[k + 1].
+template <typename T>
+__device__ void concat_shards(const T* recv, const int* offsets, int size, int rows, int pad,
+                              T* out, int total, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int r = (int)(i / total), j = (int)(i % total);
+        int k = 0;
+        while (k + 1 < size && offsets[k + 1] <= j) k++;
+        out[i] = recv[((i64)k * rows + r) * pad + (j - offsets[k])];
+    }
+}
+
 #define INSTANTIATE(SUFFIX, T)                                                                   \
     extern "C" __global__ void embed_##SUFFIX(const int* ids, const T* table, int vocab_start,  \
                                               int rows, int hidden, T* out) {                   \
@@ -477,6 +845,20 @@ __device__ void attention_reduce(const int* __restrict__ tok_splits,
     }                                                                                            \
     extern "C" __global__ void from_float_##SUFFIX(const float* x, T* out, i64 n) {             \
         from_float<T>(x, out, n);                                                                \
+    }                                                                                            \
+    extern "C" __global__ void sample_rows_##SUFFIX(const T* logits, int vocab,                 \
+                                                    const SampleRow* rows,                      \
+                                                    const LogitEdit* edits, float* scratch,     \
+                                                    float* out) {                               \
+        sample_rows<T>(logits, vocab, rows, edits, scratch, out);                                \
+    }                                                                                            \
+    extern "C" __global__ void pad_cols_##SUFFIX(const T* x, int cols, int pad, T* out, i64 n) { \
+        pad_cols<T>(x, cols, pad, out, n);                                                       \
+    }                                                                                            \
+    extern "C" __global__ void concat_shards_##SUFFIX(const T* recv, const int* offsets,        \
+                                                      int size, int rows, int pad, T* out,      \
+                                                      int total, i64 n) {                       \
+        concat_shards<T>(recv, offsets, size, rows, pad, out, total, n);                         \
     }                                                                                            \
     extern "C" __global__ void top_logits_##SUFFIX(const T* logits, int vocab, int k,           \
                                                    float* out) {                                \

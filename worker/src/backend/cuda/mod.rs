@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{Backend, ComputeDtype, RowTop, StepInputs};
+use super::{Backend, ComputeDtype, DeviceSampled, RowTop, SampleSpec, StepInputs};
 use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
 use crate::error::{Error, Result};
@@ -114,6 +114,9 @@ struct Kernels {
     paged_attention: CudaFunction,
     attention_reduce: CudaFunction,
     top_logits: CudaFunction,
+    sample_rows: CudaFunction,
+    pad_cols: CudaFunction,
+    concat_shards: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
 }
@@ -137,6 +140,9 @@ impl Kernels {
             paged_attention: f("paged_attention")?,
             attention_reduce: f("attention_reduce")?,
             top_logits: f("top_logits")?,
+            sample_rows: f("sample_rows")?,
+            pad_cols: f("pad_cols")?,
+            concat_shards: f("concat_shards")?,
             max_smem,
         };
         // The opt-in limit covers static and dynamic shared memory together.
@@ -164,6 +170,104 @@ struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
+    busy: std::sync::Mutex<BusyMeter>,
+}
+
+/// How much of the serving time the GPU works on steps, from a step's first
+/// upload to its last result on the host; the rest is the time the engine
+/// spends between steps (scheduling, detokenization, HTTP), when the GPU
+/// waits. Logged every `BusyMeter::PERIOD` of back-to-back steps.
+struct BusyMeter {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    /// `start` holds an unaccounted step; `end` has been recorded for it.
+    open: bool,
+    ended: bool,
+    window: Option<std::time::Instant>,
+    last_start: std::time::Instant,
+    busy_ms: f64,
+    steps: u64,
+}
+
+impl BusyMeter {
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+    /// A longer pause between steps is the engine idle, not between steps.
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || {
+            ctx.new_event(timed)
+                .map_err(|e| Error::cuda("cuEventCreate", e))
+        };
+        Ok(Self {
+            start: ev()?,
+            end: ev()?,
+            open: false,
+            ended: false,
+            window: None,
+            last_start: std::time::Instant::now(),
+            busy_ms: 0.0,
+            steps: 0,
+        })
+    }
+
+    /// At a step's first device work: accounts the previous step (whose
+    /// results the host has read) and starts timing this one.
+    fn step_starts(&mut self, stream: &CudaStream) -> Result<()> {
+        let now = std::time::Instant::now();
+        if self.open && self.ended {
+            let ms = self
+                .start
+                .elapsed_ms(&self.end)
+                .map_err(|e| Error::cuda("cuEventElapsedTime", e))?;
+            self.busy_ms += ms as f64;
+            self.steps += 1;
+        }
+        if now.duration_since(self.last_start) > Self::IDLE {
+            self.window = None;
+        }
+        match self.window {
+            None => {
+                self.window = Some(now);
+                self.busy_ms = 0.0;
+                self.steps = 0;
+            }
+            Some(w) if now.duration_since(w) >= Self::PERIOD && self.steps > 0 => {
+                let wall_ms = now.duration_since(w).as_secs_f64() * 1e3;
+                tracing::info!(
+                    "GPU busy {:.1}% of {:.1} s of back-to-back steps ({} steps, {:.2} ms on the GPU and {:.2} ms between steps on average)",
+                    100.0 * self.busy_ms / wall_ms,
+                    wall_ms / 1e3,
+                    self.steps,
+                    self.busy_ms / self.steps as f64,
+                    (wall_ms - self.busy_ms) / self.steps as f64,
+                );
+                self.window = Some(now);
+                self.busy_ms = 0.0;
+                self.steps = 0;
+            }
+            Some(_) => {}
+        }
+        self.last_start = now;
+        self.start
+            .record(stream)
+            .map_err(|e| Error::cuda("cuEventRecord", e))?;
+        self.open = true;
+        self.ended = false;
+        Ok(())
+    }
+
+    /// Before the host waits for a step's results: the step's work so far.
+    fn results_read(&mut self, stream: &CudaStream) -> Result<()> {
+        if self.open {
+            self.end
+                .record(stream)
+                .map_err(|e| Error::cuda("cuEventRecord", e))?;
+            self.ended = true;
+        }
+        Ok(())
+    }
 }
 
 /// The CUDA backend of one device.
@@ -171,6 +275,29 @@ struct Gpu {
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     dtype: ComputeDtype,
+    /// This rank's tensor-parallel group; `None`: a group of one.
+    group: Option<Arc<NcclGroup>>,
+}
+
+/// A tensor-parallel group over NCCL: the ranks' communicator on this
+/// backend's stream.
+struct NcclGroup {
+    comm: std::sync::Mutex<cudarc::nccl::safe::Comm>,
+    size: usize,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread provided calls on
+// it do not overlap; the mutex serializes them, and every call is queued on
+// the backend's one stream.
+unsafe impl Send for NcclGroup {}
+unsafe impl Sync for NcclGroup {}
+
+fn nccl_err(op: &'static str, e: impl std::fmt::Debug) -> Error {
+    Error::Collective {
+        op,
+        peer: String::new(),
+        msg: format!("NCCL: {e:?}"),
+    }
 }
 
 /// A 2-D activation [rows, cols] in the compute dtype.
@@ -265,6 +392,7 @@ impl CudaBackend {
         let kernels = Kernels::load(&module, suffix, max_smem)?;
         let pool = keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
+        let busy = std::sync::Mutex::new(BusyMeter::new(&ctx)?);
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         tracing::info!(
             "CUDA device {ordinal}: {name}, compute capability {}.{}, {} compute",
@@ -279,9 +407,74 @@ impl CudaBackend {
                 stream,
                 blas,
                 kernels,
+                busy,
             }),
             dtype,
+            group: None,
         })
+    }
+
+    /// Opens device `ordinal` as rank `host.rank()` of a tensor-parallel
+    /// group of `host.size()` GPUs: rank 0 makes NCCL's unique id and the
+    /// host group (the TCP rendezvous every rank has joined) hands it to
+    /// the others. A group of one still runs its collectives through NCCL.
+    pub fn with_group(
+        ordinal: usize,
+        dtype: ComputeDtype,
+        host: &dyn crate::collective::HostGroup,
+    ) -> Result<Self> {
+        use cudarc::nccl::safe::{Comm, Id};
+        // cudarc panics where the library is missing: say so first.
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(nccl_err(
+                "ncclCommInitRank",
+                "libnccl.so not found: tensor parallel on CUDA needs NCCL 2 on the library path (LD_LIBRARY_PATH)",
+            ));
+        }
+        let mut b = Self::new(ordinal, dtype)?;
+        // The id's 128 bytes travel as 32 f32 bit patterns (the group moves f32s).
+        let words: Vec<f32> = if host.rank() == 0 {
+            let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+            id.internal()
+                .chunks_exact(4)
+                .map(|c| {
+                    f32::from_bits(u32::from_le_bytes([
+                        c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8,
+                    ]))
+                })
+                .collect()
+        } else {
+            vec![0.0; 32]
+        };
+        let all = host.all_gather(&words)?;
+        let root = all
+            .first()
+            .filter(|w| w.len() == 32)
+            .ok_or_else(|| nccl_err("ncclGetUniqueId", "rank 0 sent no NCCL id"))?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (i, w) in root.iter().enumerate() {
+            for (j, byte) in w.to_bits().to_le_bytes().into_iter().enumerate() {
+                internal[4 * i + j] = byte as std::ffi::c_char;
+            }
+        }
+        let comm = Comm::from_rank(
+            b.stream().clone(),
+            host.rank(),
+            host.size(),
+            Id::uninit(internal),
+        )
+        .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        tracing::info!(
+            "rank {} of a tensor-parallel group of {} on NCCL",
+            host.rank(),
+            host.size()
+        );
+        b.group = Some(Arc::new(NcclGroup {
+            comm: std::sync::Mutex::new(comm),
+            size: host.size(),
+        }));
+        Ok(b)
     }
 
     pub fn dtype(&self) -> ComputeDtype {
@@ -310,6 +503,11 @@ impl CudaBackend {
 
     fn k(&self) -> &Kernels {
         &self.gpu.kernels
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, BusyMeter> {
+        // The meter holds only timings: a panic elsewhere leaves it usable.
+        self.gpu.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn elem(&self) -> usize {
@@ -556,6 +754,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, inputs: StepInputs<'_>, rope: &CudaRope) -> Result<CudaStep> {
+        self.busy().step_starts(self.stream())?;
         let meta = inputs.meta;
         let n = meta.num_tokens();
         check_positions(&meta.positions, rope.max_positions)?;
@@ -861,15 +1060,44 @@ impl Backend for CudaBackend {
     }
 
     fn group_size(&self) -> usize {
-        1
+        self.group.as_ref().map_or(1, |g| g.size)
     }
 
-    fn all_reduce(&self, _x: &mut CudaTensor) -> Result<()> {
-        Ok(())
+    fn all_reduce(&self, x: &mut CudaTensor) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        use cudarc::nccl::safe::ReduceOp;
+        let n = x.rows * x.cols;
+        let comm = g
+            .comm
+            .lock()
+            .map_err(|_| nccl_err("ncclAllReduce", "lock poisoned"))?;
+        // SAFETY: the buffer holds n elements of the compute dtype.
+        let r = unsafe {
+            match self.dtype {
+                ComputeDtype::Bf16 => {
+                    let mut v = x.buf.transmute_mut::<bf16>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+                ComputeDtype::F16 => {
+                    let mut v = x.buf.transmute_mut::<f16>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+                ComputeDtype::F32 => {
+                    let mut v = x.buf.transmute_mut::<f32>(n).expect("sized for n");
+                    comm.all_reduce_in_place(&mut v, &ReduceOp::Sum)
+                }
+            }
+        };
+        r.map(|_| ()).map_err(|e| nccl_err("ncclAllReduce", e))
     }
 
     fn all_gather_cols(&self, x: CudaTensor) -> Result<CudaTensor> {
-        Ok(x)
+        match &self.group {
+            None => Ok(x),
+            Some(g) => self.all_gather_cols_nccl(g, x),
+        }
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
@@ -888,9 +1116,211 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         self.mem_info().map(Some)
     }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample(&self, logits: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
+        self.sample_impl(logits, rows)
+    }
+}
+
+/// `SampleSpec`s as `kernels.cu` lays out `SampleRow` (48 bytes) and
+/// `LogitEdit` (20 bytes), little-endian.
+fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
+    let mut r = Vec::with_capacity(rows.len() * 48);
+    let mut e = Vec::new();
+    let mut start = 0i32;
+    for spec in rows {
+        let count = spec.edits.len() as i32;
+        r.extend_from_slice(&(spec.greedy as i32).to_le_bytes());
+        r.extend_from_slice(&(spec.allowlist as i32).to_le_bytes());
+        r.extend_from_slice(&start.to_le_bytes());
+        r.extend_from_slice(&count.to_le_bytes());
+        r.extend_from_slice(&spec.inv_temperature.to_le_bytes());
+        r.extend_from_slice(&spec.min_p.to_le_bytes());
+        r.extend_from_slice(&spec.top_p.to_le_bytes());
+        r.extend_from_slice(&(spec.top_k.min(i32::MAX as u32) as i32).to_le_bytes());
+        r.extend_from_slice(&spec.u.to_le_bytes());
+        r.extend_from_slice(&(spec.logits_row as i32).to_le_bytes());
+        r.extend_from_slice(&(spec.logprobs as i32).to_le_bytes());
+        for ed in &spec.edits {
+            let flags = ed.allowed as i32 | (ed.banned as i32) << 1;
+            e.extend_from_slice(&(ed.token as i32).to_le_bytes());
+            e.extend_from_slice(&flags.to_le_bytes());
+            e.extend_from_slice(&ed.bias.to_le_bytes());
+            e.extend_from_slice(&ed.repetition.to_le_bytes());
+            e.extend_from_slice(&ed.subtract.to_le_bytes());
+        }
+        start += count;
+    }
+    (r, e)
 }
 
 impl CudaBackend {
+    /// The ranks' column shards side by side, in rank order. Shards may
+    /// differ in width (the last vocab shard can be short): widths travel
+    /// first, then every rank sends its shard padded to the widest.
+    fn all_gather_cols_nccl(&self, g: &NcclGroup, x: CudaTensor) -> Result<CudaTensor> {
+        let s = self.stream();
+        let comm = g
+            .comm
+            .lock()
+            .map_err(|_| nccl_err("ncclAllGather", "lock poisoned"))?;
+        let mine = s
+            .clone_htod(&[x.cols as i32])
+            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))?;
+        let mut widths_dev = s
+            .alloc_zeros::<i32>(g.size)
+            .map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        comm.all_gather(&mine, &mut widths_dev)
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
+        let mut widths = vec![0i32; g.size];
+        s.memcpy_dtoh(&widths_dev, &mut widths[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        self.synchronize()?;
+        let pad = widths.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let mut offsets = vec![0i32; g.size + 1];
+        for (k, w) in widths.iter().enumerate() {
+            offsets[k + 1] = offsets[k] + w;
+        }
+        let total = offsets[g.size] as usize;
+        let rows = x.rows;
+        let mut padded = self.tensor(rows, pad)?;
+        let (xp, pp) = (addr(&x.buf, s), addr(&padded.buf, s));
+        let (cols, padi, n) = (x.cols as i32, pad as i32, (rows * pad) as i64);
+        self.launch(
+            &self.k().pad_cols,
+            Self::grid_1d(rows * pad),
+            256,
+            0,
+            &mut kargs![xp, cols, padi, pp, n],
+            "pad_cols",
+        )?;
+        let mut recv = self.tensor(g.size * rows, pad)?;
+        let count = rows * pad;
+        // SAFETY: `padded` holds count elements and `recv` size * count, of the compute dtype.
+        let r = unsafe {
+            match self.dtype {
+                ComputeDtype::Bf16 => comm.all_gather(
+                    &padded.buf.transmute_mut::<bf16>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<bf16>(g.size * count)
+                        .expect("sized"),
+                ),
+                ComputeDtype::F16 => comm.all_gather(
+                    &padded.buf.transmute_mut::<f16>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<f16>(g.size * count)
+                        .expect("sized"),
+                ),
+                ComputeDtype::F32 => comm.all_gather(
+                    &padded.buf.transmute_mut::<f32>(count).expect("sized"),
+                    &mut recv
+                        .buf
+                        .transmute_mut::<f32>(g.size * count)
+                        .expect("sized"),
+                ),
+            }
+        };
+        r.map_err(|e| nccl_err("ncclAllGather", e))?;
+        let offsets_dev = s
+            .clone_htod(&offsets)
+            .map_err(|e| Error::cuda("cuMemcpyHtoD", e))?;
+        let out = self.tensor(rows, total)?;
+        let (rp, op, offp) = (addr(&recv.buf, s), addr(&out.buf, s), addr(&offsets_dev, s));
+        let (size, rowsi, totali, n) = (
+            g.size as i32,
+            rows as i32,
+            total as i32,
+            (rows * total) as i64,
+        );
+        self.launch(
+            &self.k().concat_shards,
+            Self::grid_1d(rows * total),
+            256,
+            0,
+            &mut kargs![rp, offp, size, rowsi, padi, op, totali, n],
+            "concat_shards",
+        )?;
+        Ok(out)
+    }
+
+    fn sample_impl(&self, x: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vocab = x.cols;
+        for spec in rows {
+            if spec.logits_row >= x.rows {
+                return Err(Error::config(format!(
+                    "sample: logits row {} of a [{}, {vocab}] tensor",
+                    spec.logits_row, x.rows
+                )));
+            }
+            if let Some(e) = spec.edits.iter().find(|e| e.token as usize >= vocab) {
+                return Err(Error::config(format!(
+                    "sample: an edit of token {} outside a vocabulary of {vocab}",
+                    e.token
+                )));
+            }
+        }
+        let (packed_rows, mut packed_edits) = pack_sample_specs(rows);
+        if packed_edits.is_empty() {
+            packed_edits.resize(20, 0);
+        }
+        let s = self.stream();
+        let up = |bytes: &[u8]| {
+            s.clone_htod(bytes)
+                .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+        };
+        let (rows_buf, edits_buf) = (up(&packed_rows)?, up(&packed_edits)?);
+        let n = rows.len();
+        // SAFETY: the kernel writes each row of scratch before reading it,
+        // and every `out` value the host reads below.
+        let scratch =
+            unsafe { s.alloc::<f32>(n * vocab) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let out = unsafe { s.alloc::<f32>(4 * n) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let (xp, rp, ep, sp, op) = (
+            addr(&x.buf, s),
+            addr(&rows_buf, s),
+            addr(&edits_buf, s),
+            addr(&scratch, s),
+            addr(&out, s),
+        );
+        let v = vocab as i32;
+        self.launch(
+            &self.k().sample_rows,
+            (n as u32, 1, 1),
+            1024,
+            0,
+            &mut kargs![xp, v, rp, ep, sp, op],
+            "sample_rows",
+        )?;
+        self.busy().results_read(s)?;
+        let mut host = vec![0f32; 4 * n];
+        s.memcpy_dtoh(&out, &mut host[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        self.synchronize()?;
+        Ok(host
+            .chunks_exact(4)
+            .zip(rows)
+            .map(|(o, spec)| DeviceSampled {
+                token: o[0].to_bits(),
+                logit: if spec.logprobs { o[1] } else { 0.0 },
+                rank: if spec.logprobs {
+                    o[2].to_bits() as usize
+                } else {
+                    0
+                },
+                log_sum_exp: if spec.logprobs { o[3] } else { 0.0 },
+            })
+            .collect())
+    }
+
     fn top_logits_impl(&self, x: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
         let (rows, k) = (x.rows, k.max(1).min(x.cols));
         if rows == 0 {
@@ -910,6 +1340,7 @@ impl CudaBackend {
             &mut kargs![xp, vocab, kk, op],
             "top_logits",
         )?;
+        self.busy().results_read(s)?;
         let mut host = vec![0f32; n];
         s.memcpy_dtoh(&out, &mut host[..])
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
@@ -962,6 +1393,7 @@ impl CudaBackend {
             &mut kargs![ptr, fp, nn],
             "to_float",
         )?;
+        self.busy().results_read(s)?;
         let mut host = vec![0f32; n];
         s.memcpy_dtoh(&f.slice(..n), &mut host[..])
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
