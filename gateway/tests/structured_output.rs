@@ -190,3 +190,174 @@ fn a_steps_bitmask_has_a_row_per_sampling_grammar_in_step_order() {
     assert!(!m.contains("w") && m.contains("d"));
     assert!(m.grammar_bitmask(&["plain"]).0.is_none());
 }
+
+/// A tiny random Llama with SmolLM2's vocabulary (`--load-format dummy`).
+struct TinyModel(std::path::PathBuf);
+
+impl TinyModel {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("flotilla-so-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+            "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": "float32"
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TinyModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The engine end to end (random weights, so whatever the model "wants" is
+/// noise and only the masks make outputs valid), with and without
+/// `--async-scheduling` (masks then computed while the previous step runs):
+/// constrained requests follow their grammars to EOS, a plain request in
+/// the same batch gives the tokens it gives alone, and a bad grammar is
+/// refused before it reaches the batch.
+#[test]
+fn the_engine_enforces_grammars_without_disturbing_the_batch() {
+    use gateway::engine::{EngineArgs, EngineError, EngineRequest, FinishReason, StopMatch};
+    use gateway::llm::LLM;
+    use worker::SamplingParams;
+
+    let Some(gguf) = fixtures::smollm2_gguf() else {
+        return;
+    };
+    let model = TinyModel::new("engine");
+    let greedy = |so: Option<StructuredOutputRequest>| SamplingParams {
+        max_tokens: Some(200),
+        structured_outputs: so.map(|r| StructuredOutputs::new(r, "test")),
+        ..SamplingParams::greedy()
+    };
+    let schema = json!({
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "b": {"enum": ["x", "y"]}},
+        "required": ["a", "b"],
+        "additionalProperties": false,
+    });
+    for async_scheduling in [false, true] {
+        let args = EngineArgs {
+            tokenizer: Some(gguf.clone()),
+            load_format: "dummy".into(),
+            dtype: "float32".into(),
+            max_model_len: Some(256),
+            num_gpu_blocks_override: Some(256),
+            async_scheduling,
+            ..Default::default()
+        };
+        let llm = LLM::new(&model.0, args).unwrap();
+        let tok = llm.tokenizer().clone();
+        let prompt = tok.encode("Tell me something:", true).unwrap();
+        let plain = SamplingParams {
+            max_tokens: Some(12),
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let alone = llm
+            .generate_token_ids(vec![prompt.clone()], &plain)
+            .unwrap()[0]
+            .outputs[0]
+            .token_ids
+            .clone();
+
+        let requests = vec![
+            ("plain", plain.clone()),
+            (
+                "choice",
+                greedy(Some(StructuredOutputRequest::Choice(vec![
+                    "alpha".into(),
+                    "beta".into(),
+                ]))),
+            ),
+            (
+                "regex",
+                greedy(Some(StructuredOutputRequest::Regex("[0-9]{3,6}".into()))),
+            ),
+            (
+                "json",
+                greedy(Some(StructuredOutputRequest::JsonSchema(schema.clone()))),
+            ),
+            (
+                "json-sampled",
+                SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(5),
+                    ..greedy(Some(StructuredOutputRequest::JsonSchema(schema.clone())))
+                },
+            ),
+        ];
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let outs = rt.block_on(async {
+            use futures::StreamExt;
+            let client = llm.engine().clone();
+            let bad = EngineRequest {
+                request_id: format!("bad-{async_scheduling}"),
+                prompt_token_ids: prompt.clone(),
+                sampling_params: greedy(Some(StructuredOutputRequest::Regex("([".into()))),
+                priority: 0,
+                arrival_time: std::time::Instant::now(),
+            };
+            assert!(matches!(
+                client.add_request(bad).await,
+                Err(EngineError::StructuredOutput(_))
+            ));
+            let mut streams = Vec::new();
+            for (name, p) in &requests {
+                let req = EngineRequest {
+                    request_id: format!("{name}-{async_scheduling}"),
+                    prompt_token_ids: prompt.clone(),
+                    sampling_params: p.clone(),
+                    priority: 0,
+                    arrival_time: std::time::Instant::now(),
+                };
+                streams.push(client.add_request(req).await.unwrap());
+            }
+            let mut outs = Vec::new();
+            for mut s in streams {
+                let (mut ids, mut finished) = (Vec::new(), None);
+                while let Some(o) = s.next().await {
+                    assert!(o.error.is_none(), "{:?}", o.error);
+                    ids.extend(o.new_token_ids);
+                    finished = o.finished.or(finished);
+                }
+                outs.push((ids, finished.unwrap()));
+            }
+            outs
+        });
+        let text = |ids: &[u32]| tok.decode(ids, true).unwrap();
+        assert_eq!(outs[0].0, alone, "async={async_scheduling}");
+        for (i, (name, _)) in requests.iter().enumerate().skip(1) {
+            let (ids, finish) = &outs[i];
+            assert_eq!(
+                *finish,
+                FinishReason::Stop(StopMatch::Eos),
+                "{name} async={async_scheduling}: {:?}",
+                text(ids)
+            );
+            let t = text(ids);
+            match *name {
+                "choice" => assert!(t == "alpha" || t == "beta", "{t:?}"),
+                "regex" => assert!(
+                    (3..=6).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()),
+                    "{t:?}"
+                ),
+                _ => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert!(v["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{t}");
+                    assert!(v["b"] == "x" || v["b"] == "y", "{t}");
+                    assert_eq!(v.as_object().unwrap().len(), 2, "{t}");
+                }
+            }
+        }
+    }
+}
