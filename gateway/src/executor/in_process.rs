@@ -1,6 +1,7 @@
 //! Runs the model in this process on the engine thread: one worker, TP=1.
 
 use worker::config::ModelConfig;
+use worker::pooling::PoolingType;
 use worker::{MemoryProfile, ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
 use super::{Executor, KvCacheCapacity, Result};
@@ -23,6 +24,23 @@ impl InProcessExecutor {
                 available_bytes: s.available_bytes,
                 device: s.device,
                 profile: s.profile,
+            },
+        })
+    }
+}
+
+impl InProcessExecutor {
+    /// A pooling (embedding) model: no KV cache to size.
+    pub fn load_pooling(config: &WorkerConfig, pooling: PoolingType) -> Result<Self> {
+        let runner = ModelRunner::load_pooling(config, pooling)?;
+        let device = runner.device();
+        Ok(Self {
+            runner,
+            capacity: KvCacheCapacity {
+                bytes_per_block: 0,
+                available_bytes: 0,
+                device,
+                profile: None,
             },
         })
     }
