@@ -827,6 +827,43 @@ mod tests {
     }
 
     #[test]
+    fn pooling_flags() {
+        let a = parse(&[
+            "--runner",
+            "pooling",
+            "--convert",
+            "embed",
+            "--task",
+            "embed",
+        ]);
+        assert_eq!(
+            (a.runner, a.convert, a.task),
+            (
+                RunnerOption::Pooling,
+                ConvertOption::Embed,
+                TaskOption::Embed
+            )
+        );
+        assert!(parse(&[]).pooler_config_json().unwrap().is_null());
+        let v = parse(&["--pooler-config", r#"{"pooling_type": "CLS"}"#])
+            .pooler_config_json()
+            .unwrap();
+        assert_eq!(v["pooling_type"], "CLS");
+        // The older name still works.
+        let v = parse(&["--override-pooler-config", r#"{"normalize": false}"#])
+            .pooler_config_json()
+            .unwrap();
+        assert_eq!(v["normalize"], false);
+        for args in [
+            vec!["--pooler-config", "[1]"],
+            vec!["--pooler-config", "{"],
+            vec!["--pooler-config", "{}", "--override-pooler-config", "{}"],
+        ] {
+            assert!(parse(&args).pooler_config_json().is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
     fn max_model_len_checks() {
         assert_eq!(resolve_max_model_len(None, 2048, false).unwrap(), 2048);
         assert_eq!(resolve_max_model_len(Some(512), 2048, false).unwrap(), 512);

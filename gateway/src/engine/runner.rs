@@ -85,7 +85,7 @@ pub fn resolve(
     let native_pooling = worker::pooling::is_pooling_architecture(architecture);
     if matches!(convert, ConvertOption::Classify | ConvertOption::Reward) {
         return Err(EngineError::Unsupported {
-            feature: "classification and reward models",
+            feature: "classification or reward conversion",
             message: format!(
                 "--convert {}: Flotilla's pooling runner serves embeddings (--convert embed) only",
                 if convert == ConvertOption::Classify {

@@ -191,11 +191,12 @@ pub fn build_pooling(
     match backend {
         DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load_pooling(config, pooling)?)),
         DistributedBackend::Mp | DistributedBackend::Ray => {
-            Err(ExecutorError::ParallelismUnavailable {
-                what: "--distributed-executor-backend for pooling models",
-                size: config.parallel.tp_size * config.parallel.pp_size,
-                reason: "pooling (embedding) models run in the engine's process only (uni); the worker step protocol does not carry pooled outputs yet",
-            })
+            Err(ExecutorError::Worker(worker::Error::NotImplemented {
+                feature: format!(
+                    "pooling (embedding) models with --distributed-executor-backend {}: they run in the engine's process only (uni), as the worker step protocol does not carry pooled outputs yet",
+                    if backend == DistributedBackend::Mp { "mp" } else { "ray" }
+                ),
+            }))
         }
     }
 }
