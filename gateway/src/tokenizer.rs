@@ -133,10 +133,21 @@ impl Tokenizer {
     /// Loads tokenizer.json; tokenizer_config.json and chat_template.jinja are
     /// read from the same directory when present.
     pub fn from_hf_json(json: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(json).map_err(|e| TokenizerError::Load {
-            path: json.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(json).map_err(|e| TokenizerError::Load {
+                path: json.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        // A tokenizer.json may carry the padding and truncation it was
+        // saved with (all-MiniLM-L6-v2's pads and cuts at 128); transformers
+        // applies neither unless a call asks, and neither does the server.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| TokenizerError::Load {
+                path: json.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let dir = json.parent().unwrap_or(Path::new("."));
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.is_file() {

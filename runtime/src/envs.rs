@@ -107,8 +107,8 @@ env_vars! {
         "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
     VLLM_CUDART_SO_PATH = "VLLM_CUDART_SO_PATH", "", @Warn("the CUDA backend uses the driver API (libcuda, found by the loader and LD_LIBRARY_PATH), never libcudart"),
         "Path of libcudart.";
-    VLLM_NCCL_SO_PATH = "VLLM_NCCL_SO_PATH", "", @Warn("NCCL is loaded as libnccl.so from the library path (LD_LIBRARY_PATH); a path to the library is not honoured yet"),
-        "Path of libnccl for GPU collectives.";
+    VLLM_NCCL_SO_PATH = "VLLM_NCCL_SO_PATH", "",
+        "Path of libnccl for GPU collectives (tensor parallel on CUDA); default: libnccl.so from the library path. A worker given it runs with a folder holding libnccl.so -> this file first on LD_LIBRARY_PATH.";
     OPENAI_API_KEY = "OPENAI_API_KEY", "",
         "API key the client commands (`gateway chat`, `complete`, `bench serve`) send when --api-key is not given.";
     CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES", "",

@@ -2,16 +2,19 @@
 # Serving throughput on the GPU machine: `gateway serve` of Llama-3.1-8B's
 # shapes (dummy weights, the Llama 3 vocabulary from the fixtures) and
 # `gateway bench serve` with 1,000 requests of 256 in / 256 out sent at once.
-#   bash scripts/gpu/serve_bench.sh DIR   (DIR: gateway binary + ggml-vocab-llama-bpe.gguf)
+#   bash scripts/gpu/serve_bench.sh DIR [SERVE ARGS...]
+#   (DIR: gateway binary + ggml-vocab-llama-bpe.gguf; SERVE ARGS go to
+#   `gateway serve`, e.g. --async-scheduling)
 set -uo pipefail
-D=${1:?usage: serve_bench.sh DIR}
+D=${1:?usage: serve_bench.sh DIR [SERVE ARGS...]}
+shift
 OUT=${OUT:-/tmp/flotilla-gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 t0=$(date +%s%N)
 "$D"/gateway serve bench/configs/llama-3.1-8b --load-format dummy \
   --tokenizer "$D"/ggml-vocab-llama-bpe.gguf --port 8011 --max-model-len 1024 \
-  --max-num-batched-tokens 8192 > "$OUT/serve.log" 2>&1 &
+  --max-num-batched-tokens 8192 "$@" > "$OUT/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 300); do
   curl -sf http://127.0.0.1:8011/health >/dev/null && break

@@ -28,6 +28,8 @@ struct Args {
     ops: bool,
     /// Only time sampling on the device at the model's vocabulary (no model).
     sampling: bool,
+    /// Only time paged attention at the model's shapes (no model).
+    attention: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -40,6 +42,7 @@ fn parse() -> Result<Args, String> {
         dtype: "bfloat16".into(),
         ops: false,
         sampling: false,
+        attention: false,
     };
     let mut dir = None;
     while let Some(x) = it.next() {
@@ -64,6 +67,7 @@ fn parse() -> Result<Args, String> {
             "--dtype" => a.dtype = val("--dtype")?,
             "--ops" => a.ops = true,
             "--sampling" => a.sampling = true,
+            "--attention" => a.attention = true,
             other if dir.is_none() && !other.starts_with("--") => dir = Some(PathBuf::from(other)),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -184,7 +188,7 @@ fn time_op(b: &CudaBackend, mut f: impl FnMut() -> worker::Result<()>) -> worker
 /// Per-op times at the model's shapes: each linear at 1 and 8 rows (GB/s of
 /// weights read), and attention at batch 1, 32 and 256 over 300-token contexts.
 fn op_breakdown(c: &ModelConfig, bw: f64) -> worker::Result<()> {
-    use worker::backend::{Backend, StepInputs};
+    use worker::backend::Backend;
     use worker::loader::{HostLinear, HostMatrix};
     let b = CudaBackend::new(0, ComputeDtype::Bf16)?;
     let h = c.hidden_size;
@@ -215,6 +219,13 @@ fn op_breakdown(c: &ModelConfig, bw: f64) -> worker::Result<()> {
             );
         }
     }
+    attention_times(c, bw)
+}
+
+/// Paged attention at batch 1, 32 and 256 over 300-token contexts.
+fn attention_times(c: &ModelConfig, bw: f64) -> worker::Result<()> {
+    use worker::backend::{Backend, StepInputs};
+    let b = CudaBackend::new(0, ComputeDtype::Bf16)?;
     // Attention over 300 cached tokens per sequence.
     let heads = worker::attention::QkvHeads {
         num_heads: c.num_attention_heads,
@@ -329,9 +340,18 @@ fn sampling_times(vocab: usize) -> worker::Result<()> {
 }
 
 fn bench(a: &Args) -> worker::Result<()> {
-    if a.sampling {
+    if a.sampling || a.attention {
         let c = worker::ModelConfig::load(&a.dir, LoadFormat::Dummy, &serde_json::Value::Null)?;
-        return sampling_times(c.vocab_size);
+        if a.sampling {
+            sampling_times(c.vocab_size)?;
+        }
+        if a.attention {
+            let probe = CudaBackend::new(0, ComputeDtype::Bf16)?;
+            let bw = measure_copy_bandwidth(&probe, 2 << 30)?;
+            println!("copy bandwidth (D2D, read+write): {:.2} TB/s", bw / 1e12);
+            attention_times(&c, bw)?;
+        }
+        return Ok(());
     }
     let t = Instant::now();
     let probe = CudaBackend::new(0, ComputeDtype::Bf16)?;

@@ -47,6 +47,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub torch_dtype: Option<String>,
+    /// Encoder (BERT) settings: LayerNorm epsilon, the activation, the
+    /// number of token types and the position embedding kind.
+    pub layer_norm_eps: f64,
+    pub hidden_act: Option<String>,
+    pub type_vocab_size: usize,
+    pub position_embedding_type: Option<String>,
 }
 
 fn merge(base: &mut Value, over: &Value) {
@@ -296,6 +302,16 @@ impl ModelConfig {
             torch_dtype: o
                 .get("torch_dtype")
                 .or_else(|| o.get("dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            layer_norm_eps: get_f64(o, "layer_norm_eps")?.unwrap_or(1e-12),
+            hidden_act: o
+                .get("hidden_act")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            type_vocab_size: get_usize(o, "type_vocab_size")?.unwrap_or(0),
+            position_embedding_type: o
+                .get("position_embedding_type")
                 .and_then(Value::as_str)
                 .map(str::to_string),
         };

@@ -13,11 +13,13 @@ use crate::attention::AttentionMetadata;
 use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
 use crate::collective::{HostGroup, StageLink};
 use crate::config::ModelConfig;
+use crate::encoder_runner::EncoderRunner;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCacheSpec, BLOCK_SIZES};
 use crate::loader::{self, LoadFormat};
 use crate::models::{self, CausalLm, IntermediateTensors, StageOutput};
 use crate::parallel::ParallelConfig;
+use crate::pooling::PoolingType;
 use crate::sampler::{self, SamplerState};
 use crate::sampling_params::SamplingParams;
 use crate::step::{ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs};
@@ -70,7 +72,7 @@ pub struct ModelRunner {
 }
 
 /// What the engine asks of a loaded model, whatever its backend.
-trait StepRunner: Send {
+pub(crate) trait StepRunner: Send {
     fn model_config(&self) -> &ModelConfig;
     fn dtype(&self) -> ComputeDtype;
     fn device(&self) -> Device;
@@ -125,6 +127,23 @@ impl ModelRunner {
             Device::Cuda => load_cuda(cfg, None, None)?,
             _ => Box::new(Runner::load(cfg, Device::Cpu, None, |dtype| {
                 Ok(CpuBackend::new(dtype).with_int8_activations(cfg.cpu_int8_activations))
+            })?),
+        };
+        Ok(ModelRunner { inner })
+    }
+
+    /// A pooling (embedding) model: an encoder whose steps return one
+    /// pooled vector per request (`ModelRunnerOutput::pooled`) and that
+    /// keeps no KV cache. CPU only for now.
+    pub fn load_pooling(cfg: &WorkerConfig, pooling: PoolingType) -> Result<ModelRunner> {
+        let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
+            Device::Cuda => {
+                return Err(Error::NotImplemented {
+                    feature: "pooling (embedding) models on CUDA; use --device cpu".into(),
+                })
+            }
+            _ => Box::new(EncoderRunner::load(cfg, Device::Cpu, pooling, |dtype| {
+                Ok(CpuBackend::new(dtype))
             })?),
         };
         Ok(ModelRunner { inner })

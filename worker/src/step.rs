@@ -145,4 +145,10 @@ pub struct ModelRunnerOutput {
     /// token appears in exactly one step). Empty for requests without prompt
     /// logprobs.
     pub prompt_logprobs: Vec<Vec<TokenLogprobs>>,
+    /// Pooling models: each request's pooled hidden state (before
+    /// normalization, which the engine applies with the request's
+    /// `dimensions`). Empty for generative models. Not carried by the
+    /// gRPC step protocol: pooling models run in the engine's process.
+    #[serde(default)]
+    pub pooled: Vec<Option<Vec<f32>>>,
 }

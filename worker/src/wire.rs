@@ -258,6 +258,8 @@ impl From<pb::ModelRunnerOutput> for ModelRunnerOutput {
                 .into_iter()
                 .map(|p| p.entries.into_iter().map(Into::into).collect())
                 .collect(),
+            // Pooling models run only in-process (the executors refuse them).
+            pooled: Vec::new(),
         }
     }
 }
@@ -340,6 +342,7 @@ mod tests {
             sampled_token_ids: vec![Some(3), None],
             logprobs: vec![Some(lp.clone()), None],
             prompt_logprobs: vec![vec![lp], vec![]],
+            pooled: Vec::new(),
         };
         let back: ModelRunnerOutput = pb::ModelRunnerOutput::from(&out).into();
         assert_eq!(back, out);

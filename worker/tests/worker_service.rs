@@ -201,3 +201,56 @@ async fn worker_binary_serves_the_worker_service() {
     assert!(exits_successfully(child).await);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// VLLM_NCCL_SO_PATH: a worker given a path runs with a folder holding
+/// `libnccl.so` -> that file first on LD_LIBRARY_PATH (NCCL is opened by that
+/// name); a path that does not exist is refused, naming the variable.
+#[test]
+fn nccl_so_path_is_put_first_on_the_library_path() {
+    let cache = std::env::temp_dir().join(format!("flotilla-nccl-{}", std::process::id()));
+    let lib = cache.join("my-nccl.so.2");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(&lib, b"not loaded until a tensor-parallel group starts").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env("VLLM_NCCL_SO_PATH", cache.join("missing.so"))
+        .env("FLOTILLA_CACHE_ROOT", &cache)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("VLLM_NCCL_SO_PATH=") && err.contains("cannot open it"),
+        "{err}"
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("VLLM_NCCL_SO_PATH", &lib)
+        .env("FLOTILLA_CACHE_ROOT", &cache)
+        .env("LD_LIBRARY_PATH", "/opt/elsewhere")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("the worker starts").unwrap();
+    assert!(line.starts_with("FLOTILLA_WORKER_LISTENING "), "{line}");
+    // The same process (exec keeps the pid), now with the folder first.
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+    let path = environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("LD_LIBRARY_PATH="))
+        .expect("LD_LIBRARY_PATH set")
+        .to_string();
+    let (first, rest) = path.split_once(':').unwrap();
+    assert_eq!(rest, "/opt/elsewhere");
+    let link = std::path::Path::new(first).join("libnccl.so");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        lib.canonicalize().unwrap()
+    );
+    assert!(first.starts_with(cache.to_str().unwrap()));
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&cache).unwrap();
+}

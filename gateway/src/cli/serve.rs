@@ -13,7 +13,7 @@ use crate::envs;
 use crate::openai::middleware::CorsConfig;
 use crate::openai::reasoning::{self, ReasoningParser};
 use crate::openai::sampling::SamplingDefaults;
-use crate::openai::state::{unix_now, AppState, SharedState};
+use crate::openai::state::{unix_now, AppState, PoolingModel, SharedState};
 use crate::openai::tls::TlsSettings;
 use crate::openai::tool_parsers::{self, ToolCallParser};
 use crate::openai::{serve, ServerConfig};
@@ -265,6 +265,7 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
         Some(t) => {
             t.content_format(&args.server.chat_template_content_format);
         }
+        None if loaded.pooler.is_some() => {}
         None => tracing::warn!(
             "The model has no chat template and --chat-template was not given: /v1/chat/completions will answer 400"
         ),
@@ -296,6 +297,10 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
         defaults,
         log_requests: !args.server.disable_log_requests,
         created: unix_now(),
+        pooling: loaded.pooler.clone().map(|pooler| PoolingModel {
+            pooler,
+            hidden_size: loaded.model_config.hidden_size,
+        }),
     });
     Ok((state, config))
 }

@@ -11,10 +11,12 @@ use worker::{Device, LoadFormat, MemoryProfile, ParallelConfig, WorkerConfig};
 use super::block_manager::BlockManager;
 use super::client::EngineClient;
 use super::error::{EngineError, Result};
+use super::runner::{self, ConvertOption, RunnerKind, RunnerOption, TaskOption};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulingPolicy};
 use crate::envs;
 use crate::executor::{self, DistributedBackend, Rebuild};
 use crate::tokenizer::Tokenizer;
+use worker::pooling::{self, PoolerConfig};
 
 // Declared once by the worker, which runs them.
 use worker::backend::ComputeDtype;
@@ -132,6 +134,31 @@ pub struct EngineArgs {
     /// activations exactly, as HF transformers computes on the same file.
     #[arg(long)]
     pub cpu_int8_activations: bool,
+
+    /// auto, generate or pooling (embeddings). auto: pooling for encoder
+    /// architectures (BertModel), else generate.
+    #[arg(long, value_enum, default_value_t = RunnerOption::Auto)]
+    pub runner: RunnerOption,
+
+    /// Adapt the model to a pooling task: auto, none, embed (classify and
+    /// reward are not supported yet).
+    #[arg(long, value_enum, default_value_t = ConvertOption::Auto)]
+    pub convert: ConvertOption,
+
+    /// Deprecated by vLLM in favour of --runner / --convert: generate,
+    /// embed (or embedding), ...
+    #[arg(long, value_enum, default_value_t = TaskOption::Auto)]
+    pub task: TaskOption,
+
+    /// Pooling models: JSON object over the model's own pooler
+    /// (sentence-transformers files): {"pooling_type": "MEAN"|"CLS"|"LAST",
+    /// "normalize": bool, "dimensions": int}.
+    #[arg(long)]
+    pub pooler_config: Option<String>,
+
+    /// The older name of --pooler-config (deprecated by vLLM).
+    #[arg(long)]
+    pub override_pooler_config: Option<String>,
 }
 
 impl Default for EngineArgs {
@@ -160,6 +187,11 @@ impl Default for EngineArgs {
             pipeline_parallel_size: 1,
             distributed_executor_backend: None,
             cpu_int8_activations: false,
+            runner: RunnerOption::Auto,
+            convert: ConvertOption::Auto,
+            task: TaskOption::Auto,
+            pooler_config: None,
+            override_pooler_config: None,
         }
     }
 }
@@ -172,6 +204,8 @@ pub struct LoadedEngine {
     /// `None` with `--generation-config vllm` or when the model has none.
     pub generation_defaults: Option<GenerationConfig>,
     pub max_model_len: usize,
+    /// A pooling (embedding) model's pooler; `None` for a generative model.
+    pub pooler: Option<PoolerConfig>,
 }
 
 /// "2048", "4k" (4000), "4K" (4096), "1m", "1M", as vLLM accepts.
@@ -315,6 +349,35 @@ impl EngineArgs {
             .unwrap_or_else(|| DistributedBackend::default_for(self.world_size()))
     }
 
+    /// `--pooler-config` (or the older `--override-pooler-config`) as JSON.
+    pub fn pooler_config_json(&self) -> Result<serde_json::Value> {
+        let (arg, text) = match (&self.pooler_config, &self.override_pooler_config) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::InvalidArgs {
+                    arg: "--pooler-config",
+                    message: "give --pooler-config or --override-pooler-config, not both".into(),
+                })
+            }
+            (Some(t), None) => ("--pooler-config", t),
+            (None, Some(t)) => {
+                tracing::warn!("--override-pooler-config is deprecated; use --pooler-config");
+                ("--override-pooler-config", t)
+            }
+            (None, None) => return Ok(serde_json::Value::Null),
+        };
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) if v.is_object() => Ok(v),
+            Ok(v) => Err(EngineError::InvalidArgs {
+                arg,
+                message: format!("must be a JSON object, got {v}"),
+            }),
+            Err(e) => Err(EngineError::InvalidArgs {
+                arg,
+                message: format!("invalid JSON: {e}"),
+            }),
+        }
+    }
+
     pub fn hf_overrides_json(&self) -> Result<serde_json::Value> {
         let Some(text) = &self.hf_overrides else {
             return Ok(serde_json::Value::Null);
@@ -374,6 +437,15 @@ impl EngineArgs {
         // The runner sizes its rotary tables by max_model_len, so resolve it
         // from the config before loading the weights.
         let model_config = ModelConfig::load(model, load_format, &worker_config.hf_overrides)?;
+        let kind = runner::resolve(
+            self.runner,
+            self.convert,
+            self.task,
+            &model_config.architecture,
+        )?;
+        if kind == RunnerKind::Pooling {
+            return self.build_pooling(model, tokenizer, worker_config, model_config);
+        }
         let max_model_len = resolve_max_model_len(
             self.max_model_len,
             model_config.max_position_embeddings,
@@ -464,6 +536,7 @@ impl EngineArgs {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_model_len,
                 policy: self.scheduling_policy,
+                pooling: false,
             },
             BlockManager::new(num_blocks, self.block_size, self.prefix_caching()),
             eos,
@@ -490,6 +563,97 @@ impl EngineArgs {
             model_config,
             generation_defaults,
             max_model_len,
+            pooler: None,
+        })
+    }
+
+    /// `build` for a pooling (embedding) model: the pooler from the
+    /// model's sentence-transformers files and --pooler-config, the length
+    /// limit from sentence_bert_config.json as vLLM takes it, and an engine
+    /// whose scheduler runs each prompt whole (vLLM turns chunked prefill
+    /// and the prefix cache off for encoder models).
+    fn build_pooling(
+        &self,
+        model: &Path,
+        tokenizer: Arc<Tokenizer>,
+        worker_config: WorkerConfig,
+        model_config: ModelConfig,
+    ) -> Result<LoadedEngine> {
+        let dir = if model.is_dir() {
+            model
+        } else {
+            model.parent().unwrap_or(Path::new("."))
+        };
+        let pooler = PoolerConfig::resolve(dir, &self.pooler_config_json()?)?;
+        let derived = match pooling::sentence_transformers_max_len(dir)? {
+            Some(n) => n.min(model_config.max_position_embeddings),
+            None => model_config.max_position_embeddings,
+        };
+        let max_model_len = resolve_max_model_len(
+            self.max_model_len,
+            derived,
+            envs::flag(envs::VLLM_ALLOW_LONG_MAX_MODEL_LEN),
+        )?;
+        if max_model_len > model_config.max_position_embeddings {
+            return Err(EngineError::InvalidArgs {
+                arg: "--max-model-len",
+                message: format!(
+                    "{max_model_len} is past the model's {} learned positions",
+                    model_config.max_position_embeddings
+                ),
+            });
+        }
+        if self.max_num_batched_tokens < max_model_len {
+            return Err(EngineError::InvalidArgs {
+                arg: "--max-num-batched-tokens",
+                message: format!(
+                    "max_num_batched_tokens ({}) is smaller than max_model_len ({max_model_len}). \
+                     This effectively limits the maximum sequence length to max_num_batched_tokens \
+                     and makes vLLM reject longer sequences. Please increase max_num_batched_tokens \
+                     or decrease max_model_len.",
+                    self.max_num_batched_tokens
+                ),
+            });
+        }
+        let worker_config = WorkerConfig {
+            max_model_len,
+            ..worker_config
+        };
+        let mut executor =
+            executor::build_pooling(self.executor_backend(), &worker_config, pooler.pooling_type)?;
+        let model_config = executor.model_config().clone();
+        tracing::info!(
+            "Pooling model: {} pooling{}, max_model_len {max_model_len}",
+            pooler.pooling_type.name(),
+            if pooler.normalize { ", normalized" } else { "" }
+        );
+        // No KV cache: the block manager only bounds how many sequences
+        // are in flight, so it gets room for max_num_seqs whole ones.
+        let num_blocks = self.max_num_seqs * max_model_len.div_ceil(self.block_size);
+        executor.initialize_kv_cache(num_blocks)?;
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_model_len,
+                policy: self.scheduling_policy,
+                pooling: true,
+            },
+            BlockManager::new(num_blocks, self.block_size, false),
+            Vec::new(),
+        );
+        let interval: f64 = envs::get(envs::VLLM_LOG_STATS_INTERVAL)?.unwrap_or(10.0);
+        let interval =
+            Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(10));
+        let client = EngineClient::spawn(scheduler, executor, None, tokenizer.clone(), interval)?
+            .with_max_concurrent_requests(self.max_concurrent_requests);
+        Ok(LoadedEngine {
+            client,
+            tokenizer,
+            model_config,
+            generation_defaults: None,
+            max_model_len,
+            pooler: Some(pooler),
         })
     }
 }
@@ -673,6 +837,43 @@ mod tests {
         ])
         .validate()
         .is_ok());
+    }
+
+    #[test]
+    fn pooling_flags() {
+        let a = parse(&[
+            "--runner",
+            "pooling",
+            "--convert",
+            "embed",
+            "--task",
+            "embed",
+        ]);
+        assert_eq!(
+            (a.runner, a.convert, a.task),
+            (
+                RunnerOption::Pooling,
+                ConvertOption::Embed,
+                TaskOption::Embed
+            )
+        );
+        assert!(parse(&[]).pooler_config_json().unwrap().is_null());
+        let v = parse(&["--pooler-config", r#"{"pooling_type": "CLS"}"#])
+            .pooler_config_json()
+            .unwrap();
+        assert_eq!(v["pooling_type"], "CLS");
+        // The older name still works.
+        let v = parse(&["--override-pooler-config", r#"{"normalize": false}"#])
+            .pooler_config_json()
+            .unwrap();
+        assert_eq!(v["normalize"], false);
+        for args in [
+            vec!["--pooler-config", "[1]"],
+            vec!["--pooler-config", "{"],
+            vec!["--pooler-config", "{}", "--override-pooler-config", "{}"],
+        ] {
+            assert!(parse(&args).pooler_config_json().is_err(), "{args:?}");
+        }
     }
 
     #[test]

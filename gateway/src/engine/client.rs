@@ -36,6 +36,8 @@ struct Inner {
     shared: Arc<Shared>,
     max_model_len: usize,
     vocab_size: usize,
+    /// A pooling model's engine: requests are pooled, not generated.
+    pooling: bool,
     model_name: RwLock<String>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// `--max-concurrent-requests`.
@@ -54,6 +56,7 @@ impl EngineClient {
         log_stats_interval: Duration,
     ) -> Result<Self> {
         let max_model_len = scheduler.config().max_model_len;
+        let pooling = scheduler.config().pooling;
         let vocab_size = executor.model_config().vocab_size;
         let grammars = GrammarCompiler::new(tokenizer.clone(), scheduler.eos_token_ids().to_vec());
         let shared = Arc::new(Shared::default());
@@ -79,6 +82,7 @@ impl EngineClient {
                 shared,
                 max_model_len,
                 vocab_size,
+                pooling,
                 model_name: RwLock::new(String::new()),
                 thread: Mutex::new(Some(thread)),
                 max_concurrent: None,
@@ -105,7 +109,11 @@ impl EngineClient {
                 req.prompt_token_ids.drain(..len - k);
             }
         }
-        validate_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
+        if self.inner.pooling {
+            validate_pooling_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
+        } else {
+            validate_request(&req, self.inner.max_model_len, self.inner.vocab_size)?;
+        }
         // Compiled here, so that a bad schema or grammar is the caller's
         // 400 and never reaches the batch.
         let grammar = match &req.sampling_params.structured_outputs {
@@ -223,6 +231,11 @@ impl EngineClient {
             .store(enabled, Ordering::Relaxed);
     }
 
+    /// True when the engine serves a pooling (embedding) model.
+    pub fn is_pooling(&self) -> bool {
+        self.inner.pooling
+    }
+
     pub fn max_model_len(&self) -> usize {
         self.inner.max_model_len
     }
@@ -296,6 +309,36 @@ pub fn validate_request(
         }),
         _ => Ok(()),
     }
+}
+
+/// The checks of a pooling request: it generates nothing, so the whole
+/// context may be prompt.
+pub fn validate_pooling_request(
+    req: &EngineRequest,
+    max_model_len: usize,
+    vocab_size: usize,
+) -> Result<()> {
+    let prompt = req.prompt_token_ids.len();
+    if prompt == 0 {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if let Some(&token_id) = req
+        .prompt_token_ids
+        .iter()
+        .find(|&&t| t as usize >= vocab_size)
+    {
+        return Err(EngineError::TokenOutOfVocab {
+            token_id,
+            vocab_size,
+        });
+    }
+    if prompt > max_model_len {
+        return Err(EngineError::EmbeddingInputTooLong {
+            max_model_len,
+            prompt,
+        });
+    }
+    Ok(())
 }
 
 /// A request's outputs. Dropping it before the final output aborts the

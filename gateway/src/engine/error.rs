@@ -29,6 +29,14 @@ pub enum EngineError {
     )]
     PromptTooLong { max_model_len: usize, prompt: usize },
 
+    /// vLLM's wording for an embedding input past the model's length.
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, you requested \
+         {prompt} tokens in the input for embedding generation. Please reduce the length of the \
+         input."
+    )]
+    EmbeddingInputTooLong { max_model_len: usize, prompt: usize },
+
     #[error("token id {token_id} in the prompt is out of vocabulary (size {vocab_size}).")]
     TokenOutOfVocab { token_id: u32, vocab_size: usize },
 
@@ -113,6 +121,7 @@ impl EngineError {
             EngineError::EmptyPrompt
                 | EngineError::ContextLength { .. }
                 | EngineError::PromptTooLong { .. }
+                | EngineError::EmbeddingInputTooLong { .. }
                 | EngineError::TokenOutOfVocab { .. }
                 | EngineError::InvalidParam(_)
                 | EngineError::DuplicateRequest { .. }

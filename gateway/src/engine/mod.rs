@@ -8,6 +8,7 @@ pub mod error;
 mod output;
 pub mod profiler;
 pub mod request;
+pub mod runner;
 pub mod scheduler;
 pub mod structured_output;
 pub mod types;

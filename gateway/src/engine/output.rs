@@ -76,6 +76,22 @@ impl OutputProcessor {
         let Some(st) = self.states.get_mut(&u.request_id) else {
             return Processed::default();
         };
+        if let (Some(reason), true) = (&u.finished, u.pooled.is_some()) {
+            // A pooling request: one output, its vector, the prompt counted
+            // and its latency observed as a generation request's first token.
+            m.prompt_tokens += u.num_prompt_tokens as u64;
+            m.ttft.observe(now.duration_since(st.arrival).as_secs_f64());
+            let out = RequestOutput {
+                request_id: u.request_id.clone(),
+                num_prompt_tokens: u.num_prompt_tokens,
+                pooled: u.pooled,
+                ..Default::default()
+            };
+            return Processed {
+                ready: self.finish(out, reason.clone(), now, m),
+                stopped_by_string: None,
+            };
+        }
         if !u.new_token_ids.is_empty() {
             m.generation_tokens += u.new_token_ids.len() as u64;
             match st.last_token {

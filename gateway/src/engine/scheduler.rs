@@ -11,7 +11,7 @@ use worker::{
 
 use super::block_manager::BlockManager;
 use super::request::{Request, RequestStatus};
-use super::types::{EngineRequest, FinishReason};
+use super::types::{EngineRequest, FinishReason, StopMatch};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SchedulingPolicy {
@@ -28,6 +28,10 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub max_model_len: usize,
     pub policy: SchedulingPolicy,
+    /// A pooling model's engine: every prompt runs whole in one step
+    /// (bidirectional attention sees the whole sequence; no chunking, no
+    /// prefix cache) and finishes with its pooled vector.
+    pub pooling: bool,
 }
 
 /// What one request got out of a step.
@@ -45,6 +49,8 @@ pub struct RequestUpdate {
     pub num_prompt_tokens: usize,
     pub num_cached_tokens: usize,
     pub num_output_tokens: usize,
+    /// A pooling request's vector (it finishes with it).
+    pub pooled: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -261,12 +267,18 @@ impl Scheduler {
             };
             let id = self.waiting[pos].clone();
             let req = &self.requests[&id];
-            // Prompt logprobs need every prompt position computed.
-            let (hit, num_cached) = if req.sampling_params.prompt_logprobs.is_some() {
-                (Vec::new(), 0)
-            } else {
-                self.block_manager.get_computed_blocks(&req.all_token_ids)
-            };
+            // Prompt logprobs need every prompt position computed, and a
+            // pooling prompt's hidden states all come from one step.
+            let (hit, num_cached) =
+                if req.sampling_params.prompt_logprobs.is_some() || self.config.pooling {
+                    (Vec::new(), 0)
+                } else {
+                    self.block_manager.get_computed_blocks(&req.all_token_ids)
+                };
+            if self.config.pooling && req.num_tokens() > budget {
+                // Never chunked: it waits for a step with room for all of it.
+                break;
+            }
             let n = (req.num_tokens() - num_cached).min(budget);
             if self
                 .block_manager
@@ -360,6 +372,20 @@ impl Scheduler {
                     .saturating_sub(scheduled.get(id.as_str()).copied().unwrap_or(0)),
                 ..Default::default()
             };
+            if self.config.pooling {
+                update.num_prompt_tokens = req.num_prompt_tokens;
+                update.pooled = out.pooled.get(idx).cloned().flatten();
+                // vLLM finishes a pooled request as stopped; a step that
+                // brought no vector for it (a worker fault) aborts it.
+                let reason = match update.pooled {
+                    Some(_) => FinishReason::Stop(StopMatch::Eos),
+                    None => FinishReason::Abort,
+                };
+                self.finish_request(id, &reason);
+                update.finished = Some(reason);
+                updates.push(update);
+                continue;
+            }
             let sampled = out.sampled_token_ids.get(idx).copied().flatten();
             // A token only counts when the step reached the end of the known tokens.
             if let Some(tok) = sampled.filter(|_| req.num_computed_tokens == req.num_tokens()) {
@@ -438,6 +464,7 @@ mod tests {
             max_num_batched_tokens: budget,
             max_model_len: 1024,
             policy,
+            pooling: false,
         };
         Scheduler::new(config, BlockManager::new(blocks, 4, true), vec![EOS])
     }
@@ -486,6 +513,59 @@ mod tests {
 
     /// (max_num_seqs, budget, prompt lengths, expected first step)
     type BudgetCase = (usize, usize, Vec<usize>, Vec<(&'static str, usize)>);
+
+    /// Pooling prompts run whole (never chunked), as many per step as the
+    /// token budget and max_num_seqs allow, and finish with their vectors.
+    #[test]
+    fn pooling_prompts_batch_whole() {
+        let config = SchedulerConfig {
+            max_num_seqs: 3,
+            max_num_batched_tokens: 10,
+            max_model_len: 10,
+            policy: SchedulingPolicy::Fcfs,
+            pooling: true,
+        };
+        let mut s = Scheduler::new(config, BlockManager::new(100, 4, false), vec![]);
+        for (id, len) in [("a", 4), ("b", 5), ("c", 3), ("d", 2), ("e", 1), ("f", 1)] {
+            s.add_request(req(id, len, 1));
+        }
+        let pooled_answer = |step: &SchedulerOutput| {
+            let mut out = ModelRunnerOutput::default();
+            for (id, n) in &step.num_scheduled_tokens {
+                out.req_ids.push(id.clone());
+                out.sampled_token_ids.push(None);
+                out.logprobs.push(None);
+                out.prompt_logprobs.push(Vec::new());
+                out.pooled.push(Some(vec![*n as f32]));
+            }
+            out
+        };
+        let mut batches = Vec::new();
+        while s.has_unfinished() {
+            let o = s.schedule();
+            assert!(o.cached_requests.is_empty());
+            for r in &o.new_requests {
+                assert_eq!(r.num_computed_tokens, 0);
+            }
+            let sizes: Vec<(String, usize)> = o.num_scheduled_tokens.clone();
+            let updates = s.update_from_output(&o, &pooled_answer(&o));
+            for u in &updates {
+                let whole = sizes.iter().find(|(id, _)| *id == u.request_id).unwrap().1;
+                assert_eq!(u.pooled, Some(vec![whole as f32]));
+                assert_eq!(u.finished, Some(FinishReason::Stop(StopMatch::Eos)));
+                assert_eq!(u.num_prompt_tokens, whole);
+            }
+            batches.push(sizes);
+        }
+        let ids = |b: &Vec<(String, usize)>| b.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        // 4 + 5 fill the budget of 10 (c's 3 would not fit, and is not
+        // chunked); then c, d, e is max_num_seqs; then f.
+        assert_eq!(
+            batches.iter().map(ids).collect::<Vec<_>>(),
+            vec![vec!["a", "b"], vec!["c", "d", "e"], vec!["f"]]
+        );
+        assert_eq!(s.stats().num_free_blocks, 100);
+    }
 
     #[test]
     fn token_budget_and_max_num_seqs() {

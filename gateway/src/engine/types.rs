@@ -70,4 +70,6 @@ pub struct RequestOutput {
     /// Set, with `finished: Some(Abort)`, when the request failed inside the
     /// engine (a worker error or the engine stopping) rather than by a client.
     pub error: Option<String>,
+    /// A pooling request's vector, in its final output.
+    pub pooled: Option<Vec<f32>>,
 }

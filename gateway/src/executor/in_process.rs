@@ -9,6 +9,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use worker::config::ModelConfig;
+use worker::pooling::PoolingType;
 use worker::{MemoryProfile, ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
 use super::{Executor, ExecutorError, KvCacheCapacity, Result};
@@ -140,6 +141,25 @@ impl Drop for StepThread {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl InProcessExecutor {
+    /// A pooling (embedding) model: no KV cache to size; steps run on the
+    /// engine thread.
+    pub fn load_pooling(config: &WorkerConfig, pooling: PoolingType) -> Result<Self> {
+        let runner = ModelRunner::load_pooling(config, pooling)?;
+        let device = runner.device();
+        Ok(Self {
+            model_config: runner.model_config().clone(),
+            capacity: KvCacheCapacity {
+                bytes_per_block: 0,
+                available_bytes: 0,
+                device,
+                profile: None,
+            },
+            mode: Mode::Inline(runner),
+        })
     }
 }
 

@@ -197,6 +197,27 @@ pub fn build(
     }
 }
 
+/// Starts the executor for a pooling (embedding) model. It runs in this
+/// process only: the gRPC step protocol of `mp` and `ray` workers does not
+/// carry pooled outputs yet.
+pub fn build_pooling(
+    backend: DistributedBackend,
+    config: &WorkerConfig,
+    pooling: worker::pooling::PoolingType,
+) -> Result<Box<dyn Executor>> {
+    match backend {
+        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load_pooling(config, pooling)?)),
+        DistributedBackend::Mp | DistributedBackend::Ray => {
+            Err(ExecutorError::Worker(worker::Error::NotImplemented {
+                feature: format!(
+                    "pooling (embedding) models with --distributed-executor-backend {}: they run in the engine's process only (uni), as the worker step protocol does not carry pooled outputs yet",
+                    if backend == DistributedBackend::Mp { "mp" } else { "ray" }
+                ),
+            }))
+        }
+    }
+}
+
 /// Checks `VLLM_PP_LAYER_PARTITION` (or the even split) against the model
 /// before any worker starts, and logs an uneven split as vLLM does.
 fn check_pp_partition(config: &WorkerConfig) -> Result<()> {

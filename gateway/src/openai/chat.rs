@@ -99,6 +99,7 @@ pub async fn create_chat_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
+    state.require_api("Chat Completions")?;
     let mut req: ChatCompletionRequest = parse_request(&body)?;
     let model = state.check_model(req.model.as_deref())?;
     let stream = req.stream.unwrap_or(false);

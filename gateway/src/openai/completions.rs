@@ -66,6 +66,7 @@ pub async fn create_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
+    state.require_api("Completions")?;
     let req: CompletionRequest = parse_request(&body)?;
     let model = state.check_model(req.model.as_deref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {

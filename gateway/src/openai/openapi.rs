@@ -96,6 +96,12 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Create a chat completion",
         request: Some("ChatCompletionRequest"),
     },
+    RouteDoc {
+        path: "/v1/embeddings",
+        methods: &["POST"],
+        summary: "Create embeddings (pooling models: --runner pooling)",
+        request: Some("EmbeddingRequest"),
+    },
 ];
 
 fn sampling_properties() -> Map<String, Value> {
@@ -213,6 +219,20 @@ fn schemas() -> Value {
                 "model": {"type": "string"}, "messages": {"type": "array"},
                 "add_generation_prompt": {"type": "boolean"}, "continue_final_message": {"type": "boolean"},
                 "add_special_tokens": {"type": "boolean"}}}]},
+        "EmbeddingRequest": {"type": "object", "required": ["input"], "properties": {
+            "model": {"type": "string"},
+            "input": {"anyOf": [
+                {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                {"type": "array", "items": {"type": "integer"}},
+                {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer"},
+            "user": {"type": "string"},
+            "truncate_prompt_tokens": {"type": "integer"},
+            "add_special_tokens": {"type": "boolean"},
+            "normalize": {"type": "boolean"},
+            "priority": {"type": "integer"},
+            "request_id": {"type": "string"}}},
         "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
             "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}}},
         "ErrorResponse": {"type": "object", "properties": {"error": {"type": "object", "properties": {

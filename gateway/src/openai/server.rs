@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::middleware::{self, AuthConfig, CorsConfig, CorsError};
 use super::openapi;
 use super::state::SharedState;
-use super::{chat, completions, system, tokenize};
+use super::{chat, completions, embeddings, system, tokenize};
 
 /// Chat requests with long histories exceed axum's 2 MB default.
 const MAX_BODY_BYTES: usize = 32 << 20;
@@ -85,7 +85,8 @@ fn routes(state: SharedState, root_path: &str) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(system::list_models))
         .route("/v1/completions", post(completions::create_completion))
-        .route("/v1/chat/completions", post(chat::create_chat_completion));
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/embeddings", post(embeddings::create_embedding));
     let router = if on.dev_mode {
         router.route("/reset_prefix_cache", post(system::reset_prefix_cache))
     } else {

@@ -37,11 +37,35 @@ pub struct AppState {
     pub log_requests: bool,
     /// Unix seconds at startup (the models' `created`).
     pub created: i64,
+    /// A pooling (embedding) model's pooler and output size; `None` for a
+    /// generative model.
+    pub pooling: Option<PoolingModel>,
+}
+
+/// What /v1/embeddings needs to know about the served pooling model.
+#[derive(Clone, Debug)]
+pub struct PoolingModel {
+    pub pooler: worker::pooling::PoolerConfig,
+    /// The pooled vector's length (the model's hidden size).
+    pub hidden_size: usize,
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    /// vLLM's answer on an endpoint the served model's runner lacks
+    /// (`api`: "Completions", "Chat Completions", "Embeddings").
+    pub fn require_api(&self, api: &'static str) -> Result<()> {
+        let pooling = self.pooling.is_some();
+        if pooling == (api == "Embeddings") {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            format!("The model does not support {api} API"),
+            None,
+        ))
+    }
+
     /// The model name to report, or 404 when the request names another model.
     pub fn check_model(&self, requested: Option<&str>) -> Result<String> {
         match requested {

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use half::{bf16, f16};
 
 use super::cpu_attention::paged_attention_cpu;
+use super::cpu_encoder;
 use super::cpu_kv::{with_planes, CpuKvCache};
 use super::elem::{self, Elem};
 use super::half_matmul::{self, DenseMatrix};
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
 use crate::loader::shard::qtensor_from_bytes;
 use crate::loader::{HostLinear, HostMatrix};
+use crate::pooling::PoolingType;
 use crate::rope::RopeTable;
 
 /// Below this many rows, elementwise ops stay on one thread.
@@ -632,6 +634,102 @@ impl Backend for CpuBackend {
             .chunks_exact(logits.cols.max(1))
             .map(|row| crate::sampler::row_top(row, k))
             .collect())
+    }
+
+    fn prepare_encoder_step(
+        &self,
+        inputs: StepInputs<'_>,
+        max_positions: usize,
+    ) -> Result<CpuStep> {
+        check_positions(&inputs.meta.positions, max_positions)?;
+        Ok(CpuStep {
+            input_ids: inputs.input_ids.to_vec(),
+            meta: inputs.meta.clone(),
+            logits_rows: inputs.logits_rows.to_vec(),
+        })
+    }
+
+    fn add_position_embeddings(
+        &self,
+        x: &mut CpuTensor,
+        table: &CpuEmbedding,
+        step: &CpuStep,
+    ) -> Result<()> {
+        let h = table.hidden;
+        if x.cols != h {
+            return Err(Error::config(format!(
+                "position embeddings of width {h} for activations of width {}",
+                x.cols
+            )));
+        }
+        check_positions(&step.meta.positions, table.rows)?;
+        let mut row = vec![0f32; h];
+        for (dst, &p) in x.data_mut().chunks_exact_mut(h).zip(&step.meta.positions) {
+            let r = p as usize * h..(p as usize + 1) * h;
+            match &table.table {
+                Table::F32(t) => row.copy_from_slice(&t[r]),
+                Table::Bf16(t) => copy_row(&mut row, &t[r]),
+                Table::F16(t) => copy_row(&mut row, &t[r]),
+            }
+            for (d, v) in dst.iter_mut().zip(&row) {
+                *d += v;
+            }
+        }
+        self.round(x.data_mut());
+        Ok(())
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        residual: Option<&CpuTensor>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        if let Some(r) = residual {
+            if (r.rows, r.cols) != (x.rows, x.cols) {
+                return Err(Error::config(format!(
+                    "layer_norm: residual [{}, {}] for input [{}, {}]",
+                    r.rows, r.cols, x.rows, x.cols
+                )));
+            }
+        }
+        let out = cpu_encoder::layer_norm(x.data(), residual.map(|r| r.data()), x.cols, w, b, eps);
+        Ok(self.rounded(CpuTensor::new(out, x.rows, x.cols)))
+    }
+
+    fn gelu(&self, x: &mut CpuTensor) -> Result<()> {
+        cpu_encoder::gelu(x.data_mut());
+        self.round(x.data_mut());
+        Ok(())
+    }
+
+    fn encoder_attention(
+        &self,
+        qkv: &CpuTensor,
+        heads: QkvHeads,
+        step: &CpuStep,
+        scale: f32,
+    ) -> Result<CpuTensor> {
+        let qsl = &step.meta.query_start_loc;
+        if qkv.cols != heads.qkv_width() || qsl.last().copied().unwrap_or(0) != qkv.rows {
+            return Err(Error::config(format!(
+                "encoder attention: qkv [{}, {}] does not match the step ({} rows, width {})",
+                qkv.rows,
+                qkv.cols,
+                qsl.last().copied().unwrap_or(0),
+                heads.qkv_width()
+            )));
+        }
+        let out = cpu_encoder::encoder_attention(qkv.data(), qkv.cols, heads, qsl, scale);
+        Ok(self.rounded(CpuTensor::new(out, qkv.rows, heads.q_width())))
+    }
+
+    fn pool(&self, x: &CpuTensor, step: &CpuStep, pooling: PoolingType) -> Result<CpuTensor> {
+        let qsl = &step.meta.query_start_loc;
+        let out = cpu_encoder::pool(x.data(), x.cols, qsl, pooling);
+        Ok(self.rounded(CpuTensor::new(out, qsl.len().saturating_sub(1), x.cols)))
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cpu;
 mod cpu_attention;
+mod cpu_encoder;
 pub mod cpu_kv;
 pub mod elem;
 pub mod half_matmul;
@@ -17,6 +18,7 @@ use crate::attention::{AttentionMetadata, QkvHeads};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
 use crate::loader::{HostLinear, HostMatrix};
+use crate::pooling::PoolingType;
 use crate::rope::RopeTable;
 
 pub use cpu::CpuBackend;
@@ -366,5 +368,74 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Err(Error::config(
             "this backend samples on the host (Backend::samples_on_device is false)",
         ))
+    }
+
+    // Encoder (bidirectional) models: BERT-family embeddings. Each
+    // sequence of the packed step attends to all of its own tokens and to
+    // nothing else, so sequences need no padding; there is no KV cache.
+    // Backends without these ops refuse encoder models with a clear error.
+
+    /// `prepare_step` for an encoder: positions are checked against the
+    /// model's position table instead of a rotary table.
+    fn prepare_encoder_step(
+        &self,
+        _inputs: StepInputs<'_>,
+        _max_positions: usize,
+    ) -> Result<Self::Step> {
+        Err(encoder_op_unsupported("prepare_encoder_step"))
+    }
+    /// `x[i] += table[position of token i]` (learned absolute positions).
+    fn add_position_embeddings(
+        &self,
+        _x: &mut Self::Tensor,
+        _table: &Self::Embedding,
+        _step: &Self::Step,
+    ) -> Result<()> {
+        Err(encoder_op_unsupported("add_position_embeddings"))
+    }
+    /// LayerNorm of `x + residual` (of `x` alone without a residual), with
+    /// weight and bias.
+    fn layer_norm(
+        &self,
+        _x: &Self::Tensor,
+        _residual: Option<&Self::Tensor>,
+        _w: &Self::Vector,
+        _b: &Self::Vector,
+        _eps: f32,
+    ) -> Result<Self::Tensor> {
+        Err(encoder_op_unsupported("layer_norm"))
+    }
+    /// GELU in place, in the exact erf form HF's "gelu" uses.
+    fn gelu(&self, _x: &mut Self::Tensor) -> Result<()> {
+        Err(encoder_op_unsupported("gelu"))
+    }
+    /// Bidirectional attention of fused qkv rows within each sequence of
+    /// the step; returns [rows, num_heads * head_dim].
+    fn encoder_attention(
+        &self,
+        _qkv: &Self::Tensor,
+        _heads: QkvHeads,
+        _step: &Self::Step,
+        _scale: f32,
+    ) -> Result<Self::Tensor> {
+        Err(encoder_op_unsupported("encoder_attention"))
+    }
+    /// One row per sequence of the step: its tokens' rows pooled.
+    fn pool(
+        &self,
+        _x: &Self::Tensor,
+        _step: &Self::Step,
+        _pooling: PoolingType,
+    ) -> Result<Self::Tensor> {
+        Err(encoder_op_unsupported("pool"))
+    }
+}
+
+/// What a backend without the encoder ops answers.
+fn encoder_op_unsupported(op: &str) -> Error {
+    Error::NotImplemented {
+        feature: format!(
+            "encoder models (op {op}) are not supported on this backend yet; use --device cpu"
+        ),
     }
 }

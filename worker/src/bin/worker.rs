@@ -36,6 +36,8 @@ enum WorkerMainError {
     },
     #[error("the Worker service stopped: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("VLLM_NCCL_SO_PATH={path}: {message}")]
+    NcclPath { path: String, message: String },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn run() -> Result<(), WorkerMainError> {
     let args = Args::parse();
     runtime::logging::init()?;
     runtime::envs::check_startup()?;
+    honour_nccl_so_path()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -97,4 +100,51 @@ async fn serve(args: Args) -> Result<(), WorkerMainError> {
         .await?;
     tracing::info!("Worker stopped");
     Ok(())
+}
+
+/// VLLM_NCCL_SO_PATH: NCCL is opened by name (`libnccl.so`) from the
+/// library path, which the loader reads once when a process starts. A worker
+/// given a path therefore runs itself again with a folder holding
+/// `libnccl.so` -> that file first on LD_LIBRARY_PATH (the folder under the
+/// cache root, one per path). Returns only where nothing needs to change.
+fn honour_nccl_so_path() -> Result<(), WorkerMainError> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    use std::os::unix::process::CommandExt;
+    let Some(path) = runtime::envs::raw(runtime::envs::VLLM_NCCL_SO_PATH) else {
+        return Ok(());
+    };
+    let err = |message: String| WorkerMainError::NcclPath {
+        path: path.clone(),
+        message,
+    };
+    let target = std::fs::canonicalize(&path).map_err(|e| err(format!("cannot open it: {e}")))?;
+    let mut h = DefaultHasher::new();
+    target.hash(&mut h);
+    let root = runtime::envs::cache_root()
+        .ok_or_else(|| err("no cache root (set FLOTILLA_CACHE_ROOT or HOME)".into()))?;
+    let dir = root.join("nccl").join(format!("{:016x}", h.finish()));
+    let old = runtime::envs::process_var("LD_LIBRARY_PATH").unwrap_or_default();
+    let dir_s = dir.to_string_lossy().to_string();
+    if old.split(':').next() == Some(dir_s.as_str()) {
+        return Ok(()); // already running with it
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {dir_s}: {e}")))?;
+    let link = dir.join("libnccl.so");
+    if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| err(format!("cannot link {}: {e}", link.display())))?;
+    }
+    let exe = std::env::current_exe().map_err(|e| err(format!("cannot find this binary: {e}")))?;
+    let joined = if old.is_empty() {
+        dir_s
+    } else {
+        format!("{dir_s}:{old}")
+    };
+    // exec returns only on failure.
+    let e = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", joined)
+        .exec();
+    Err(err(format!("cannot restart the worker with it: {e}")))
 }

@@ -1,5 +1,6 @@
 //! Model architectures, each written once against `backend::Backend`.
 
+pub mod bert;
 pub mod llama;
 
 use indicatif::ProgressBar;
@@ -76,10 +77,43 @@ pub fn load_model<B: Backend>(
         "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => Ok(Box::new(
             llama::Llama::load(backend, cfg, src, parallel, max_positions, progress)?,
         )),
+        other if crate::pooling::is_pooling_architecture(other) => Err(Error::config(format!(
+            "{other} is a pooling (embedding) model, not a generative one: serve it with --runner pooling (or --convert embed, --task embed)"
+        ))),
         other => Err(Error::Unsupported {
             what: "model architecture",
             value: other.to_string(),
             supported: SUPPORTED_ARCHITECTURES.join(", "),
+        }),
+    }
+}
+
+/// An encoder (bidirectional) model on backend `B`: hidden states for
+/// every token of a step, with no KV cache (pooling models).
+pub trait EncoderModel<B: Backend>: Send + Sync {
+    /// Rows of the position table: the longest sequence it can encode.
+    fn max_positions(&self) -> usize;
+
+    /// The last layer's hidden states, [tokens, hidden], for a step
+    /// prepared by `Backend::prepare_encoder_step`.
+    fn forward(&self, backend: &B, step: &B::Step) -> Result<B::Tensor>;
+}
+
+pub fn load_encoder<B: Backend>(
+    backend: &B,
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    parallel: &ParallelConfig,
+    progress: &ProgressBar,
+) -> Result<Box<dyn EncoderModel<B>>> {
+    match cfg.architecture.as_str() {
+        "BertModel" => Ok(Box::new(bert::Bert::load(
+            backend, cfg, src, parallel, progress,
+        )?)),
+        other => Err(Error::Unsupported {
+            what: "pooling model architecture",
+            value: other.to_string(),
+            supported: crate::pooling::POOLING_ARCHITECTURES.join(", "),
         }),
     }
 }

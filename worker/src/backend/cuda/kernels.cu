@@ -287,7 +287,7 @@ __device__ void from_float(const float* x, T* out, i64 n) {
 // on the batch around it, so results stay batch-invariant.
 //
 // grid: (tokens, num_kv_heads, max splits); block: max(group, 4) * 32 threads.
-// Shared memory: q [group][D] + K tile [32][D+1] + V tile [32][D] floats.
+// Shared memory: q [group][D] + K tile [32][D+4 or D+1] + V tile [32][D] floats.
 #define ATTN_TILE 32
 #define ATTN_SPLIT 128
 template <typename T>
@@ -299,12 +299,16 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
                                 int group, int head_dim, int block_size, float scale,
                                 float* __restrict__ part_ml, float* __restrict__ part_acc,
                                 T* __restrict__ out) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     __shared__ i64 key_base[ATTN_TILE];
     const int D = head_dim;
+    // K rows are padded to KS floats: D + 4 keeps them 16-byte aligned for
+    // float4 reads when D % 4 == 0 (lanes 8 apart then share no bank group
+    // within a quarter-warp phase), else D + 1 (conflict-free scalar reads).
+    const int KS = (head_dim % 4 == 0) ? head_dim + 4 : head_dim + 1;
     float* q_s = smem;                          // [group][D]
-    float* k_s = q_s + group * D;               // [TILE][D + 1]
-    float* v_s = k_s + ATTN_TILE * (D + 1);     // [TILE][D]
+    float* k_s = q_s + group * D;               // [TILE][KS]
+    float* v_s = k_s + ATTN_TILE * KS;          // [TILE][D]
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nthreads = blockDim.x;
@@ -349,7 +353,7 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
                 uint4 vv = *reinterpret_cast<const uint4*>(v_cache + src);
                 const T* ke = reinterpret_cast<const T*>(&kv);
                 const T* ve = reinterpret_cast<const T*>(&vv);
-                float* kd = k_s + j * (D + 1) + c * VEC;
+                float* kd = k_s + j * KS + c * VEC;
                 float* vd = v_s + j * D + c * VEC;
 #pragma unroll
                 for (int e = 0; e < 16 / (int)sizeof(T); e++) {
@@ -360,7 +364,7 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
         } else {
             for (int i = threadIdx.x; i < nk * D; i += nthreads) {
                 int j = i / D, d = i % D;
-                k_s[j * (D + 1) + d] = to_f32(k_cache[key_base[j] + d]);
+                k_s[j * KS + d] = to_f32(k_cache[key_base[j] + d]);
                 v_s[j * D + d] = to_f32(v_cache[key_base[j] + d]);
             }
         }
@@ -370,9 +374,22 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
         float sc = NEG_INF;
         if (lane < nk) {
             const float* q = q_s + warp * D;
-            const float* k = k_s + lane * (D + 1);
+            const float* k = k_s + lane * KS;
             float s = 0.f;
-            for (int d = 0; d < D; d++) s += q[d] * k[d];
+            if (KS == D + 4) {
+                // 16-byte reads: a quarter of the shared-memory instructions.
+                const float4* q4 = reinterpret_cast<const float4*>(q);
+                const float4* k4 = reinterpret_cast<const float4*>(k);
+                for (int d = 0; d < D / 4; d++) {
+                    const float4 a = q4[d], b = k4[d];
+                    s += a.x * b.x;
+                    s += a.y * b.y;
+                    s += a.z * b.z;
+                    s += a.w * b.w;
+                }
+            } else {
+                for (int d = 0; d < D; d++) s += q[d] * k[d];
+            }
             sc = s;
         }
         float tile_max = warp_max(sc);

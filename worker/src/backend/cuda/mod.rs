@@ -976,7 +976,8 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        let smem = (group * d + 32 * (d + 1) + 32 * d) * 4;
+        let k_stride = if d.is_multiple_of(4) { d + 4 } else { d + 1 };
+        let smem = (group * d + 32 * k_stride + 32 * d) * 4;
         if smem > self.k().max_smem {
             return Err(Error::NotImplemented {
                 feature: format!(
