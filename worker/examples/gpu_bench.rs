@@ -312,6 +312,7 @@ fn sampling_times(vocab: usize) -> worker::Result<()> {
         top_p,
         u: 0.37,
         logprobs: false,
+        bitmask: None,
     };
     let modes = [
         ("temperature 0.8", spec(0, 1.0)),

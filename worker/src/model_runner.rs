@@ -747,7 +747,8 @@ impl<B: Backend> Runner<B> {
         // A backend that samples on the device takes the other sampled rows
         // there too, as `SampleSpec`s (the uniforms drawn here, in row order,
         // as the host sampler would draw them). Rows with a grammar bitmask
-        // always come to the host whole, so that masks work on every backend.
+        // go there with it, unless they ask for top logprobs (then, as on the
+        // CPU backend, their logits come to the host whole).
         let on_device = self.backend.samples_on_device() && self.is_last_stage;
         let vocab = self.cfg.vocab_size;
         let mut top_k = 0;
@@ -760,9 +761,11 @@ impl<B: Backend> Runner<B> {
                 whole_rows = true;
             }
             if let Some(row) = s.sample_row {
-                if masks.contains_key(id.as_str()) {
+                let mask = masks.get(id.as_str()).copied();
+                if mask.is_some() && !(on_device && r.params.logprobs.unwrap_or(0) == 0) {
+                    // Top logprobs of masked logits: only the host has them.
                     whole_rows = true;
-                } else if sampler::takes_raw_argmax(&r.params, &r.sampler) {
+                } else if mask.is_none() && sampler::takes_raw_argmax(&r.params, &r.sampler) {
                     top_k = top_k.max(r.params.logprobs.unwrap_or(0).max(1));
                 } else if on_device {
                     top_k = top_k.max(r.params.logprobs.unwrap_or(0));
@@ -772,7 +775,9 @@ impl<B: Backend> Runner<B> {
                         sampler::draw_uniform(&r.params, &r.sampler, &mut self.rng)
                     };
                     spec_of_row[row] = Some(specs.len());
-                    specs.push(sampler::sample_spec(&r.params, &r.sampler, vocab, row, u));
+                    let mut spec = sampler::sample_spec(&r.params, &r.sampler, vocab, row, u);
+                    spec.bitmask = mask.map(<[u32]>::to_vec);
+                    specs.push(spec);
                 } else {
                     whole_rows = true;
                 }

@@ -229,6 +229,7 @@ pub fn sample_spec(
         top_p: p.top_p,
         u,
         logprobs: p.logprobs.is_some(),
+        bitmask: None,
     }
 }
 

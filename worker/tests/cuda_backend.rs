@@ -1075,3 +1075,87 @@ fn nccl_group_of_one() {
     eprintln!("runner on an NCCL group of one: max logprob diff {d:.2e} (identical expected)");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Structured-output rows on the device: the grammar's bitmask applies
+/// before everything else, logprobs included, as the host's `sample_masked`.
+#[test]
+fn device_sampling_applies_token_bitmasks() {
+    use worker::sampler::{draw_uniform, sample_masked, sample_spec, SamplerState};
+    if !gpu_present() {
+        return;
+    }
+    let cuda = CudaBackend::new(0, ComputeDtype::Bf16).unwrap();
+    let (rows, vocab) = (8, 32_000);
+    let mut rng = Rng(5);
+    let v = rng.vec(rows * vocab, 4.0);
+    let t = tensor_of(&cuda, &v, rows, vocab);
+    let host = cuda.to_host(&t).unwrap();
+    let modes = [
+        SamplingParams {
+            logprobs: Some(0),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            seed: Some(3),
+            logprobs: Some(0),
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            top_p: 0.9,
+            seed: Some(4),
+            ..Default::default()
+        },
+    ];
+    for p in &modes {
+        let st = SamplerState::new(p, &[1, 2], &[]);
+        let mut unused = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let masks: Vec<Vec<u32>> = (0..rows)
+            .map(|r| {
+                // Row r allows about one token in (r + 2), and one row only a few.
+                (0..vocab.div_ceil(32))
+                    .map(|w| {
+                        if r == 0 {
+                            (w == 7) as u32 * 0b1010
+                        } else {
+                            let x = (rng.next() * 1e6) as i64 as u32;
+                            x & (x >> 3) & (x >> (r % 5 + 1))
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let specs: Vec<_> = (0..rows)
+            .map(|r| {
+                let u = if p.is_greedy() {
+                    0.0
+                } else {
+                    draw_uniform(p, &st, &mut unused)
+                };
+                let mut s = sample_spec(p, &st, vocab, r, u);
+                s.bitmask = Some(masks[r].clone());
+                s
+            })
+            .collect();
+        let got = cuda.sample(&t, &specs).unwrap();
+        for r in 0..rows {
+            let mut row = host[r * vocab..(r + 1) * vocab].to_vec();
+            let want = sample_masked(&mut row, p, &st, Some(&masks[r]), &mut unused);
+            assert_eq!(got[r].token, want.token, "{p:?} row {r}");
+            let allowed = masks[r][got[r].token as usize / 32] >> (got[r].token % 32) & 1;
+            assert_eq!(allowed, 1, "row {r}: a token the mask forbids");
+            if let Some(lp) = want.logprobs {
+                let dl = got[r].logit - got[r].log_sum_exp;
+                assert!(
+                    (dl - lp.logprob).abs() < 1e-3 * lp.logprob.abs().max(1.0),
+                    "logprob {dl} vs {}",
+                    lp.logprob
+                );
+                assert_eq!(got[r].rank, lp.rank);
+            }
+        }
+    }
+    eprintln!("device sampling with token bitmasks: identical to the host's sample_masked");
+}

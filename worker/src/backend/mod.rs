@@ -229,6 +229,10 @@ pub struct SampleSpec {
     pub u: f64,
     /// The chosen token's raw logprob and rank are wanted.
     pub logprobs: bool,
+    /// A structured-output row's token bitmask (bit `t % 32` of word
+    /// `t / 32`; tokens past its end are disallowed): applied before
+    /// everything else, logprobs included, as `sampler::sample_masked` does.
+    pub bitmask: Option<Vec<u32>>,
 }
 
 /// What the sampler does to one token's logit, in its order: masked when

@@ -485,6 +485,8 @@ struct SampleRow {
     double u;
     int logits_row;
     int want_logprobs;
+    int mask_start;  // first word in `masks`, -1: no bitmask
+    int mask_words;
 };
 
 #define EDIT_ALLOWED 1
@@ -668,28 +670,37 @@ __device__ u64 kept_mass(const float* p, int vocab, u32 bkey, int bid) {
     return block_sum_u64(s);
 }
 
-// grid: rows; block: 1024. scratch: [rows, vocab] f32. out: per row
+// grid: rows; block: 1024. masks: the rows' bitmask words. scratch: [rows, vocab] f32. out: per row
 // [token (int bits), raw logit of the token, rank (int bits), raw log-sum-exp].
 template <typename T>
 __device__ void sample_rows(const T* __restrict__ logits, int vocab,
                             const SampleRow* __restrict__ rows,
-                            const LogitEdit* __restrict__ edits, float* __restrict__ scratch,
-                            float* __restrict__ out) {
+                            const LogitEdit* __restrict__ edits, const u32* __restrict__ masks,
+                            float* __restrict__ scratch, float* __restrict__ out) {
     __shared__ float s_val[32];
     __shared__ int s_idx[32];
     __shared__ int s_token;
     const int r = blockIdx.x, tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const SampleRow P = rows[r];
-    const T* raw = logits + (i64)P.logits_row * vocab;
+    const T* raw_row = logits + (i64)P.logits_row * vocab;
     float* x = scratch + (i64)r * vocab;
+    // The row's logits under its structured-output bitmask, if any: what
+    // every later step (logprobs included) reads as the raw logits.
+    auto raw = [&](int i) {
+        if (P.mask_start >= 0) {
+            const int w = i >> 5;
+            if (w >= P.mask_words || !((masks[P.mask_start + w] >> (i & 31)) & 1u)) return NEG_INF;
+        }
+        return to_f32(raw_row[i]);
+    };
 
     // The processed logits: allowed ids, min-tokens stops, bias, penalties.
-    for (int i = tid; i < vocab; i += blockDim.x) x[i] = P.allowlist ? NEG_INF : to_f32(raw[i]);
+    for (int i = tid; i < vocab; i += blockDim.x) x[i] = P.allowlist ? NEG_INF : raw(i);
     __syncthreads();
     for (int e = tid; e < P.edit_count; e += blockDim.x) {
         const LogitEdit E = edits[P.edit_start + e];
-        float v = (!P.allowlist || (E.flags & EDIT_ALLOWED)) ? to_f32(raw[E.token]) : NEG_INF;
+        float v = (!P.allowlist || (E.flags & EDIT_ALLOWED)) ? raw(E.token) : NEG_INF;
         if (E.flags & EDIT_BANNED) v = NEG_INF;
         v += E.bias;
         if (E.rep != 1.f) v = v > 0.f ? v / E.rep : v * E.rep;
@@ -784,13 +795,13 @@ __device__ void sample_rows(const T* __restrict__ logits, int vocab,
     if (!P.want_logprobs) return;
 
     // The chosen token under the raw logits: its logit, rank and the log-sum-exp.
-    const float chosen = to_f32(raw[token]);
+    const float chosen = raw(token);
     float mx = NEG_INF;
-    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, to_f32(raw[i]));
+    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, raw(i));
     mx = block_max(mx);
     float s = 0.f, greater = 0.f;
     for (int i = tid; i < vocab; i += blockDim.x) {
-        const float v = to_f32(raw[i]);
+        const float v = raw(i);
         s += expf(v - mx);
         greater += v > chosen ? 1.f : 0.f;
     }
@@ -865,9 +876,9 @@ __device__ void concat_shards(const T* recv, const int* offsets, int size, int r
     }                                                                                            \
     extern "C" __global__ void sample_rows_##SUFFIX(const T* logits, int vocab,                 \
                                                     const SampleRow* rows,                      \
-                                                    const LogitEdit* edits, float* scratch,     \
-                                                    float* out) {                               \
-        sample_rows<T>(logits, vocab, rows, edits, scratch, out);                                \
+                                                    const LogitEdit* edits, const u32* masks,   \
+                                                    float* scratch, float* out) {               \
+        sample_rows<T>(logits, vocab, rows, edits, masks, scratch, out);                         \
     }                                                                                            \
     extern "C" __global__ void pad_cols_##SUFFIX(const T* x, int cols, int pad, T* out, i64 n) { \
         pad_cols<T>(x, cols, pad, out, n);                                                       \

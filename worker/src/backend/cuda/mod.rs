@@ -1127,11 +1127,12 @@ impl Backend for CudaBackend {
     }
 }
 
-/// `SampleSpec`s as `kernels.cu` lays out `SampleRow` (48 bytes) and
-/// `LogitEdit` (20 bytes), little-endian.
-fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
-    let mut r = Vec::with_capacity(rows.len() * 48);
+/// `SampleSpec`s as `kernels.cu` lays out `SampleRow` (56 bytes),
+/// `LogitEdit` (20 bytes) and the bitmask words, little-endian.
+fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>, Vec<u32>) {
+    let mut r = Vec::with_capacity(rows.len() * 56);
     let mut e = Vec::new();
+    let mut masks = Vec::new();
     let mut start = 0i32;
     for spec in rows {
         let count = spec.edits.len() as i32;
@@ -1146,6 +1147,16 @@ fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
         r.extend_from_slice(&spec.u.to_le_bytes());
         r.extend_from_slice(&(spec.logits_row as i32).to_le_bytes());
         r.extend_from_slice(&(spec.logprobs as i32).to_le_bytes());
+        let (mask_start, mask_words) = match &spec.bitmask {
+            Some(words) => {
+                let at = masks.len() as i32;
+                masks.extend_from_slice(words);
+                (at, words.len() as i32)
+            }
+            None => (-1, 0),
+        };
+        r.extend_from_slice(&mask_start.to_le_bytes());
+        r.extend_from_slice(&mask_words.to_le_bytes());
         for ed in &spec.edits {
             let flags = ed.allowed as i32 | (ed.banned as i32) << 1;
             e.extend_from_slice(&(ed.token as i32).to_le_bytes());
@@ -1156,7 +1167,7 @@ fn pack_sample_specs(rows: &[SampleSpec]) -> (Vec<u8>, Vec<u8>) {
         }
         start += count;
     }
-    (r, e)
+    (r, e, masks)
 }
 
 impl CudaBackend {
@@ -1269,9 +1280,12 @@ impl CudaBackend {
                 )));
             }
         }
-        let (packed_rows, mut packed_edits) = pack_sample_specs(rows);
+        let (packed_rows, mut packed_edits, mut masks) = pack_sample_specs(rows);
         if packed_edits.is_empty() {
             packed_edits.resize(20, 0);
+        }
+        if masks.is_empty() {
+            masks.push(0);
         }
         let s = self.stream();
         let up = |bytes: &[u8]| {
@@ -1279,16 +1293,18 @@ impl CudaBackend {
                 .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
         };
         let (rows_buf, edits_buf) = (up(&packed_rows)?, up(&packed_edits)?);
+        let masks_buf = up(bytemuck::cast_slice(&masks))?;
         let n = rows.len();
         // SAFETY: the kernel writes each row of scratch before reading it,
         // and every `out` value the host reads below.
         let scratch =
             unsafe { s.alloc::<f32>(n * vocab) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
         let out = unsafe { s.alloc::<f32>(4 * n) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
-        let (xp, rp, ep, sp, op) = (
+        let (xp, rp, ep, mp, sp, op) = (
             addr(&x.buf, s),
             addr(&rows_buf, s),
             addr(&edits_buf, s),
+            addr(&masks_buf, s),
             addr(&scratch, s),
             addr(&out, s),
         );
@@ -1298,7 +1314,7 @@ impl CudaBackend {
             (n as u32, 1, 1),
             1024,
             0,
-            &mut kargs![xp, v, rp, ep, sp, op],
+            &mut kargs![xp, v, rp, ep, mp, sp, op],
             "sample_rows",
         )?;
         self.busy().results_read(s)?;
