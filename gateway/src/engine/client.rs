@@ -273,14 +273,10 @@ impl EngineClient {
     }
 }
 
-/// The checks done before a request reaches the loop.
-pub fn validate_request(
-    req: &EngineRequest,
-    max_model_len: usize,
-    vocab_size: usize,
-) -> Result<()> {
-    let prompt = req.prompt_token_ids.len();
-    if prompt == 0 {
+/// The prompt's length, once it is known to be non-empty and inside the
+/// vocabulary (what every request needs, generating or pooling).
+fn check_prompt(req: &EngineRequest, vocab_size: usize) -> Result<usize> {
+    if req.prompt_token_ids.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
     if let Some(&token_id) = req
@@ -293,6 +289,16 @@ pub fn validate_request(
             vocab_size,
         });
     }
+    Ok(req.prompt_token_ids.len())
+}
+
+/// The checks done before a request reaches the loop.
+pub fn validate_request(
+    req: &EngineRequest,
+    max_model_len: usize,
+    vocab_size: usize,
+) -> Result<()> {
+    let prompt = check_prompt(req, vocab_size)?;
     req.sampling_params.validate(vocab_size)?;
     match req.sampling_params.max_tokens {
         Some(completion) if prompt + completion > max_model_len => {
@@ -318,20 +324,7 @@ pub fn validate_pooling_request(
     max_model_len: usize,
     vocab_size: usize,
 ) -> Result<()> {
-    let prompt = req.prompt_token_ids.len();
-    if prompt == 0 {
-        return Err(EngineError::EmptyPrompt);
-    }
-    if let Some(&token_id) = req
-        .prompt_token_ids
-        .iter()
-        .find(|&&t| t as usize >= vocab_size)
-    {
-        return Err(EngineError::TokenOutOfVocab {
-            token_id,
-            vocab_size,
-        });
-    }
+    let prompt = check_prompt(req, vocab_size)?;
     if prompt > max_model_len {
         return Err(EngineError::EmbeddingInputTooLong {
             max_model_len,
