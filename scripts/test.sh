@@ -11,8 +11,11 @@ cargo build --workspace --bins
 cargo test --workspace
 # The CUDA backend builds without a GPU or a CUDA toolkit (cudarc loads the
 # libraries at run time); its GPU tests print SKIP here and run on a GPU
-# machine through scripts/gpu/check.sh.
-cargo test -p flotilla-worker --features cuda --test cuda_backend
+# machine through scripts/gpu/check.sh. NVRTC from PyPI compiles the kernel
+# sources here all the same (kernels_compile_without_a_gpu).
+nvrtc_lib=$(python3 scripts/nvrtc-lib-dir)
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test -p flotilla-worker --features cuda --test cuda_backend
 cargo check -p flotilla-gateway --features cuda --bins
 # The Docker image and run_cluster.sh, from the debug binaries built above
 # (SKIP without a usable Docker engine).

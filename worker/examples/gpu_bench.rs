@@ -188,9 +188,10 @@ fn time_op(b: &CudaBackend, mut f: impl FnMut() -> worker::Result<()>) -> worker
 /// Per-op times at the model's shapes: each linear at 1 and 8 rows (GB/s of
 /// weights read), and attention at batch 1, 32 and 256 over 300-token contexts.
 fn op_breakdown(c: &ModelConfig, bw: f64) -> worker::Result<()> {
+    use worker::backend::cuda::{KernelChoice, LinearKernel};
     use worker::backend::Backend;
     use worker::loader::{HostLinear, HostMatrix};
-    let b = CudaBackend::new(0, ComputeDtype::Bf16)?;
+    let mut b = CudaBackend::new(0, ComputeDtype::Bf16)?;
     let h = c.hidden_size;
     let shapes = [
         ("qkv", c.q_size() + 2 * c.kv_size(), h),
@@ -199,8 +200,8 @@ fn op_breakdown(c: &ModelConfig, bw: f64) -> worker::Result<()> {
         ("down", h, c.intermediate_size),
         ("lm_head", c.vocab_size, h),
     ];
-    println!("| linear (cuBLAS) | rows | µs | GB/s of weights |");
-    println!("|---|---|---|---|");
+    println!("| linear | kernel | rows | µs | GB/s of weights |");
+    println!("|---|---|---|---|---|");
     let dev = candle_core::Device::Cpu;
     for (name, out, inp) in shapes {
         let w = candle_core::Tensor::rand(-0.05f32, 0.05, (out, inp), &dev)?;
@@ -208,25 +209,32 @@ fn op_breakdown(c: &ModelConfig, bw: f64) -> worker::Result<()> {
             weight: HostMatrix::Dense(w),
             bias: None,
         }])?;
-        for rows in [1usize, 8] {
-            let x = gpu_rows(&b, rows, inp)?;
-            let t = time_op(&b, || b.linear(&x, &lin).map(|_| ()))?;
-            let gb = (out * inp * 2) as f64 / 1e9;
-            println!(
-                "| {name} {out}x{inp} | {rows} | {:.1} | {:.0} |",
-                t * 1e6,
-                gb / t
-            );
+        for kernel in [LinearKernel::Blas, LinearKernel::Gemv] {
+            b.set_kernels(KernelChoice {
+                small_batch_linear: kernel,
+                ..KernelChoice::default()
+            });
+            for rows in [1usize, 8] {
+                let x = gpu_rows(&b, rows, inp)?;
+                let t = time_op(&b, || b.linear(&x, &lin).map(|_| ()))?;
+                let gb = (out * inp * 2) as f64 / 1e9;
+                println!(
+                    "| {name} {out}x{inp} | {kernel:?} | {rows} | {:.1} | {:.0} |",
+                    t * 1e6,
+                    gb / t
+                );
+            }
         }
     }
     attention_times(c, bw)
 }
 
-/// Paged attention at batch 1, 32 and 256 over 300-token contexts.
+/// Paged attention at the model's head shapes, one layer, through both
+/// kernels: decode rows (batch x cached context) and a prefill of whole
+/// prompts (every token sees the keys up to its own).
 fn attention_times(c: &ModelConfig, bw: f64) -> worker::Result<()> {
+    use worker::backend::cuda::{AttentionKernel, KernelChoice};
     use worker::backend::{Backend, StepInputs};
-    let b = CudaBackend::new(0, ComputeDtype::Bf16)?;
-    // Attention over 300 cached tokens per sequence.
     let heads = worker::attention::QkvHeads {
         num_heads: c.num_attention_heads,
         num_kv_heads: c.num_key_value_heads,
@@ -239,47 +247,72 @@ fn attention_times(c: &ModelConfig, bw: f64) -> worker::Result<()> {
         block_size: BLOCK,
         dtype_bytes: 2,
     };
-    let rope = b.upload_rope(worker::rope::RopeTable::new(c, 512))?;
-    for batch in [1usize, 32, 256] {
-        let ctx: usize = 300;
-        let per = ctx.div_ceil(BLOCK);
-        let mut kv = b.alloc_kv_cache(spec, per * batch)?;
-        let mut m = worker::attention::AttentionMetadata {
-            max_blocks_per_seq: per,
-            ..Default::default()
-        };
-        m.query_start_loc.push(0);
-        for s in 0..batch {
-            let pos = ctx - 1;
-            m.positions.push(pos as u32);
-            m.slot_mapping
-                .push((s * per + pos / BLOCK) * BLOCK + pos % BLOCK);
-            m.query_start_loc.push(s + 1);
-            m.seq_lens.push(ctx);
-            m.block_tables
-                .extend((0..per).map(|k| (s * per + k) as u32));
+    // (sequences, cached tokens before the step, tokens in the step)
+    let cases: [(usize, usize, usize); 6] = [
+        (1, 299, 1),
+        (32, 299, 1),
+        (256, 299, 1),
+        (256, 999, 1),
+        (1, 3999, 1),
+        (16, 0, 256),
+    ];
+    println!("| attention (1 layer) | kernel | µs | GB/s of KV | % of copy bandwidth |");
+    println!("|---|---|---|---|---|");
+    for kernel in [AttentionKernel::Tiled, AttentionKernel::Lanes] {
+        let mut b = CudaBackend::new(0, ComputeDtype::Bf16)?;
+        b.set_kernels(KernelChoice {
+            attention: kernel,
+            ..KernelChoice::default()
+        });
+        let rope = b.upload_rope(worker::rope::RopeTable::new(c, 4096))?;
+        for (batch, cached, new) in cases {
+            let ctx = cached + new;
+            let per = ctx.div_ceil(BLOCK);
+            let mut kv = b.alloc_kv_cache(spec, per * batch)?;
+            let mut m = worker::attention::AttentionMetadata {
+                max_blocks_per_seq: per,
+                ..Default::default()
+            };
+            m.query_start_loc.push(0);
+            for s in 0..batch {
+                for pos in cached..ctx {
+                    m.positions.push(pos as u32);
+                    m.slot_mapping
+                        .push((s * per + pos / BLOCK) * BLOCK + pos % BLOCK);
+                }
+                m.query_start_loc.push(m.positions.len());
+                m.seq_lens.push(ctx);
+                m.block_tables
+                    .extend((0..per).map(|k| (s * per + k) as u32));
+            }
+            let ids = vec![0u32; m.positions.len()];
+            let step = b.prepare_step(
+                StepInputs {
+                    input_ids: &ids,
+                    meta: &m,
+                    logits_rows: &[],
+                },
+                &rope,
+            )?;
+            let qkv = gpu_rows(&b, ids.len(), heads.qkv_width())?;
+            b.write_kv(&mut kv, 0, &qkv, heads, &step)?;
+            let t = time_op(&b, || {
+                b.attention(&kv, 0, &qkv, heads, &step, 0.088).map(|_| ())
+            })?;
+            // KV bytes a decode row must read (a prefill's are re-read from cache).
+            let bytes = (batch * ctx * 2 * heads.kv_width() * 2) as f64;
+            let what = if new == 1 {
+                format!("decode {batch} x {ctx} keys")
+            } else {
+                format!("prefill {batch} x {new} tokens")
+            };
+            println!(
+                "| {what} | {kernel:?} | {:.1} | {:.0} | {:.0}% |",
+                t * 1e6,
+                bytes / t / 1e9,
+                100.0 * bytes / t / bw
+            );
         }
-        let ids = vec![0u32; batch];
-        let step = b.prepare_step(
-            StepInputs {
-                input_ids: &ids,
-                meta: &m,
-                logits_rows: &[],
-            },
-            &rope,
-        )?;
-        let qkv = gpu_rows(&b, batch, heads.qkv_width())?;
-        b.write_kv(&mut kv, 0, &qkv, heads, &step)?;
-        let t = time_op(&b, || {
-            b.attention(&kv, 0, &qkv, heads, &step, 0.088).map(|_| ())
-        })?;
-        let bytes = (batch * ctx * 2 * heads.kv_width() * 2) as f64;
-        println!(
-            "attention batch {batch} x {ctx} keys: {:.1} µs, {:.0} GB/s of KV ({:.0}% of copy bandwidth)",
-            t * 1e6,
-            bytes / t / 1e9,
-            100.0 * bytes / t / bw
-        );
     }
     Ok(())
 }

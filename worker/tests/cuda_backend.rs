@@ -10,7 +10,7 @@
 use candle_core::{Device as CDevice, Tensor};
 use serde_json::json;
 use worker::attention::{AttentionMetadata, QkvHeads};
-use worker::backend::cuda::CudaBackend;
+use worker::backend::cuda::{AttentionKernel, CudaBackend, KernelChoice, LinearKernel};
 use worker::backend::{Backend, ComputeDtype, CpuBackend, StepInputs};
 use worker::kv_cache::KvCacheSpec;
 use worker::loader::{HostLinear, HostMatrix};
@@ -97,6 +97,23 @@ fn metadata(
     m
 }
 
+/// NVRTC needs no GPU: wherever libnvrtc can be opened (CI installs it from
+/// PyPI's `nvidia-cuda-nvrtc-cu12`), the kernels must compile for Hopper, so
+/// a kernel that does not compile shows before the GPU machine.
+#[test]
+fn kernels_compile_without_a_gpu() {
+    // SAFETY: only probes whether the library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("SKIP: libnvrtc not found (scripts/nvrtc-lib-dir prints where pip put it)");
+        return;
+    }
+    let bytes = worker::backend::cuda::compile_kernels((9, 0)).unwrap();
+    assert!(bytes > 1000, "the sm_90 cubin is {bytes} bytes");
+}
+
+/// KV blocks the op scenarios share (enough for 600-token contexts).
+const POOL_BLOCKS: usize = 128;
+
 /// Runs the ops on backend `b` and returns each op's output by name.
 fn run_ops<B: Backend>(b: &B, case: &Case, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
     let mut rng = Rng(seed);
@@ -104,7 +121,7 @@ fn run_ops<B: Backend>(b: &B, case: &Case, seed: u64) -> Vec<(&'static str, Vec<
     let hidden = 96;
     let bs = case.block_size;
     // Block tables: a shuffled pool of block ids.
-    let mut pool: Vec<u32> = (0..64).collect();
+    let mut pool: Vec<u32> = (0..POOL_BLOCKS as u32).collect();
     for i in (1..pool.len()).rev() {
         let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
         pool.swap(i, j);
@@ -127,7 +144,7 @@ fn run_ops<B: Backend>(b: &B, case: &Case, seed: u64) -> Vec<(&'static str, Vec<
         block_size: bs,
         dtype_bytes: b.kv_dtype_bytes(),
     };
-    let mut kv = b.alloc_kv_cache(spec, 64).unwrap();
+    let mut kv = b.alloc_kv_cache(spec, POOL_BLOCKS).unwrap();
     let cfg = ModelConfig::from_hf_json(&json!({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": h.num_heads * h.head_dim,
         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": h.num_heads,
@@ -288,8 +305,9 @@ fn compare_ops(dtype: ComputeDtype, tol: f32) {
             block_size: 16,
             seqs: vec![(0, 3), (100, 1), (64, 33)],
         },
-        // Decodes over long contexts split them over several blocks (128
-        // keys each: 1, 2 and 3 splits), beside a prefill that does not.
+        // Decodes over long contexts split them over several blocks (256
+        // keys each: 3, 2 and 1 splits, at and around the boundary), beside
+        // a prefill that does not.
         Case {
             heads: QkvHeads {
                 num_heads: 8,
@@ -297,19 +315,48 @@ fn compare_ops(dtype: ComputeDtype, tol: f32) {
                 head_dim: 128,
             },
             block_size: 16,
-            seqs: vec![(300, 1), (0, 9), (128, 1), (127, 1), (200, 1)],
+            seqs: vec![(600, 1), (0, 9), (256, 1), (255, 1), (300, 1)],
+        },
+        // Group of 9 (beyond the lane-per-key kernel's 8: the tiled kernel).
+        Case {
+            heads: QkvHeads {
+                num_heads: 9,
+                num_kv_heads: 1,
+                head_dim: 64,
+            },
+            block_size: 16,
+            seqs: vec![(0, 11), (40, 1), (300, 1)],
+        },
+        // Head size 256, no grouping, a long prefill chunk after a prefix.
+        Case {
+            heads: QkvHeads {
+                num_heads: 2,
+                num_kv_heads: 2,
+                head_dim: 256,
+            },
+            block_size: 32,
+            seqs: vec![(0, 5), (270, 1), (96, 70)],
         },
     ];
-    for (i, case) in cases.iter().enumerate() {
-        let a = run_ops(&cuda, case, 11 + i as u64);
-        let e = run_ops(&cpu, case, 11 + i as u64);
-        for ((name, got), (_, want)) in a.iter().zip(&e) {
-            let err = rel_err(got, want);
-            eprintln!("{:?} case {i} {name}: rel err {err:.2e}", dtype);
-            assert!(
-                err <= tol,
-                "{dtype:?} case {i} {name}: rel err {err} > {tol}"
-            );
+    // Every case through both attention kernels (`Lanes` falls back to
+    // `Tiled` where the shape needs it).
+    for kernel in [AttentionKernel::Tiled, AttentionKernel::Lanes] {
+        let mut cuda = cuda.clone();
+        cuda.set_kernels(KernelChoice {
+            attention: kernel,
+            ..KernelChoice::default()
+        });
+        for (i, case) in cases.iter().enumerate() {
+            let a = run_ops(&cuda, case, 11 + i as u64);
+            let e = run_ops(&cpu, case, 11 + i as u64);
+            for ((name, got), (_, want)) in a.iter().zip(&e) {
+                let err = rel_err(got, want);
+                eprintln!("{dtype:?} {kernel:?} case {i} {name}: rel err {err:.2e}");
+                assert!(
+                    err <= tol,
+                    "{dtype:?} {kernel:?} case {i} {name}: rel err {err} > {tol}"
+                );
+            }
         }
     }
 }
@@ -784,37 +831,52 @@ fn top_of<B: Backend>(b: &B, v: &[f32], rows: usize, vocab: usize) -> Vec<worker
 }
 
 /// Decode-sized batches (1 to 8 rows) at Llama-8B's widths, with and
-/// without bias: the same results as the CPU backend.
+/// without bias, through cuBLAS and the GEMV kernel: the same results as
+/// the CPU backend.
 #[test]
 fn small_batch_linears_match_cpu() {
     if !gpu_present() {
         return;
     }
     let dtype = ComputeDtype::Bf16;
-    let (cuda, cpu) = (CudaBackend::new(0, dtype).unwrap(), CpuBackend::new(dtype));
+    let cpu = CpuBackend::new(dtype);
     let mut rng = Rng(5);
-    for (inp, out, bias) in [(4096, 6144, true), (14336, 4096, false), (576, 1000, true)] {
-        let w = rng.vec(out * inp, 0.05);
-        let b = bias.then(|| rng.vec(out, 1.0));
-        let parts = vec![HostLinear {
-            weight: dense(w, out, inp),
-            bias: b,
-        }];
-        let lg = cuda.upload_linear(parts.clone()).unwrap();
-        let lc = cpu.upload_linear(parts).unwrap();
-        for rows in 1..=8 {
-            let x = rng.vec(rows * inp, 1.0);
-            let yg = cuda
-                .to_host(&cuda.linear(&tensor_of(&cuda, &x, rows, inp), &lg).unwrap())
-                .unwrap();
-            let yc = cpu
-                .to_host(&cpu.linear(&tensor_of(&cpu, &x, rows, inp), &lc).unwrap())
-                .unwrap();
-            let err = rel_err(&yg, &yc);
-            assert!(
-                err < 1e-2,
-                "[{rows}, {inp}] x [{out}, {inp}]: rel err {err}"
-            );
+    for kernel in [LinearKernel::Blas, LinearKernel::Gemv] {
+        let mut cuda = CudaBackend::new(0, dtype).unwrap();
+        cuda.set_kernels(KernelChoice {
+            small_batch_linear: kernel,
+            ..KernelChoice::default()
+        });
+        // Widths of Llama-8B and SmolLM2 (576), an odd output count, and an
+        // input width that is not a multiple of 8 (cuBLAS then, whatever the choice).
+        for (inp, out, bias) in [
+            (4096, 6144, true),
+            (14336, 4096, false),
+            (576, 1000, true),
+            (100, 33, false),
+        ] {
+            let w = rng.vec(out * inp, 0.05);
+            let b = bias.then(|| rng.vec(out, 1.0));
+            let parts = vec![HostLinear {
+                weight: dense(w, out, inp),
+                bias: b,
+            }];
+            let lg = cuda.upload_linear(parts.clone()).unwrap();
+            let lc = cpu.upload_linear(parts).unwrap();
+            for rows in 1..=8 {
+                let x = rng.vec(rows * inp, 1.0);
+                let yg = cuda
+                    .to_host(&cuda.linear(&tensor_of(&cuda, &x, rows, inp), &lg).unwrap())
+                    .unwrap();
+                let yc = cpu
+                    .to_host(&cpu.linear(&tensor_of(&cpu, &x, rows, inp), &lc).unwrap())
+                    .unwrap();
+                let err = rel_err(&yg, &yc);
+                assert!(
+                    err < 1e-2,
+                    "{kernel:?} [{rows}, {inp}] x [{out}, {inp}]: rel err {err}"
+                );
+            }
         }
     }
 }

@@ -268,6 +268,120 @@ __device__ void from_float(const float* x, T* out, i64 n) {
     }
 }
 
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* __restrict__ p, float* f) {
+    // N consecutive elements with one load of N * sizeof(T) bytes (4 to 32).
+    constexpr int BYTES = N * (int)sizeof(T);
+    if constexpr (BYTES == 32) {
+        const uint4* w = reinterpret_cast<const uint4*>(p);
+        uint4 a = w[0], b = w[1];
+        const T* e0 = reinterpret_cast<const T*>(&a);
+        const T* e1 = reinterpret_cast<const T*>(&b);
+#pragma unroll
+        for (int i = 0; i < N / 2; i++) {
+            f[i] = to_f32(e0[i]);
+            f[N / 2 + i] = to_f32(e1[i]);
+        }
+    } else if constexpr (BYTES == 16) {
+        uint4 a = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&a);
+#pragma unroll
+        for (int i = 0; i < N; i++) f[i] = to_f32(e[i]);
+    } else if constexpr (BYTES == 8) {
+        uint2 a = *reinterpret_cast<const uint2*>(p);
+        const T* e = reinterpret_cast<const T*>(&a);
+#pragma unroll
+        for (int i = 0; i < N; i++) f[i] = to_f32(e[i]);
+    } else {
+        static_assert(BYTES == 4, "4 to 32 bytes");
+        u32 a = *reinterpret_cast<const u32*>(p);
+        const T* e = reinterpret_cast<const T*>(&a);
+#pragma unroll
+        for (int i = 0; i < N; i++) f[i] = to_f32(e[i]);
+    }
+}
+
+// y[r, n] = Σ_k x[r, k] w[n, k] for decode-sized batches (rows <= GEMV_ROWS):
+// the weights stream through once at close to copy bandwidth, where a GEMM
+// library's small-batch path leaves a third of it unused. Each warp takes
+// GEMV_OUTS adjacent outputs and its lanes stride over k with 16-byte loads,
+// GEMV_UNROLL of them in flight per output; an x chunk is loaded once for
+// the warp's outputs. Each output's sum runs in a fixed order (lane partial
+// sums, then a butterfly), whatever the number of rows.
+// grid: ceil(out / (GEMV_OUTS * warps per block)); block: warps * 32.
+// Needs in * sizeof(T) % 16 == 0.
+#define GEMV_ROWS 8
+#define GEMV_OUTS 2
+#define GEMV_UNROLL 4
+template <typename T>
+__device__ void gemv_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                          int rows, int in, int out) {
+    constexpr int VEC = 16 / (int)sizeof(T);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * GEMV_OUTS;
+    if (n0 >= out) return;
+    const int chunks = in / VEC;
+    float acc[GEMV_ROWS][GEMV_OUTS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int o = 0; o < GEMV_OUTS; o++) acc[r][o] = 0.f;
+    const uint4* wr[GEMV_OUTS];
+#pragma unroll
+    for (int o = 0; o < GEMV_OUTS; o++) {
+        // An output past the end re-reads the last row; it is never stored.
+        wr[o] = reinterpret_cast<const uint4*>(w + (i64)min(n0 + o, out - 1) * in);
+    }
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL][GEMV_OUTS];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + 32 * u;
+#pragma unroll
+            for (int o = 0; o < GEMV_OUTS; o++) {
+                if (c < chunks) {
+                    wv[u][o] = wr[o][c];
+                } else {
+                    wv[u][o].x = wv[u][o].y = wv[u][o].z = wv[u][o].w = 0u;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float wf[GEMV_OUTS][VEC];
+#pragma unroll
+            for (int o = 0; o < GEMV_OUTS; o++) {
+                const T* e = reinterpret_cast<const T*>(&wv[u][o]);
+#pragma unroll
+                for (int i = 0; i < VEC; i++) wf[o][i] = to_f32(e[i]);
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (r < rows) {
+                    float xf[VEC];
+                    load_floats<T, VEC>(x + (i64)r * in + (i64)c * VEC, xf);
+#pragma unroll
+                    for (int o = 0; o < GEMV_OUTS; o++)
+#pragma unroll
+                        for (int i = 0; i < VEC; i++) acc[r][o] += xf[i] * wf[o][i];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < rows) {
+#pragma unroll
+            for (int o = 0; o < GEMV_OUTS; o++) {
+                const float v = warp_sum(acc[r][o]);
+                if (lane == 0 && n0 + o < out) y[(i64)r * out + n0 + o] = from_f32<T>(v);
+            }
+        }
+    }
+}
+
 // Paged attention for one (query token, kv head): the `group` query heads
 // that share the kv head run as one warp each, over key tiles of 32 loaded
 // once into shared memory for the whole group (so GQA reads each K/V once
@@ -280,7 +394,7 @@ __device__ void from_float(const float* x, T* out, i64 n) {
 // help load.
 //
 // Decode tokens split their context over `tok_splits[t]` blocks (grid z) of
-// ATTN_SPLIT keys each, so a small batch still fills the GPU; each split
+// `split_keys` keys each, so a small batch still fills the GPU; each split
 // writes its running max, sum and unnormalized output to `part_ml` /
 // `part_acc`, and attention_reduce combines them. Whether a token splits
 // depends only on its own sequence (decode or not, context length), never
@@ -289,14 +403,14 @@ __device__ void from_float(const float* x, T* out, i64 n) {
 // grid: (tokens, num_kv_heads, max splits); block: max(group, 4) * 32 threads.
 // Shared memory: q [group][D] + K tile [32][D+4 or D+1] + V tile [32][D] floats.
 #define ATTN_TILE 32
-#define ATTN_SPLIT 128
 template <typename T>
 __device__ void paged_attention(const T* __restrict__ qkv, int stride,
                                 const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                 const int* __restrict__ block_tables, int max_blocks,
                                 const int* __restrict__ tok_seq, const int* __restrict__ tok_nkeys,
-                                const int* __restrict__ tok_splits, int num_kv_heads,
-                                int group, int head_dim, int block_size, float scale,
+                                const int* __restrict__ tok_splits, int split_keys,
+                                int num_kv_heads, int group, int head_dim, int block_size,
+                                float scale,
                                 float* __restrict__ part_ml, float* __restrict__ part_acc,
                                 T* __restrict__ out) {
     extern __shared__ __align__(16) float smem[];
@@ -315,8 +429,8 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
     const int seq = tok_seq[t];
     const int nsplit = tok_splits[t], split = blockIdx.z;
     if (split >= nsplit) return;  // the whole block: no barrier is skipped
-    const int k_begin = nsplit == 1 ? 0 : split * ATTN_SPLIT;
-    const int n_keys = nsplit == 1 ? tok_nkeys[t] : min(tok_nkeys[t], k_begin + ATTN_SPLIT);
+    const int k_begin = nsplit == 1 ? 0 : split * split_keys;
+    const int n_keys = nsplit == 1 ? tok_nkeys[t] : min(tok_nkeys[t], k_begin + split_keys);
     const int* table = block_tables + (i64)seq * max_blocks;
     const bool computes = warp < group;
     const int h = kvh * group + warp;  // this warp's query head
@@ -430,6 +544,189 @@ __device__ void paged_attention(const T* __restrict__ qkv, int stride,
     for (int i = 0; i < 8; i++) {
         int d = lane + 32 * i;
         if (d < D) o[d] = from_f32<T>(acc[i] * inv);
+    }
+}
+
+// Paged attention with one lane per key, for the common head sizes (32 * DPL
+// = 64, 128, 256) and up to ATTN_GMAX query heads per kv head. Same grid,
+// splits and partial layout as `paged_attention` (which stays for other
+// shapes), but nothing goes through a block-wide barrier while keys stream:
+// each warp takes every ATTN_WARPS-th chunk of 32 keys of its block's range,
+// and
+// - scores: lane j reads key k0 + j straight from the cache (16-byte loads,
+//   eight in flight) and dots it with the group's query heads, broadcast from
+//   shared memory, so the K row is read once for the whole group;
+// - softmax: one warp max per head and chunk; the running sum stays per lane
+//   until the end;
+// - values: every lane owns DPL output dims of each head and reads that slice
+//   of each key's V row (a 32-lane coalesced row read), weighted by the key's
+//   probability from shared memory.
+// The warps' (max, sum, output) are combined at the end in a fixed order.
+// Which keys a warp takes depends only on the token's own key range, so the
+// result stays batch-invariant.
+//
+// grid: (tokens, num_kv_heads, max splits); block: ATTN_WARPS * 32 threads.
+// Dynamic shared memory: q [group][D] + acc [ATTN_WARPS][group][D] +
+// p [ATTN_WARPS][group][32] floats.
+#define ATTN_WARPS 4
+#define ATTN_GMAX 8
+template <typename T, int DPL>
+__device__ void paged_attention_lanes(const T* __restrict__ qkv, int stride,
+                                      const T* __restrict__ k_cache,
+                                      const T* __restrict__ v_cache,
+                                      const int* __restrict__ block_tables, int max_blocks,
+                                      const int* __restrict__ tok_seq,
+                                      const int* __restrict__ tok_nkeys,
+                                      const int* __restrict__ tok_splits, int split_keys,
+                                      int num_kv_heads, int group, int block_size, float scale,
+                                      float* __restrict__ part_ml, float* __restrict__ part_acc,
+                                      T* __restrict__ out) {
+    constexpr int D = 32 * DPL;
+    constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte load
+    constexpr int CHUNKS = D / VEC;           // 16-byte loads per key row
+    constexpr int BATCH = CHUNKS < 8 ? CHUNKS : 8;
+    extern __shared__ __align__(16) float smem[];
+    __shared__ i64 v_base[ATTN_WARPS][32];
+    __shared__ float warp_ml[ATTN_WARPS][ATTN_GMAX][2];
+    float* q_s = smem;                               // [group][D]
+    float* acc_s = q_s + group * D;                  // [ATTN_WARPS][group][D]
+    float* p_all = acc_s + ATTN_WARPS * group * D;   // [ATTN_WARPS][group][32]
+    const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nsplit = tok_splits[t];
+    if (split >= nsplit) return;  // the whole block: no barrier is skipped
+    const int k_begin = nsplit == 1 ? 0 : split * split_keys;
+    const int k_end = nsplit == 1 ? tok_nkeys[t] : min(tok_nkeys[t], k_begin + split_keys);
+    const int* table = block_tables + (i64)tok_seq[t] * max_blocks;
+    float* p_s = p_all + warp * group * 32;
+
+    for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+        q_s[i] = to_f32(qkv[(i64)t * stride + kvh * group * D + i]) * scale;
+    }
+    __syncthreads();
+
+    float m[ATTN_GMAX], l[ATTN_GMAX], acc[ATTN_GMAX][DPL];
+#pragma unroll
+    for (int g = 0; g < ATTN_GMAX; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[g][i] = 0.f;
+    }
+
+    for (int k0 = k_begin + warp * 32; k0 < k_end; k0 += ATTN_WARPS * 32) {
+        const int nk = min(32, k_end - k0);
+        float s[ATTN_GMAX];
+#pragma unroll
+        for (int g = 0; g < ATTN_GMAX; g++) s[g] = 0.f;
+        i64 base = 0;
+        if (lane < nk) {
+            const int key = k0 + lane;
+            const i64 blk = table[key / block_size];
+            base = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * D;
+            const uint4* kp = reinterpret_cast<const uint4*>(k_cache + base);
+#pragma unroll
+            for (int c0 = 0; c0 < CHUNKS; c0 += BATCH) {
+                uint4 raw[BATCH];
+#pragma unroll
+                for (int c = 0; c < BATCH; c++) raw[c] = kp[c0 + c];
+#pragma unroll
+                for (int c = 0; c < BATCH; c++) {
+                    const T* e = reinterpret_cast<const T*>(&raw[c]);
+                    float kf[VEC];
+#pragma unroll
+                    for (int i = 0; i < VEC; i++) kf[i] = to_f32(e[i]);
+#pragma unroll
+                    for (int g = 0; g < ATTN_GMAX; g++) {
+                        if (g < group) {
+                            const float4* q4 =
+                                reinterpret_cast<const float4*>(q_s + g * D + (c0 + c) * VEC);
+#pragma unroll
+                            for (int i = 0; i < VEC / 4; i++) {
+                                const float4 qv = q4[i];
+                                s[g] += qv.x * kf[4 * i];
+                                s[g] += qv.y * kf[4 * i + 1];
+                                s[g] += qv.z * kf[4 * i + 2];
+                                s[g] += qv.w * kf[4 * i + 3];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v_base[warp][lane] = base;
+#pragma unroll
+        for (int g = 0; g < ATTN_GMAX; g++) {
+            if (g < group) {
+                const float sc = lane < nk ? s[g] : NEG_INF;
+                const float m_new = fmaxf(m[g], warp_max(sc));
+                const float p = lane < nk ? __expf(sc - m_new) : 0.f;
+                const float alpha = __expf(m[g] - m_new);  // 0 on the first chunk
+                l[g] = l[g] * alpha + p;
+                m[g] = m_new;
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] *= alpha;
+                p_s[g * 32 + lane] = p;
+            }
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int j = 0; j < nk; j++) {
+            float vf[DPL];
+            load_floats<T, DPL>(v_cache + v_base[warp][j] + lane * DPL, vf);
+#pragma unroll
+            for (int g = 0; g < ATTN_GMAX; g++) {
+                if (g < group) {
+                    const float pj = p_s[g * 32 + j];
+#pragma unroll
+                    for (int i = 0; i < DPL; i++) acc[g][i] += pj * vf[i];
+                }
+            }
+        }
+        __syncwarp();  // p_s and v_base are read before the next chunk writes them
+    }
+
+    // Combine the warps: out = Σ_w acc_w e^(m_w − M) / Σ_w l_w e^(m_w − M).
+#pragma unroll
+    for (int g = 0; g < ATTN_GMAX; g++) {
+        if (g < group) {
+            const float lw = warp_sum(l[g]);
+            if (lane == 0) {
+                warp_ml[warp][g][0] = m[g];
+                warp_ml[warp][g][1] = lw;
+            }
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                acc_s[(warp * group + g) * D + lane * DPL + i] = acc[g][i];
+            }
+        }
+    }
+    __syncthreads();
+    const int heads = num_kv_heads * group;
+    for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+        const int g = idx / D, d = idx % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, warp_ml[w][g][0]);
+        float L = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            // A warp that had no keys has m = -inf and l = 0: its weight is 0.
+            const float e = warp_ml[w][g][1] > 0.f ? __expf(warp_ml[w][g][0] - M) : 0.f;
+            L += warp_ml[w][g][1] * e;
+            o += acc_s[(w * group + g) * D + d] * e;
+        }
+        const int h = kvh * group + g;
+        if (nsplit > 1) {
+            const i64 pidx = ((i64)t * heads + h) * gridDim.z + split;
+            if (d == 0) {
+                part_ml[2 * pidx] = M;
+                part_ml[2 * pidx + 1] = L;
+            }
+            part_acc[pidx * D + d] = o;
+        } else {
+            out[(i64)t * heads * D + (i64)h * D + d] = from_f32<T>(L > 0.f ? o / L : 0.f);
+        }
     }
 }
 
@@ -837,6 +1134,17 @@ __device__ void concat_shards(const T* recv, const int* offsets, int size, int r
     }
 }
 
+#define ATTN_LANES(SUFFIX, T, D, DPL)                                                            \
+    extern "C" __global__ void paged_attention_d##D##_##SUFFIX(                                 \
+        const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \
+        int max_blocks, const int* tok_seq, const int* tok_nkeys, const int* tok_splits,        \
+        int split_keys, int num_kv_heads, int group, int block_size, float scale,               \
+        float* part_ml, float* part_acc, T* out) {                                              \
+        paged_attention_lanes<T, DPL>(qkv, stride, k_cache, v_cache, block_tables, max_blocks,   \
+                                      tok_seq, tok_nkeys, tok_splits, split_keys, num_kv_heads,  \
+                                      group, block_size, scale, part_ml, part_acc, out);         \
+    }
+
 #define INSTANTIATE(SUFFIX, T)                                                                   \
     extern "C" __global__ void embed_##SUFFIX(const int* ids, const T* table, int vocab_start,  \
                                               int rows, int hidden, T* out) {                   \
@@ -895,11 +1203,18 @@ __device__ void concat_shards(const T* recv, const int* offsets, int size, int r
     extern "C" __global__ void paged_attention_##SUFFIX(                                        \
         const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \
         int max_blocks, const int* tok_seq, const int* tok_nkeys, const int* tok_splits,        \
-        int num_kv_heads, int group, int head_dim, int block_size, float scale,                 \
+        int split_keys, int num_kv_heads, int group, int head_dim, int block_size, float scale, \
         float* part_ml, float* part_acc, T* out) {                                              \
         paged_attention<T>(qkv, stride, k_cache, v_cache, block_tables, max_blocks, tok_seq,     \
-                           tok_nkeys, tok_splits, num_kv_heads, group, head_dim, block_size,     \
-                           scale, part_ml, part_acc, out);                                       \
+                           tok_nkeys, tok_splits, split_keys, num_kv_heads, group, head_dim,     \
+                           block_size, scale, part_ml, part_acc, out);                           \
+    }                                                                                            \
+    ATTN_LANES(SUFFIX, T, 64, 2)                                                                 \
+    ATTN_LANES(SUFFIX, T, 128, 4)                                                                \
+    ATTN_LANES(SUFFIX, T, 256, 8)                                                                \
+    extern "C" __global__ void gemv_rows_##SUFFIX(const T* x, const T* w, T* y, int rows,       \
+                                                  int in, int out) {                            \
+        gemv_rows<T>(x, w, y, rows, in, out);                                                    \
     }                                                                                            \
     extern "C" __global__ void attention_reduce_##SUFFIX(const int* tok_splits,                 \
                                                          const float* part_ml,                  \

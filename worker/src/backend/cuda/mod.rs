@@ -30,9 +30,24 @@ use crate::rope::RopeTable;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
-/// Keys per block when a decode token's context is split (`ATTN_SPLIT` in
+/// Compiles our kernels for `sm_{cc.0}{cc.1}` with NVRTC alone (no GPU, no
+/// kernel cache) and returns the cubin's size: CI checks the kernel sources
+/// this way on machines without a GPU.
+pub fn compile_kernels(cc: (i32, i32)) -> Result<usize> {
+    Ok(nvrtc::cubin("flotilla-check", KERNELS, cc, None)?.len())
+}
+
+/// Keys per block when a decode token's context is split (`split_keys` in
 /// kernels.cu).
-const ATTN_SPLIT: usize = 128;
+const ATTN_SPLIT: usize = 256;
+/// Warps per block of the lane-per-key attention kernel (`ATTN_WARPS`).
+const ATTN_WARPS: usize = 4;
+/// Query heads per kv head the lane-per-key kernel takes (`ATTN_GMAX`).
+const ATTN_GMAX: usize = 8;
+/// Most rows the streaming GEMV kernel takes (`GEMV_ROWS`), and outputs per
+/// warp (`GEMV_OUTS`).
+const GEMV_ROWS: usize = 8;
+const GEMV_OUTS: usize = 2;
 
 /// Kernel parameters: a pointer to each value, in declaration order.
 macro_rules! kargs {
@@ -112,7 +127,10 @@ struct Kernels {
     gather_rows: CudaFunction,
     to_float: CudaFunction,
     paged_attention: CudaFunction,
+    /// Lane-per-key attention for head sizes 64, 128 and 256.
+    attention_lanes: [CudaFunction; 3],
     attention_reduce: CudaFunction,
+    gemv_rows: CudaFunction,
     top_logits: CudaFunction,
     sample_rows: CudaFunction,
     pad_cols: CudaFunction,
@@ -138,7 +156,13 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             to_float: f("to_float")?,
             paged_attention: f("paged_attention")?,
+            attention_lanes: [
+                f("paged_attention_d64")?,
+                f("paged_attention_d128")?,
+                f("paged_attention_d256")?,
+            ],
             attention_reduce: f("attention_reduce")?,
+            gemv_rows: f("gemv_rows")?,
             top_logits: f("top_logits")?,
             sample_rows: f("sample_rows")?,
             pad_cols: f("pad_cols")?,
@@ -157,6 +181,16 @@ impl Kernels {
                 dynamic as i32,
             )
             .map_err(|e| Error::cuda("cuFuncSetAttribute", e))?;
+        for f in &k.attention_lanes {
+            let fixed =
+                f.shared_size_bytes()
+                    .map_err(|e| Error::cuda("cuFuncGetAttribute", e))? as usize;
+            f.set_attribute(
+                FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                max_smem.saturating_sub(fixed) as i32,
+            )
+            .map_err(|e| Error::cuda("cuFuncSetAttribute", e))?;
+        }
         Ok(Kernels {
             max_smem: dynamic,
             ..k
@@ -277,6 +311,66 @@ pub struct CudaBackend {
     dtype: ComputeDtype,
     /// This rank's tensor-parallel group; `None`: a group of one.
     group: Option<Arc<NcclGroup>>,
+    kernels: KernelChoice,
+}
+
+/// The kernels that have alternatives, so tests and benchmarks can hold
+/// them side by side (`FLOTILLA_CUDA_ATTENTION`,
+/// `FLOTILLA_CUDA_SMALL_BATCH_LINEAR` pick them at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelChoice {
+    pub attention: AttentionKernel,
+    pub small_batch_linear: LinearKernel,
+}
+
+/// Paged attention: `Tiled` stages each tile of keys through shared memory
+/// (any head size); `Lanes` gives each key a lane and streams K/V straight
+/// from the cache (head sizes 64, 128, 256 with at most 8 query heads per
+/// kv head; other shapes take `Tiled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    #[default]
+    Tiled,
+    Lanes,
+}
+
+/// Linear layers of batches up to 8 rows: cuBLAS, or our weight-streaming
+/// GEMV (`gemv_rows`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LinearKernel {
+    #[default]
+    Blas,
+    Gemv,
+}
+
+impl KernelChoice {
+    /// The choice the environment makes (the defaults when unset).
+    pub fn from_env() -> Result<Self> {
+        use runtime::envs::{raw, FLOTILLA_CUDA_ATTENTION, FLOTILLA_CUDA_SMALL_BATCH_LINEAR};
+        let bad = |name: &str, v: &str, expected: &str| {
+            Error::config(format!("{name}={v:?}: expected {expected}"))
+        };
+        let attention = match raw(FLOTILLA_CUDA_ATTENTION).as_deref() {
+            None | Some("tiled") => AttentionKernel::Tiled,
+            Some("lanes") => AttentionKernel::Lanes,
+            Some(v) => return Err(bad(FLOTILLA_CUDA_ATTENTION.name, v, "tiled or lanes")),
+        };
+        let small_batch_linear = match raw(FLOTILLA_CUDA_SMALL_BATCH_LINEAR).as_deref() {
+            None | Some("blas") => LinearKernel::Blas,
+            Some("gemv") => LinearKernel::Gemv,
+            Some(v) => {
+                return Err(bad(
+                    FLOTILLA_CUDA_SMALL_BATCH_LINEAR.name,
+                    v,
+                    "blas or gemv",
+                ));
+            }
+        };
+        Ok(Self {
+            attention,
+            small_batch_linear,
+        })
+    }
 }
 
 /// A tensor-parallel group over NCCL: the ranks' communicator on this
@@ -411,7 +505,13 @@ impl CudaBackend {
             }),
             dtype,
             group: None,
+            kernels: KernelChoice::from_env()?,
         })
+    }
+
+    /// Picks the kernels that have alternatives (tests and benchmarks compare them).
+    pub fn set_kernels(&mut self, kernels: KernelChoice) {
+        self.kernels = kernels;
     }
 
     /// Opens device `ordinal` as rank `host.rank()` of a tensor-parallel
@@ -622,6 +722,23 @@ impl CudaBackend {
             )
         }
         .map_err(|e| Error::cuda("cublasGemmEx", e))
+    }
+
+    /// Decode-sized batches: one pass over the weights (see `gemv_rows`).
+    fn gemv(&self, x: &CudaTensor, w: &CudaLinear, y: &mut CudaTensor) -> Result<()> {
+        let s = self.stream();
+        let (xp, wp, yp) = (addr(&x.buf, s), addr(&w.w, s), addr(&y.buf, s));
+        let (rows, inp, out) = (x.rows as i32, w.inp as i32, w.out as i32);
+        const WARPS: usize = 4;
+        let blocks = w.out.div_ceil(GEMV_OUTS * WARPS) as u32;
+        self.launch(
+            &self.k().gemv_rows,
+            (blocks, 1, 1),
+            (WARPS * 32) as u32,
+            0,
+            &mut kargs![xp, wp, yp, rows, inp, out],
+            "gemv_rows",
+        )
     }
 
     fn norm(
@@ -856,7 +973,14 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(y);
         }
-        self.gemm(x, w, &mut y)?;
+        if self.kernels.small_batch_linear == LinearKernel::Gemv
+            && x.rows <= GEMV_ROWS
+            && (w.inp * self.dtype.bytes()).is_multiple_of(16)
+        {
+            self.gemv(x, w, &mut y)?;
+        } else {
+            self.gemm(x, w, &mut y)?;
+        }
         if let Some(bias) = &w.bias {
             let s = self.stream();
             let (yp, bp) = (addr(&y.buf, s), addr(bias, s));
@@ -976,8 +1100,28 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        let k_stride = if d.is_multiple_of(4) { d + 4 } else { d + 1 };
-        let smem = (group * d + 32 * k_stride + 32 * d) * 4;
+        // The lane-per-key kernel where chosen and the shape allows it.
+        let lanes = match (self.kernels.attention, d) {
+            (AttentionKernel::Lanes, 64) if group <= ATTN_GMAX => Some(0),
+            (AttentionKernel::Lanes, 128) if group <= ATTN_GMAX => Some(1),
+            (AttentionKernel::Lanes, 256) if group <= ATTN_GMAX => Some(2),
+            _ => None,
+        };
+        let (func, block, smem) = match lanes {
+            Some(i) => (
+                &self.k().attention_lanes[i],
+                (ATTN_WARPS * 32) as u32,
+                (group * d * (1 + ATTN_WARPS) + ATTN_WARPS * group * 32) * 4,
+            ),
+            None => {
+                let k_stride = if d.is_multiple_of(4) { d + 4 } else { d + 1 };
+                (
+                    &self.k().paged_attention,
+                    (group.max(4) * 32) as u32,
+                    (group * d + 32 * k_stride + 32 * d) * 4,
+                )
+            }
+        };
         if smem > self.k().max_smem {
             return Err(Error::NotImplemented {
                 feature: format!(
@@ -1012,23 +1156,39 @@ impl Backend for CudaBackend {
             .map_or((0u64, 0u64), |(a, b)| (addr(a, s), addr(b, s)));
         let stride = qkv.cols as i32;
         let max_blocks = step.max_blocks as i32;
-        let (nkv, g, hd, bs) = (
+        let (split_keys, nkv, g, hd, bs) = (
+            ATTN_SPLIT as i32,
             heads.num_kv_heads as i32,
             group as i32,
             d as i32,
             cache.spec.block_size as i32,
         );
-        self.launch(
-            &self.k().paged_attention,
-            (qkv.rows as u32, heads.num_kv_heads as u32, splits as u32),
-            (group.max(4) * 32) as u32,
-            smem,
-            &mut kargs![
-                qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, tok_splits, nkv, g, hd,
-                bs, scale, ml, pacc, op
-            ],
-            "paged_attention",
-        )?;
+        let grid = (qkv.rows as u32, heads.num_kv_heads as u32, splits as u32);
+        if lanes.is_some() {
+            self.launch(
+                func,
+                grid,
+                block,
+                smem,
+                &mut kargs![
+                    qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, tok_splits,
+                    split_keys, nkv, g, bs, scale, ml, pacc, op
+                ],
+                "paged_attention",
+            )?;
+        } else {
+            self.launch(
+                func,
+                grid,
+                block,
+                smem,
+                &mut kargs![
+                    qp, stride, kp, vp, tables, max_blocks, tok_seq, tok_nkeys, tok_splits,
+                    split_keys, nkv, g, hd, bs, scale, ml, pacc, op
+                ],
+                "paged_attention",
+            )?;
+        }
         if splits > 1 {
             let ms = splits as i32;
             self.launch(
@@ -1456,25 +1616,4 @@ pub fn measure_copy_bandwidth(b: &CudaBackend, bytes: usize) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(2.0 * bytes as f64 / times[times.len() / 2])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// NVRTC needs no GPU: wherever libnvrtc can be opened, the kernels must
-    /// compile for Hopper and Ampere (a syntax error would otherwise show
-    /// only on the GPU machine).
-    #[test]
-    fn kernels_compile_without_a_gpu() {
-        // SAFETY: only probes whether the library can be opened.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            eprintln!("SKIP: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
-            return;
-        }
-        for cc in [(9, 0), (8, 0)] {
-            let bin = nvrtc::cubin("flotilla-test", KERNELS, cc, None).unwrap();
-            assert!(bin.len() > 1000, "cubin for {cc:?} is {} bytes", bin.len());
-        }
-    }
 }
