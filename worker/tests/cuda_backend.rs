@@ -305,9 +305,10 @@ fn compare_ops(dtype: ComputeDtype, tol: f32) {
             block_size: 16,
             seqs: vec![(0, 3), (100, 1), (64, 33)],
         },
-        // Decodes over long contexts split them over several blocks (256
-        // keys each: 3, 2 and 1 splits, at and around the boundary), beside
-        // a prefill that does not.
+        // Decodes over long contexts split them over several blocks (128
+        // keys each for the tiled kernel, 256 for the lane-per-key one: 5 / 3
+        // and 3 / 2 splits, and around both boundaries), beside a prefill
+        // that does not.
         Case {
             heads: QkvHeads {
                 num_heads: 8,
@@ -315,7 +316,7 @@ fn compare_ops(dtype: ComputeDtype, tol: f32) {
                 head_dim: 128,
             },
             block_size: 16,
-            seqs: vec![(600, 1), (0, 9), (256, 1), (255, 1), (300, 1)],
+            seqs: vec![(600, 1), (0, 9), (256, 1), (255, 1), (127, 1), (128, 1)],
         },
         // Group of 9 (beyond the lane-per-key kernel's 8: the tiled kernel).
         Case {

@@ -38,8 +38,11 @@ pub fn compile_kernels(cc: (i32, i32)) -> Result<usize> {
 }
 
 /// Keys per block when a decode token's context is split (`split_keys` in
-/// kernels.cu).
-const ATTN_SPLIT: usize = 256;
+/// kernels.cu): the tiled kernel's blocks hold one warp per query head, the
+/// lane-per-key kernel's four warps each take a chunk of 32 keys at a time,
+/// so it wants longer splits to amortize its start and final combine.
+const ATTN_SPLIT_TILED: usize = 128;
+const ATTN_SPLIT_LANES: usize = 256;
 /// Warps per block of the lane-per-key attention kernel (`ATTN_WARPS`).
 const ATTN_WARPS: usize = 4;
 /// Query heads per kv head the lane-per-key kernel takes (`ATTN_GMAX`).
@@ -509,6 +512,16 @@ impl CudaBackend {
         })
     }
 
+    /// Keys per split of a decode token's context, for the chosen kernel.
+    /// The lane-per-key kernel also takes it where it falls back to the
+    /// tiled one: a step's splits are laid out before the shape is known.
+    fn split_keys(&self) -> usize {
+        match self.kernels.attention {
+            AttentionKernel::Tiled => ATTN_SPLIT_TILED,
+            AttentionKernel::Lanes => ATTN_SPLIT_LANES,
+        }
+    }
+
     /// Picks the kernels that have alternatives (tests and benchmarks compare them).
     pub fn set_kernels(&mut self, kernels: KernelChoice) {
         self.kernels = kernels;
@@ -910,7 +923,7 @@ impl Backend for CudaBackend {
                 // Decode tokens split long contexts over several blocks; the
                 // choice depends on this sequence alone (batch invariance).
                 let splits = if q1 - q0 == 1 {
-                    n_keys.div_ceil(ATTN_SPLIT).max(1)
+                    n_keys.div_ceil(self.split_keys()).max(1)
                 } else {
                     1
                 };
@@ -1157,7 +1170,7 @@ impl Backend for CudaBackend {
         let stride = qkv.cols as i32;
         let max_blocks = step.max_blocks as i32;
         let (split_keys, nkv, g, hd, bs) = (
-            ATTN_SPLIT as i32,
+            self.split_keys() as i32,
             heads.num_kv_heads as i32,
             group as i32,
             d as i32,
