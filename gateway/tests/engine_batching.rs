@@ -5,53 +5,22 @@
 
 #[path = "../../tests/support/fixtures.rs"]
 mod fixtures;
+#[path = "../../tests/support/tiny_engine.rs"]
+mod tiny_engine;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gateway::engine::{EngineArgs, EngineError, EngineRequest, FinishReason, StopMatch};
 use gateway::llm::LLM;
+use tiny_engine::TinyModel;
 use worker::SamplingParams;
 
 const MAX_MODEL_LEN: usize = 256;
 
-/// A directory with the config.json of a tiny Llama with SmolLM2's vocabulary.
-struct TinyModel(PathBuf);
-
-impl TinyModel {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("flotilla-engine-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-            "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": "float32"
-        });
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TinyModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn args(tokenizer: &Path) -> EngineArgs {
-    EngineArgs {
-        tokenizer: Some(tokenizer.to_path_buf()),
-        load_format: "dummy".into(),
-        dtype: "float32".into(),
-        max_model_len: Some(MAX_MODEL_LEN),
-        num_gpu_blocks_override: Some(512),
-        ..Default::default()
-    }
+    tiny_engine::engine_args(tokenizer, MAX_MODEL_LEN, 512)
 }
 
 fn prompts() -> Vec<String> {

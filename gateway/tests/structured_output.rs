@@ -5,6 +5,8 @@
 
 #[path = "../../tests/support/fixtures.rs"]
 mod fixtures;
+#[path = "../../tests/support/tiny_engine.rs"]
+mod tiny_engine;
 
 use std::sync::{Arc, OnceLock};
 
@@ -191,32 +193,6 @@ fn a_steps_bitmask_has_a_row_per_sampling_grammar_in_step_order() {
     assert!(m.grammar_bitmask(&["plain"]).0.is_none());
 }
 
-/// A tiny random Llama with SmolLM2's vocabulary (`--load-format dummy`).
-struct TinyModel(std::path::PathBuf);
-
-impl TinyModel {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("flotilla-so-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-            "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": "float32"
-        });
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TinyModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The engine end to end (random weights, so whatever the model "wants" is
 /// noise and only the masks make outputs valid), with and without
 /// `--async-scheduling` (masks then computed while the previous step runs):
@@ -232,7 +208,7 @@ fn the_engine_enforces_grammars_without_disturbing_the_batch() {
     let Some(gguf) = fixtures::smollm2_gguf() else {
         return;
     };
-    let model = TinyModel::new("engine");
+    let model = tiny_engine::TinyModel::new("so-engine");
     let greedy = |so: Option<StructuredOutputRequest>| SamplingParams {
         max_tokens: Some(200),
         structured_outputs: so.map(|r| StructuredOutputs::new(r, "test")),
@@ -247,13 +223,8 @@ fn the_engine_enforces_grammars_without_disturbing_the_batch() {
     });
     for async_scheduling in [false, true] {
         let args = EngineArgs {
-            tokenizer: Some(gguf.clone()),
-            load_format: "dummy".into(),
-            dtype: "float32".into(),
-            max_model_len: Some(256),
-            num_gpu_blocks_override: Some(256),
             async_scheduling,
-            ..Default::default()
+            ..tiny_engine::engine_args(&gguf, 256, 256)
         };
         let llm = LLM::new(&model.0, args).unwrap();
         let tok = llm.tokenizer().clone();

@@ -64,7 +64,10 @@ pub fn spawn(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = ready.send(Err(Error::Other(format!("agent runtime: {e}"))));
+                    let _ = ready.send(Err(Error::Os {
+                        what: "agent runtime",
+                        source: e,
+                    }));
                     return;
                 }
             };
@@ -75,7 +78,7 @@ pub fn spawn(
                 }
             });
         })
-        .map_err(|e| Error::Other(format!("cannot start the node agent thread: {e}")))
+        .map_err(Error::os("cannot start the node agent thread"))
 }
 
 async fn run(

@@ -10,7 +10,7 @@ use crate::auth;
 use crate::cli::BenchArgs;
 use crate::client;
 use crate::error::{Error, Result};
-use crate::head::HeadService;
+use crate::head_service::HeadService;
 use crate::paths::CacheRoot;
 use crate::resources::{Resources, CPU, GPU};
 use crate::state::{now, NodeRecord, NodeState};
@@ -48,7 +48,10 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
             .into_inner();
         pg_ms.push(ms(t.elapsed()));
         let pg: serde_json::Value =
-            serde_json::from_str(&r.json).map_err(|e| Error::Other(e.to_string()))?;
+            serde_json::from_str(&r.json).map_err(|source| Error::BadReply {
+                what: "placement group reply",
+                source,
+            })?;
         let id = pg["id"].as_str().unwrap_or_default().to_string();
         c.remove_placement_group(NameOrId { name_or_id: id })
             .await?;
@@ -176,7 +179,10 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(Error::Other("bench node did not join".into()));
+            return Err(Error::Timeout {
+                what: "the bench node to join".into(),
+                seconds: 30.0,
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -191,7 +197,10 @@ pub async fn run(a: BenchArgs, root: &CacheRoot) -> Result<()> {
             break;
         }
         if t.elapsed() > Duration::from_secs(30) {
-            return Err(Error::Other("bench node never shown dead".into()));
+            return Err(Error::Timeout {
+                what: "the bench node to be shown dead".into(),
+                seconds: 30.0,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Bearer;
 use crate::error::{Error, Result};
-pub use crate::head::OwnerReply as Owner;
+pub use crate::head_service::OwnerReply as Owner;
 use crate::paths::{read_trimmed, write_file, CacheRoot};
 
 pub type Client = OrchestratorClient<InterceptedService<Channel, Bearer>>;
@@ -158,8 +158,10 @@ fn owner_reply(
     id: &str,
 ) -> Result<Owner> {
     match r {
-        Ok(r) => serde_json::from_str(&r.into_inner().json)
-            .map_err(|e| Error::Other(format!("bad owner reply from the head: {e}"))),
+        Ok(r) => serde_json::from_str(&r.into_inner().json).map_err(|source| Error::BadReply {
+            what: "owner reply",
+            source,
+        }),
         Err(s) if s.code() == tonic::Code::NotFound => Err(Error::NotFound {
             kind: "owner",
             name: id.to_string(),
@@ -229,7 +231,7 @@ impl OwnerKeeper {
                 };
                 rt.block_on(keep_owner(client, dialer, owner, name, stop));
             })
-            .map_err(|e| Error::Other(format!("cannot start the owner keep-alive thread: {e}")))?;
+            .map_err(Error::os("cannot start the owner keep-alive thread"))?;
         Ok(OwnerKeeper {
             cancel,
             thread: Some(thread),

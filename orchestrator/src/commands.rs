@@ -19,8 +19,10 @@ use crate::detach;
 use crate::detect;
 use crate::error::{Error, Result};
 use crate::etcd_proc::OwnedEtcd;
-use crate::head::{self, HeadService};
-use crate::head_node;
+use crate::head_agent;
+use crate::head_service::{self, HeadService};
+use crate::leader;
+use crate::liveness::alive;
 use crate::paths::{read_trimmed, write_file, CacheRoot, PidFile};
 use crate::resources::{node_resource, to_fixed, Resources, CPU, GPU, MEMORY, NODE_PREFIX};
 use crate::state::{ActorRecord, PgRecord};
@@ -42,7 +44,10 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 println!("{}", r.json);
             } else {
                 let rep: status::Report =
-                    serde_json::from_str(&r.json).map_err(|e| Error::Other(e.to_string()))?;
+                    serde_json::from_str(&r.json).map_err(|source| Error::BadReply {
+                        what: "status report",
+                        source,
+                    })?;
                 print!("{}", status::render(&rep, verbose));
             }
             Ok(())
@@ -151,7 +156,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
 /// gone (an error: someone removed it, or the head took this owner for dead).
 async fn hold_group(c: &mut client::Client, pg_id: &str) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::Other(format!("cannot watch for SIGTERM: {e}")))?;
+        .map_err(Error::os("cannot watch for SIGTERM"))?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -172,9 +177,10 @@ async fn hold_group(c: &mut client::Client, pg_id: &str) -> Result<()> {
             .iter()
             .any(|p| p.id == pg_id && p.state != crate::state::PgState::Removed);
         if !live {
-            return Err(Error::Other(format!(
-                "placement group {pg_id} was removed while held (see `orchestrator status`)"
-            )));
+            return Err(Error::GroupRemoved {
+                id: pg_id.to_string(),
+                during: "held (see `orchestrator status`)",
+            });
         }
     }
     c.remove_placement_group(NameOrId {
@@ -196,7 +202,10 @@ pub fn rank_of(name: &str) -> Option<usize> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::Other(format!("bad reply from the head: {e}")))
+    serde_json::from_str(s).map_err(|source| Error::BadReply {
+        what: "reply",
+        source,
+    })
 }
 
 async fn connect(conn: &Conn, root: &CacheRoot) -> Result<(client::Client, String)> {
@@ -475,9 +484,11 @@ fn daemonize(root: &CacheRoot) -> Result<()> {
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(Error::Other(format!(
-                "orchestrator exited with {st}:\n{tail}"
-            )));
+            return Err(Error::ExitedEarly {
+                what: "orchestrator",
+                status: st,
+                log: tail,
+            });
         }
         if read_trimmed(&pid_file).is_some_and(|s| s.contains("ready")) {
             print!("{}", std::fs::read_to_string(&log_path).unwrap_or_default());
@@ -582,7 +593,7 @@ async fn run_head(
     let listener = tokio::net::TcpListener::bind((spec.ip.as_str(), a.port))
         .await
         .map_err(|e| Error::io(format!("head port {address}"), e))?;
-    let health = head::SharedHealth::default();
+    let health = crate::health::SharedHealth::default();
     let svc = HeadService {
         store: store.clone(),
         etcd_endpoints: endpoints,
@@ -604,12 +615,12 @@ async fn run_head(
             Some((r, l))
         });
         tonic::transport::Server::builder()
-            .add_service(head::server(svc))
+            .add_service(head_service::server(svc))
             .serve_with_incoming_shutdown(incoming, server_cancel.cancelled())
             .await
     });
     let leading = Arc::new(AtomicBool::new(false));
-    let leader = tokio::spawn(head::leader_loop(
+    let leader = tokio::spawn(leader::leader_loop(
         store.clone(),
         etcd.clone(),
         address.clone(),
@@ -634,7 +645,7 @@ async fn run_head(
     }
     client::remember_heads(root, std::slice::from_ref(&address));
 
-    let agent = match head_node::find(root, &address) {
+    let agent = match head_agent::find(root, &address) {
         Some(found) => {
             eprintln!(
                 "the head's node agent (pid {}, node {}) is still running: adopting it",
@@ -643,14 +654,17 @@ async fn run_head(
             Ok(found)
         }
         None => {
-            let args = head_node::agent_args(&a, &spec.ip, &address);
+            let args = head_agent::agent_args(&a, &spec.ip, &address);
             let (root, head, token, etcd) =
                 (root.clone(), address.clone(), token.clone(), a.etcd.clone());
             tokio::task::spawn_blocking(move || {
-                head_node::spawn(&root, &head, &args, &token, &etcd)
+                head_agent::spawn(&root, &head, &args, &token, &etcd)
             })
             .await
-            .map_err(|e| Error::Other(format!("head node agent: {e}")))
+            .map_err(|source| Error::TaskFailed {
+                what: "head node agent",
+                source,
+            })
             .and_then(|r| r)
         }
     };
@@ -671,7 +685,8 @@ async fn run_head(
                 agent.pid,
                 root.token_file().display()
             );
-            let agent = watch_head_node(agent, &a, &spec.ip, &address, root, &token, &cancel).await;
+            let agent =
+                watch_head_agent(agent, &a, &spec.ip, &address, root, &token, &cancel).await;
             // A graceful stop takes the head's node along; only a crash
             // leaves it running.
             if let Some(agent) = agent {
@@ -722,15 +737,15 @@ async fn run_head(
 /// Until `cancel`: starts the head's node agent again whenever it dies (a
 /// crash or kill -9; it takes its node id and actors back, see
 /// identity.rs and adopt.rs). Returns the agent running at the end.
-async fn watch_head_node(
-    mut agent: head_node::HeadNodeAgent,
+async fn watch_head_agent(
+    mut agent: head_agent::HeadAgent,
     a: &StartArgs,
     ip: &str,
     address: &str,
     root: &CacheRoot,
     token: &str,
     cancel: &CancellationToken,
-) -> Option<head_node::HeadNodeAgent> {
+) -> Option<head_agent::HeadAgent> {
     loop {
         tokio::select! {
             biased;
@@ -751,14 +766,14 @@ async fn watch_head_node(
             agent.pid,
             agent.node_id
         );
-        let args = head_node::agent_args(a, ip, address);
+        let args = head_agent::agent_args(a, ip, address);
         let (r, h, t, e) = (
             root.clone(),
             address.to_string(),
             token.to_string(),
             a.etcd.clone(),
         );
-        match tokio::task::spawn_blocking(move || head_node::spawn(&r, &h, &args, &t, &e)).await {
+        match tokio::task::spawn_blocking(move || head_agent::spawn(&r, &h, &args, &t, &e)).await {
             Ok(Ok(new)) => {
                 tracing::info!(
                     "the head's node agent runs again (pid {}, node {})",
@@ -831,7 +846,7 @@ async fn run_node(
     let agent_cancel = cancel.child_token();
     let (node_id, agent) = start_agent(&etcd, &args, spec, root, &token, agent_cancel.clone())?;
     let role = if a.head_node {
-        head_node::role(&node_id, &addr)
+        head_agent::role(&node_id, &addr)
     } else {
         format!("node {node_id} head {addr} ready")
     };
@@ -874,7 +889,6 @@ fn stop(root: &CacheRoot) -> Result<()> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    let alive = |p: i32| unsafe { libc::kill(p, 0) } == 0 && !is_zombie(p);
     while Instant::now() < deadline && pids.keys().any(|p| alive(*p)) {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -886,18 +900,6 @@ fn stop(root: &CacheRoot) -> Result<()> {
     }
     println!("Stopped {} orchestrator process(es).", pids.len());
     Ok(())
-}
-
-pub(crate) fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
 }
 
 #[cfg(test)]

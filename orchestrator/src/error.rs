@@ -66,14 +66,62 @@ pub enum Error {
     #[error("cannot reach the head at {address}: {reason}")]
     Connect { address: String, reason: String },
 
-    #[error("{0}")]
-    Rpc(String),
+    /// A gRPC call failed; the peer's status code travels on, so a head
+    /// that relays an agent's answer keeps its meaning.
+    #[error("{message}")]
+    Rpc { code: tonic::Code, message: String },
+
+    #[error("bad {what} from the head: {source}")]
+    BadReply {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+
+    /// A process this one started (the background `start`, the head's node
+    /// agent) ended before it said it was ready; `log` is what it wrote.
+    #[error("{what} exited with {status}:\n{log}")]
+    ExitedEarly {
+        what: &'static str,
+        status: std::process::ExitStatus,
+        log: String,
+    },
+
+    #[error("cannot start etcd from PATH: {source} (install etcd or pass --etcd-endpoints)")]
+    EtcdMissing { source: std::io::Error },
+
+    #[error("etcd exited with {status} at start; see {log}")]
+    EtcdExited {
+        status: std::process::ExitStatus,
+        log: PathBuf,
+    },
+
+    #[error("placement group {id} was removed while {during}")]
+    GroupRemoved { id: String, during: &'static str },
+
+    #[error(
+        "actor {id} is {state} and on no node now; its last log stays on the node that ran it"
+    )]
+    ActorOffNode { id: String, state: String },
+
+    #[error("invalid address {address}: {reason}")]
+    BadAddress { address: String, reason: String },
+
+    /// The OS refused what this process needs to run: a thread, a runtime,
+    /// a signal handler.
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+
+    #[error("{what}: {source}")]
+    TaskFailed {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
 
     #[error(transparent)]
     ConfigFile(#[from] Box<runtime::config_file::ConfigFileError>),
-
-    #[error("{0}")]
-    Other(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -91,6 +139,10 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    pub fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Error::Os { what, source }
     }
 }
 
@@ -110,6 +162,7 @@ impl From<Error> for tonic::Status {
             | Error::EtcdConnect { .. }
             | Error::EtcdUnreachable { .. }
             | Error::Contention { .. } => tonic::Status::unavailable(msg),
+            Error::Rpc { code, .. } => tonic::Status::new(code, msg),
             _ => tonic::Status::internal(msg),
         }
     }
@@ -117,6 +170,46 @@ impl From<Error> for tonic::Status {
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Error::Rpc(s.message().to_string())
+        Error::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_status_keeps_its_code_and_message() {
+        let e = Error::from(tonic::Status::not_found("actor 'x' not found"));
+        assert_eq!(e.to_string(), "actor 'x' not found");
+        let back = tonic::Status::from(e);
+        assert_eq!(back.code(), tonic::Code::NotFound);
+        assert_eq!(back.message(), "actor 'x' not found");
+    }
+
+    #[test]
+    fn domain_errors_read_as_before() {
+        let e = Error::GroupRemoved {
+            id: "pg_1".into(),
+            during: "pending",
+        };
+        assert_eq!(
+            e.to_string(),
+            "placement group pg_1 was removed while pending"
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+        let e = Error::os("tokio runtime")(std::io::Error::other("no threads"));
+        assert_eq!(e.to_string(), "tokio runtime: no threads");
+        let e = Error::ActorOffNode {
+            id: "actor_1".into(),
+            state: "Dead".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "actor actor_1 is Dead and on no node now; its last log stays on the node that ran it"
+        );
     }
 }

@@ -143,11 +143,9 @@ impl OwnedEtcd {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| {
-            Error::Other(format!(
-                "cannot start etcd from PATH: {e} (install etcd or pass --etcd-endpoints)"
-            ))
-        })?;
+        let child = cmd
+            .spawn()
+            .map_err(|source| Error::EtcdMissing { source })?;
         let record = record_path(root, slot);
         let saved = Saved {
             name: name.clone(),
@@ -166,16 +164,16 @@ impl OwnedEtcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = me.child.try_wait() {
-                return Err(Error::Other(format!(
-                    "etcd exited with {st} at start; see {}",
-                    dir.join("etcd.log").display()
-                )));
+                return Err(Error::EtcdExited {
+                    status: st,
+                    log: dir.join("etcd.log"),
+                });
             }
             if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
                 || std::net::TcpStream::connect((ip, client)).is_ok()
             {
                 let json =
-                    serde_json::to_string(&saved).map_err(|e| Error::Other(e.to_string()))?;
+                    serde_json::to_string(&saved).map_err(|e| Error::io(&record, e.into()))?;
                 crate::paths::write_file(&record, &json)?;
                 return Ok(me);
             }

@@ -3,71 +3,11 @@
 //! `events/`, one key per event, named by time so a prefix read is
 //! chronological; the leader forgets old ones.
 
-use serde::{Deserialize, Serialize};
-
-use crate::scheduler::Changes;
+use crate::reconcile::Changes;
 use crate::state::{ActorState, NodeState, PgState, Snapshot};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum EventKind {
-    /// A node was declared dead (silent while etcd was healthy).
-    NodeLost,
-    /// A node registered again under its id (lease lapsed, or it returned
-    /// after being declared dead).
-    NodeRecovered,
-    /// An actor restarts elsewhere because its node died.
-    ActorRestarted,
-    /// An actor that may not restart died with its node.
-    ActorDied,
-    /// A returning node stopped a superseded copy of an actor.
-    ActorFenced,
-    /// A restarted agent took back an actor process it found running.
-    ActorAdopted,
-    /// A placement group lost bundles with a node and is placed again.
-    PlacementGroupRescheduling,
-    /// The leader removed a placement group (and its actors) because its
-    /// owner is gone.
-    PlacementGroupRemoved,
-    /// A head could not reach etcd for a while.
-    EtcdUnreachable,
-}
-
-impl std::fmt::Display for EventKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        f.write_str(&s)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub time: f64,
-    pub kind: EventKind,
-    /// The node, actor, placement group or head concerned.
-    pub subject: String,
-    pub message: String,
-}
-
-impl Event {
-    pub fn new(time: f64, kind: EventKind, subject: &str, message: String) -> Self {
-        Event {
-            time,
-            kind,
-            subject: subject.to_string(),
-            message,
-        }
-    }
-
-    /// The key suffix under `events/`: time first, so keys sort by time.
-    pub fn key_suffix(&self) -> String {
-        let u = uuid::Uuid::new_v4().simple().to_string();
-        format!("{:016}-{}", (self.time * 1000.0) as u64, &u[..8])
-    }
-}
+// The event records live with the other records; the rules that make and
+// expire them live here.
+pub use crate::state::{Event, EventKind};
 
 /// How many events are kept, and for how long.
 pub const KEEP: usize = 200;
@@ -188,8 +128,8 @@ pub fn expired<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::reconcile;
     use crate::resources::Resources;
-    use crate::scheduler::reconcile;
     use crate::state::{ActorRecord, ActorSpec, NodeRecord};
 
     fn node(id: &str) -> NodeRecord {

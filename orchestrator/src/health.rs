@@ -7,6 +7,7 @@
 //! every healthy agent to notice the lapse and register again. While etcd
 //! has been healthy for long, detection is as fast as the lease TTL.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One stretch of time during which this head could not reach etcd.
@@ -81,6 +82,23 @@ pub fn slow_answer(ttl_s: u64) -> Duration {
 /// on a loaded machine. Steady-state detection is unaffected.
 pub fn grace(ttl_s: u64) -> Duration {
     Duration::from_secs(2 * ttl_s.max(1))
+}
+
+/// One head's etcd health, kept by its leader loop and read by its service.
+pub type SharedHealth = Arc<std::sync::Mutex<EtcdHealth>>;
+
+/// Records a failed etcd call in `h` when `e` says etcd did not answer.
+pub fn note_etcd_error(h: &SharedHealth, e: &crate::error::Error) {
+    let away = match e {
+        crate::error::Error::Etcd(e) => crate::store::unreachable(e),
+        crate::error::Error::EtcdConnect { .. } => true,
+        _ => false,
+    };
+    if away {
+        if let Ok(mut h) = h.lock() {
+            h.failed(Instant::now(), crate::state::now());
+        }
+    }
 }
 
 #[cfg(test)]

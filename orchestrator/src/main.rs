@@ -20,6 +20,6 @@ fn run() -> orchestrator::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| orchestrator::Error::Other(format!("tokio runtime: {e}")))?;
+        .map_err(orchestrator::Error::os("tokio runtime"))?;
     rt.block_on(orchestrator::commands::run(cli.cmd))
 }

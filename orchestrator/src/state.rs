@@ -108,7 +108,7 @@ pub struct ActorRecord {
     pub name: String,
     pub spec: ActorSpec,
     pub state: ActorState,
-    /// Set by the scheduler; the node agent of that node runs it.
+    /// Set by the reconciler; the node agent of that node runs it.
     pub node_id: Option<String>,
     pub gpus: Vec<GpuShare>,
     /// Bumped on every (re)start request, so an agent can tell a new
@@ -137,6 +137,70 @@ impl ActorRecord {
     }
 }
 
+/// What a cluster event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    /// A node was declared dead (silent while etcd was healthy).
+    NodeLost,
+    /// A node registered again under its id (lease lapsed, or it returned
+    /// after being declared dead).
+    NodeRecovered,
+    /// An actor restarts elsewhere because its node died.
+    ActorRestarted,
+    /// An actor that may not restart died with its node.
+    ActorDied,
+    /// A returning node stopped a superseded copy of an actor.
+    ActorFenced,
+    /// A restarted agent took back an actor process it found running.
+    ActorAdopted,
+    /// A placement group lost bundles with a node and is placed again.
+    PlacementGroupRescheduling,
+    /// The leader removed a placement group (and its actors) because its
+    /// owner is gone.
+    PlacementGroupRemoved,
+    /// A head could not reach etcd for a while.
+    EtcdUnreachable,
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// A cluster event (`status`'s "Recent events"), one key under `events/`;
+/// `events` makes and expires them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: f64,
+    pub kind: EventKind,
+    /// The node, actor, placement group or head concerned.
+    pub subject: String,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(time: f64, kind: EventKind, subject: &str, message: String) -> Self {
+        Event {
+            time,
+            kind,
+            subject: subject.to_string(),
+            message,
+        }
+    }
+
+    /// The key suffix under `events/`: time first, so keys sort by time.
+    pub fn key_suffix(&self) -> String {
+        let u = uuid::Uuid::new_v4().simple().to_string();
+        format!("{:016}-{}", (self.time * 1000.0) as u64, &u[..8])
+    }
+}
+
 /// Everything under the cluster prefix, read at one etcd revision.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -155,7 +219,7 @@ pub struct Snapshot {
     pub leader: Option<String>,
     pub heads: Vec<String>,
     /// Recent events by key suffix (time-ordered).
-    pub events: BTreeMap<String, crate::events::Event>,
+    pub events: BTreeMap<String, Event>,
 }
 
 impl Snapshot {

@@ -307,10 +307,8 @@ pub fn prepare(args: &ServeArgs) -> Result<(SharedState, ServerConfig)> {
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     let (state, config) = tokio::task::block_in_place(|| prepare(&args))?;
-    let engine = state.engine.clone();
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    let result = serve(state, config, shutdown).await;
-    engine.shutdown().await;
-    result.map_err(CliError::from)
+    // `serve` owns the engine from here and stops it however serving ends.
+    serve(state, config, shutdown).await.map_err(CliError::from)
 }

@@ -144,14 +144,14 @@ pub async fn bind(cfg: &ServerConfig) -> Result<tokio::net::TcpListener> {
         })
 }
 
-/// Binds and serves; see [`serve_listener`].
+/// Binds and serves; see [`serve_listener`]. A bind error stops the engine
+/// too.
 pub async fn serve(
     state: SharedState,
     cfg: ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let listener = bind(&cfg).await?;
-    serve_listener(listener, state, cfg, shutdown).await
+    serve_owning_engine(None, state, cfg, shutdown).await
 }
 
 /// Serves until `shutdown` is cancelled, then stops the engine (which ends
@@ -161,6 +161,64 @@ pub async fn serve_listener(
     state: SharedState,
     cfg: ServerConfig,
     shutdown: CancellationToken,
+) -> Result<()> {
+    serve_owning_engine(Some(listener), state, cfg, shutdown).await
+}
+
+/// The one place the engine stops, whichever way serving ends: on
+/// `shutdown` it stops before connections drain (so open streams end and
+/// let them), on a start-up error or a failed listener once serving is
+/// over. Callers hand the engine over with `state` and never stop it.
+async fn serve_owning_engine(
+    listener: Option<tokio::net::TcpListener>,
+    state: SharedState,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let served = CancellationToken::new();
+    let engine_down = CancellationToken::new();
+    let stopper = {
+        let (engine, shutdown, served, engine_down) = (
+            state.engine.clone(),
+            shutdown.clone(),
+            served.clone(),
+            engine_down.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => tracing::info!(
+                    "Shutting down: aborting in-flight requests and stopping the engine"
+                ),
+                _ = served.cancelled() => {}
+            }
+            engine.shutdown().await;
+            engine_down.cancel();
+        })
+    };
+    let result = match listener {
+        Some(listener) => Ok(listener),
+        None => bind(&cfg).await,
+    };
+    let result = match result {
+        Ok(listener) => serve_until(listener, &state, cfg, &shutdown, &engine_down).await,
+        Err(e) => Err(e),
+    };
+    served.cancel();
+    if stopper.await.is_err() {
+        tracing::error!("Stopping the engine panicked");
+    }
+    if result.is_ok() {
+        tracing::info!("Server stopped.");
+    }
+    result
+}
+
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    state: &SharedState,
+    cfg: ServerConfig,
+    shutdown: &CancellationToken,
+    engine_down: &CancellationToken,
 ) -> Result<()> {
     let app = router(state.clone(), &cfg)?;
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Serve)?;
@@ -187,33 +245,29 @@ pub async fn serve_listener(
         Some(acceptor) => {
             let listener =
                 super::tls::TlsListener::new(listener, acceptor).map_err(ServerError::Serve)?;
-            run_until_shutdown(listener, app, &state, shutdown).await?;
+            run_until_shutdown(listener, app, shutdown, engine_down).await
         }
-        None => run_until_shutdown(listener, app, &state, shutdown).await?,
+        None => run_until_shutdown(listener, app, shutdown, engine_down).await,
     }
-    state.engine.shutdown().await;
-    tracing::info!("Server stopped.");
-    Ok(())
 }
 
-/// Serves `app` on `listener` (plain or TLS) until `shutdown`, then stops
-/// the engine (which ends every in-flight stream) and lets connections drain.
+/// Serves `app` on `listener` (plain or TLS) until `shutdown`; once the
+/// engine is down (its streams ended), connections drain.
 async fn run_until_shutdown<L>(
     listener: L,
     app: Router,
-    state: &SharedState,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
+    engine_down: &CancellationToken,
 ) -> Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let engine = state.engine.clone();
     let signal = shutdown.clone();
+    let engine_down = engine_down.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         signal.cancelled().await;
-        tracing::info!("Shutting down: aborting in-flight requests and stopping the engine");
-        engine.shutdown().await;
+        engine_down.cancelled().await;
     });
     let drain_deadline = async {
         shutdown.cancelled().await;

@@ -4,8 +4,8 @@
 //! after blocks is dropped, and a last block may lack its closing tag.
 
 use super::json_call::CallReader;
-use super::{drain_reader, feed_str, is_ws, push_content, Fed, FormatStream, ToolEvent};
-use crate::openai::reasoning::partial_tag_len;
+use super::stream_state::StreamState;
+use super::{is_ws, push_content, Fed, FormatStream, ToolEvent};
 
 const START: &str = "<tool_call>";
 const END: &str = "</tool_call>";
@@ -23,99 +23,62 @@ enum Mode {
     Plain,
 }
 
+/// `s.held` is the current block's raw text.
 pub struct HermesStream {
     mode: Mode,
-    buf: String,
-    /// The current block's raw text, for giving back as content.
-    held: String,
-    index: usize,
-    released: bool,
-    failed: bool,
+    s: StreamState,
 }
 
 impl Default for HermesStream {
     fn default() -> Self {
         Self {
             mode: Mode::Text,
-            buf: String::new(),
-            held: String::new(),
-            index: 0,
-            released: false,
-            failed: false,
+            s: StreamState::default(),
         }
     }
 }
 
 impl HermesStream {
+    /// After a call went out, what follows is skipped up to the next block.
     fn fail(&mut self, out: &mut Vec<ToolEvent>) {
-        self.failed = true;
-        if self.released {
-            self.mode = Mode::Between;
+        self.mode = if self.s.fail(out) {
+            Mode::Between
         } else {
-            push_content(out, &self.held);
-            self.held.clear();
-            self.mode = Mode::Plain;
-        }
-    }
-
-    fn open_block(&mut self, at: usize) {
-        self.buf.drain(..at + START.len());
-        self.held = START.to_string();
-        self.mode = Mode::Call(CallReader::new(ARGS));
+            Mode::Plain
+        };
     }
 }
 
 impl FormatStream for HermesStream {
     fn push(&mut self, text: &str, out: &mut Vec<ToolEvent>) {
-        self.buf.push_str(text);
+        self.s.buf.push_str(text);
         loop {
             match &mut self.mode {
-                Mode::Text => match self.buf.find(START) {
-                    Some(at) => {
-                        push_content(out, &self.buf[..at]);
-                        self.open_block(at);
-                    }
-                    None => {
-                        let keep = partial_tag_len(&self.buf, START);
-                        let cut = self.buf.len() - keep;
-                        push_content(out, &self.buf[..cut]);
-                        self.buf.drain(..cut);
+                Mode::Text => {
+                    if !self.s.content_until(START, out) {
                         return;
                     }
-                },
-                Mode::Between => match self.buf.find(START) {
-                    Some(at) => self.open_block(at),
-                    None => {
-                        let keep = partial_tag_len(&self.buf, START);
-                        self.buf.drain(..self.buf.len() - keep);
-                        return;
-                    }
-                },
-                Mode::Call(reader) => {
-                    let fed = feed_str(reader, &self.buf);
-                    self.released |= drain_reader(reader, self.index, out);
-                    match fed {
-                        Fed::NeedMore => {
-                            self.held.push_str(&self.buf);
-                            self.buf.clear();
-                            return;
-                        }
-                        Fed::Done(n) => {
-                            self.buf.drain(..n);
-                            self.index += 1;
-                            self.mode = Mode::Close(0);
-                        }
-                        Fed::Error => {
-                            self.held.push_str(&self.buf);
-                            self.buf.clear();
-                            self.fail(out);
-                        }
-                    }
+                    self.mode = Mode::Call(CallReader::new(ARGS));
                 }
+                Mode::Between => {
+                    // Dropped text, so nothing of it goes out as content.
+                    if !self.s.content_until(START, &mut Vec::new()) {
+                        return;
+                    }
+                    self.mode = Mode::Call(CallReader::new(ARGS));
+                }
+                Mode::Call(reader) => match self.s.feed(reader, out) {
+                    Fed::NeedMore => return,
+                    Fed::Done(_) => self.mode = Mode::Close(0),
+                    Fed::Error => {
+                        self.s.hold_rest();
+                        self.fail(out);
+                    }
+                },
                 Mode::Close(matched) => {
                     let mut used = 0;
                     let mut ok = true;
-                    for c in self.buf.chars() {
+                    for c in self.s.buf.chars() {
                         if *matched == END.len() {
                             break;
                         }
@@ -129,7 +92,7 @@ impl FormatStream for HermesStream {
                         used += c.len_utf8();
                     }
                     let complete = *matched == END.len();
-                    self.buf.drain(..used);
+                    self.s.buf.drain(..used);
                     if !ok {
                         self.fail(out);
                     } else if complete {
@@ -139,8 +102,8 @@ impl FormatStream for HermesStream {
                     }
                 }
                 Mode::Plain => {
-                    push_content(out, &self.buf);
-                    self.buf.clear();
+                    push_content(out, &self.s.buf);
+                    self.s.buf.clear();
                     return;
                 }
             }
@@ -149,18 +112,18 @@ impl FormatStream for HermesStream {
 
     fn finish(&mut self, out: &mut Vec<ToolEvent>) {
         match self.mode {
-            Mode::Text | Mode::Plain => push_content(out, &self.buf),
+            Mode::Text | Mode::Plain => push_content(out, &self.s.buf),
             Mode::Call(_) => {
-                self.held.push_str(&self.buf);
+                self.s.hold_rest();
                 self.fail(out);
             }
             Mode::Close(_) | Mode::Between => {}
         }
-        self.buf.clear();
+        self.s.buf.clear();
     }
 
     fn failed(&self) -> bool {
-        self.failed
+        self.s.failed
     }
 }
 

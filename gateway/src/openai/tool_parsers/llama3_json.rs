@@ -4,7 +4,8 @@
 //! start that way is content; with calls, content is null.
 
 use super::json_call::CallReader;
-use super::{drain_reader, feed_str, is_ws, push_content, Fed, FormatStream, ToolEvent};
+use super::stream_state::StreamState;
+use super::{is_ws, push_content, Fed, FormatStream, ToolEvent};
 
 const TAG: &str = "<|python_tag|>";
 const ARGS: &[&str] = &["parameters", "arguments"];
@@ -22,81 +23,56 @@ enum Mode {
 
 pub struct Llama3JsonStream {
     mode: Mode,
-    buf: String,
-    held: String,
-    index: usize,
-    released: bool,
-    failed: bool,
+    s: StreamState,
 }
 
 impl Default for Llama3JsonStream {
     fn default() -> Self {
         Self {
             mode: Mode::Start,
-            buf: String::new(),
-            held: String::new(),
-            index: 0,
-            released: false,
-            failed: false,
+            s: StreamState::default(),
         }
     }
 }
 
 impl Llama3JsonStream {
     fn fail(&mut self, out: &mut Vec<ToolEvent>) {
-        self.failed = true;
-        if self.released {
-            self.mode = Mode::Dead;
-            self.buf.clear();
+        self.mode = if self.s.fail(out) {
+            self.s.buf.clear();
+            Mode::Dead
         } else {
-            push_content(out, &self.held);
-            push_content(out, &self.buf);
-            self.held.clear();
-            self.buf.clear();
-            self.mode = Mode::Plain;
-        }
+            Mode::Plain
+        };
     }
 }
 
 impl FormatStream for Llama3JsonStream {
     fn push(&mut self, text: &str, out: &mut Vec<ToolEvent>) {
-        self.buf.push_str(text);
+        self.s.buf.push_str(text);
         loop {
             match &mut self.mode {
                 Mode::Start => {
-                    if self.buf.starts_with(TAG) {
-                        self.held.push_str(TAG);
-                        self.buf.drain(..TAG.len());
+                    if self.s.buf.starts_with(TAG) {
+                        self.s.held.push_str(TAG);
+                        self.s.buf.drain(..TAG.len());
                         self.mode = Mode::Call(CallReader::new(ARGS));
-                    } else if self.buf.starts_with('{') {
+                    } else if self.s.buf.starts_with('{') {
                         self.mode = Mode::Call(CallReader::new(ARGS));
-                    } else if self.buf.is_empty() || TAG.starts_with(self.buf.as_str()) {
+                    } else if self.s.buf.is_empty() || TAG.starts_with(self.s.buf.as_str()) {
                         return;
                     } else {
                         self.mode = Mode::Plain;
                     }
                 }
-                Mode::Call(reader) => {
-                    let fed = feed_str(reader, &self.buf);
-                    self.released |= drain_reader(reader, self.index, out);
-                    match fed {
-                        Fed::NeedMore => {
-                            self.held.push_str(&self.buf);
-                            self.buf.clear();
-                            return;
-                        }
-                        Fed::Done(n) => {
-                            self.held.extend(self.buf.drain(..n));
-                            self.index += 1;
-                            self.mode = Mode::Sep(false);
-                        }
-                        Fed::Error => self.fail(out),
-                    }
-                }
+                Mode::Call(reader) => match self.s.feed(reader, out) {
+                    Fed::NeedMore => return,
+                    Fed::Done(_) => self.mode = Mode::Sep(false),
+                    Fed::Error => self.fail(out),
+                },
                 Mode::Sep(semi) => {
                     let mut used = 0;
                     let mut next = None;
-                    for c in self.buf.chars() {
+                    for c in self.s.buf.chars() {
                         if is_ws(c) {
                         } else if c == ';' && !*semi {
                             *semi = true;
@@ -106,7 +82,7 @@ impl FormatStream for Llama3JsonStream {
                         }
                         used += c.len_utf8();
                     }
-                    self.held.extend(self.buf.drain(..used));
+                    self.s.held.extend(self.s.buf.drain(..used));
                     match next {
                         None => return,
                         Some(true) => self.mode = Mode::Call(CallReader::new(ARGS)),
@@ -114,12 +90,12 @@ impl FormatStream for Llama3JsonStream {
                     }
                 }
                 Mode::Plain => {
-                    push_content(out, &self.buf);
-                    self.buf.clear();
+                    push_content(out, &self.s.buf);
+                    self.s.buf.clear();
                     return;
                 }
                 Mode::Dead => {
-                    self.buf.clear();
+                    self.s.buf.clear();
                     return;
                 }
             }
@@ -128,15 +104,15 @@ impl FormatStream for Llama3JsonStream {
 
     fn finish(&mut self, out: &mut Vec<ToolEvent>) {
         match self.mode {
-            Mode::Start | Mode::Plain => push_content(out, &self.buf),
+            Mode::Start | Mode::Plain => push_content(out, &self.s.buf),
             Mode::Call(_) => self.fail(out),
             Mode::Sep(_) | Mode::Dead => {}
         }
-        self.buf.clear();
+        self.s.buf.clear();
     }
 
     fn failed(&self) -> bool {
-        self.failed
+        self.s.failed
     }
 }
 

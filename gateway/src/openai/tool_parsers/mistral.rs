@@ -7,8 +7,8 @@
 //! trimmed; here it comes back unchanged, like every other parser's.
 
 use super::json_call::CallReader;
-use super::{drain_reader, feed_str, is_ws, push_content, Fed, FormatStream, ToolEvent};
-use crate::openai::reasoning::partial_tag_len;
+use super::stream_state::StreamState;
+use super::{is_ws, push_content, Fed, FormatStream, ToolEvent};
 
 const TAG: &str = "[TOOL_CALLS]";
 
@@ -39,11 +39,7 @@ pub struct ListStream {
     tag: Option<&'static str>,
     args_keys: &'static [&'static str],
     mode: Mode,
-    buf: String,
-    held: String,
-    index: usize,
-    released: bool,
-    failed: bool,
+    s: StreamState,
 }
 
 impl ListStream {
@@ -61,55 +57,34 @@ impl ListStream {
             } else {
                 Mode::List(Expect::Open)
             },
-            buf: String::new(),
-            held: String::new(),
-            index: 0,
-            released: false,
-            failed: false,
+            s: StreamState::default(),
         }
     }
 
     fn fail(&mut self, out: &mut Vec<ToolEvent>) {
-        self.failed = true;
-        if self.released {
-            self.mode = Mode::Dead;
+        self.mode = if self.s.fail(out) {
+            Mode::Dead
         } else {
-            push_content(out, &self.held);
-            push_content(out, &self.buf);
-            self.held.clear();
-            self.mode = Mode::Plain;
-        }
-        self.buf.clear();
+            Mode::Plain
+        };
+        self.s.buf.clear();
     }
 }
 
 impl FormatStream for ListStream {
     fn push(&mut self, text: &str, out: &mut Vec<ToolEvent>) {
-        self.buf.push_str(text);
+        self.s.buf.push_str(text);
         loop {
             match &mut self.mode {
                 Mode::Text => {
-                    let tag = self.tag.unwrap_or_default();
-                    match self.buf.find(tag) {
-                        Some(at) => {
-                            push_content(out, &self.buf[..at]);
-                            self.buf.drain(..at + tag.len());
-                            self.held = tag.to_string();
-                            self.mode = Mode::List(Expect::Open);
-                        }
-                        None => {
-                            let keep = partial_tag_len(&self.buf, tag);
-                            let cut = self.buf.len() - keep;
-                            push_content(out, &self.buf[..cut]);
-                            self.buf.drain(..cut);
-                            return;
-                        }
+                    if !self.s.content_until(self.tag.unwrap_or_default(), out) {
+                        return;
                     }
+                    self.mode = Mode::List(Expect::Open);
                 }
                 Mode::List(expect) => {
-                    let Some((i, c)) = self.buf.char_indices().find(|(_, c)| !is_ws(*c)) else {
-                        self.held.push_str(&self.buf);
-                        self.buf.clear();
+                    let Some((i, c)) = self.s.buf.char_indices().find(|(_, c)| !is_ws(*c)) else {
+                        self.s.hold_rest();
                         return;
                     };
                     let next = match (*expect, c) {
@@ -125,36 +100,24 @@ impl FormatStream for ListStream {
                         Some(mode) => {
                             // The reader consumes its own `{`.
                             let used = if c == '{' { i } else { i + 1 };
-                            self.held.extend(self.buf.drain(..used));
+                            self.s.held.extend(self.s.buf.drain(..used));
                             self.mode = mode;
                         }
                         None => self.fail(out),
                     }
                 }
-                Mode::Call(reader) => {
-                    let fed = feed_str(reader, &self.buf);
-                    self.released |= drain_reader(reader, self.index, out);
-                    match fed {
-                        Fed::NeedMore => {
-                            self.held.push_str(&self.buf);
-                            self.buf.clear();
-                            return;
-                        }
-                        Fed::Done(n) => {
-                            self.held.extend(self.buf.drain(..n));
-                            self.index += 1;
-                            self.mode = Mode::List(Expect::CommaOrEnd);
-                        }
-                        Fed::Error => self.fail(out),
-                    }
-                }
+                Mode::Call(reader) => match self.s.feed(reader, out) {
+                    Fed::NeedMore => return,
+                    Fed::Done(_) => self.mode = Mode::List(Expect::CommaOrEnd),
+                    Fed::Error => self.fail(out),
+                },
                 Mode::Plain => {
-                    push_content(out, &self.buf);
-                    self.buf.clear();
+                    push_content(out, &self.s.buf);
+                    self.s.buf.clear();
                     return;
                 }
                 Mode::Tail | Mode::Dead => {
-                    self.buf.clear();
+                    self.s.buf.clear();
                     return;
                 }
             }
@@ -163,15 +126,15 @@ impl FormatStream for ListStream {
 
     fn finish(&mut self, out: &mut Vec<ToolEvent>) {
         match self.mode {
-            Mode::Text | Mode::Plain => push_content(out, &self.buf),
+            Mode::Text | Mode::Plain => push_content(out, &self.s.buf),
             Mode::List(_) | Mode::Call(_) => self.fail(out),
             Mode::Tail | Mode::Dead => {}
         }
-        self.buf.clear();
+        self.s.buf.clear();
     }
 
     fn failed(&self) -> bool {
-        self.failed
+        self.s.failed
     }
 }
 

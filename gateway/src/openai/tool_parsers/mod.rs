@@ -17,6 +17,7 @@ pub mod json_call;
 pub mod llama3_json;
 pub mod mistral;
 pub mod pythonic;
+mod stream_state;
 
 use json_call::{CallReader, Step};
 

@@ -1,5 +1,6 @@
-//! The leader's reconcile step as a pure function: snapshot in, changed
-//! records out. The head commits them in one guarded etcd transaction.
+//! The reconciler: the leader's decision step as a pure function, snapshot
+//! in, changed records out. The leader commits them in one guarded etcd
+//! transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -146,7 +147,7 @@ pub fn reconcile(snap: &Snapshot, now: f64, lapse_means_dead: bool) -> Changes {
             }
         }
         if a.state != ActorState::Dead && a.node_id.is_none() {
-            schedule_actor(&mut views, &pgs, &ch.actors, snap, &mut a);
+            place_actor(&mut views, &pgs, &ch.actors, snap, &mut a);
         }
         if a != before {
             ch.actors.insert(a.id.clone(), a);
@@ -225,7 +226,7 @@ pub fn try_place_pg(views: &mut [NodeView], pg: &mut PgRecord) -> bool {
     }
 }
 
-fn schedule_actor(
+fn place_actor(
     views: &mut [NodeView],
     pgs: &BTreeMap<String, PgRecord>,
     decided: &BTreeMap<String, ActorRecord>,

@@ -1,14 +1,15 @@
-//! The head's own node agent. It runs as a process of its own (the same
-//! binary, `start --address` to its head) rather than inside the head, so a
-//! crashed head leaves the node and its actors running, and a restarted
-//! head adopts the agent it finds instead of starting a second one.
+//! The head's own node agent, as a process the head finds, starts, watches
+//! and stops (the agent's code is `agent.rs`). It runs as a process of its
+//! own (the same binary, `start --address` to its head) rather than inside
+//! the head, so a crashed head leaves the node and its actors running, and a
+//! restarted head adopts the agent it finds instead of starting a second one.
 
 use std::time::{Duration, Instant};
 
 use crate::cli::{EtcdArgs, StartArgs};
-use crate::commands::is_zombie;
 use crate::detach;
 use crate::error::{Error, Result};
+use crate::liveness::alive;
 use crate::paths::{read_trimmed, CacheRoot};
 
 /// Ends the pid-file role of a head's node agent.
@@ -59,19 +60,13 @@ pub fn agent_args(a: &StartArgs, ip: &str, head: &str) -> Vec<String> {
 
 /// A running node agent of this head's node.
 #[derive(Debug)]
-pub struct HeadNodeAgent {
+pub struct HeadAgent {
     pub pid: i32,
     pub node_id: String,
 }
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid, 0) == 0 };
-    exists && !is_zombie(pid)
-}
-
 /// The node agent a previous run of head `head` left running, if any.
-pub fn find(root: &CacheRoot, head: &str) -> Option<HeadNodeAgent> {
+pub fn find(root: &CacheRoot, head: &str) -> Option<HeadAgent> {
     let rd = std::fs::read_dir(root.pids_dir()).ok()?;
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -82,7 +77,7 @@ pub fn find(root: &CacheRoot, head: &str) -> Option<HeadNodeAgent> {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if alive(pid) && String::from_utf8_lossy(&cmdline).contains("orchestrator") {
-            return Some(HeadNodeAgent { pid, node_id });
+            return Some(HeadAgent { pid, node_id });
         }
     }
     None
@@ -96,7 +91,7 @@ pub fn spawn(
     args: &[String],
     token: &str,
     etcd: &EtcdArgs,
-) -> Result<HeadNodeAgent> {
+) -> Result<HeadAgent> {
     let (mut cmd, log_path) = detach::self_command(root, "head-node-agent", args)?;
     cmd.env("FLOTILLA_CLUSTER_TOKEN", token);
     if let Some(u) = &etcd.etcd_user {
@@ -114,17 +109,18 @@ pub fn spawn(
     let tail = || std::fs::read_to_string(&log_path).unwrap_or_default();
     loop {
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(Error::Other(format!(
-                "the head's node agent exited with {st}:\n{}",
-                tail()
-            )));
+            return Err(Error::ExitedEarly {
+                what: "the head's node agent",
+                status: st,
+                log: tail(),
+            });
         }
         if let Some(node_id) = read_trimmed(&pid_file).and_then(|r| parse_role(&r, head)) {
             // Reap it whenever it exits; the head may outlive it.
             std::thread::spawn(move || {
                 let _ = child.wait();
             });
-            return Ok(HeadNodeAgent { pid, node_id });
+            return Ok(HeadAgent { pid, node_id });
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -142,7 +138,7 @@ pub fn spawn(
     }
 }
 
-impl HeadNodeAgent {
+impl HeadAgent {
     pub fn is_alive(&self) -> bool {
         alive(self.pid)
     }
