@@ -853,8 +853,9 @@ __device__ void dummy_fill(unsigned long long base, i64 full_cols, i64 row0, i64
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;
-        // 24 bits: exact in f32, and so is the division by 2^24.
-        const float unit = __fdiv_rn(__uint2float_rn((u32)(z >> 40)), 16777216.f);
+        // 24 bits: exact in f32, and so is scaling by 2^-24 (Rust divides
+        // by 2^24: the same exact result).
+        const float unit = __fmul_rn(__uint2float_rn((u32)(z >> 40)), 1.f / 16777216.f);
         out[i] = from_f32<T>(__fmul_rn(__fsub_rn(unit, 0.5f), 0.04f));
     }
 }
