@@ -13,7 +13,8 @@ use worker::attention::{AttentionMetadata, QkvHeads};
 use worker::backend::cuda::{AttentionKernel, CudaBackend, KernelChoice, LinearKernel};
 use worker::backend::{Backend, ComputeDtype, CpuBackend, StepInputs};
 use worker::kv_cache::KvCacheSpec;
-use worker::loader::{HostLinear, HostMatrix};
+use worker::loader::{HostLinear, HostMatrix, WeightSource};
+use worker::parallel::Shard;
 use worker::rope::RopeTable;
 use worker::{
     CachedRequestData, Device, LoadFormat, ModelConfig, ModelRunner, ModelRunnerOutput,
@@ -1221,4 +1222,148 @@ fn device_sampling_applies_token_bitmasks() {
         }
     }
     eprintln!("device sampling with token bitmasks: identical to the host's sample_masked");
+}
+
+/// A `--load-format dummy` source, as the model loaders open it.
+fn dummy_source(seed: u64) -> Box<dyn WeightSource> {
+    let cfg = ModelConfig::from_hf_json(&json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64
+    }))
+    .unwrap();
+    worker::loader::open(&std::env::temp_dir(), LoadFormat::Dummy, &cfg, seed).unwrap()
+}
+
+/// `m`'s values made on the host: what the device got before dummy
+/// weights were made there.
+fn eager(m: &HostMatrix) -> HostMatrix {
+    assert!(
+        matches!(m, HostMatrix::Dummy(_)),
+        "the dummy source made values eagerly"
+    );
+    HostMatrix::Dense(m.to_dense().unwrap())
+}
+
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: element {i} is {} made on the device, {} made on the host",
+            got[i], want[i]
+        );
+    }
+}
+
+/// Dummy weights made on the device (`dummy_fill`) hold exactly the bits
+/// of the host's values converted and uploaded (so a GPU dummy model is the
+/// CPU one): fused q|k|v of row shards with a bias, gate|up mixing a lazy
+/// and a dense part, column shards, a full matrix and an embedding's row
+/// shard, at odd widths, in every compute dtype.
+#[test]
+fn dummy_weights_made_on_device_match_host_values() {
+    if !gpu_present() {
+        return;
+    }
+    let mut src = dummy_source(1234);
+    let h = 77;
+    let mut m = |name: &str, full: (usize, usize), shard: Shard| {
+        src.matrix(&format!("{name}.weight"), full, &shard).unwrap()
+    };
+    let q = m("q_proj", (128, h), Shard::Rows(32..96));
+    let k = m("k_proj", (64, h), Shard::Rows(16..48));
+    let v = m("v_proj", (64, h), Shard::Rows(16..48));
+    let o = m("o_proj", (h, 128), Shard::Cols(32..96));
+    let gate = m("gate_proj", (300, h), Shard::Rows(100..250));
+    let up = m("up_proj", (300, h), Shard::Rows(100..250));
+    let down = m("down_proj", (h, 300), Shard::Cols(100..250));
+    let head = m("lm_head", (1000, h), Shard::Full);
+    let embed = m("embed_tokens", (1000, h), Shard::Rows(250..500));
+    let q_bias = src
+        .vector("q_proj.bias", 128, &Shard::Rows(32..96))
+        .unwrap();
+    let part = |w: HostMatrix, bias: Option<Vec<f32>>| HostLinear { weight: w, bias };
+    let linears: Vec<(&str, Vec<HostLinear>)> = vec![
+        (
+            "qkv",
+            vec![part(q, Some(q_bias)), part(k, None), part(v, None)],
+        ),
+        ("o (column shard)", vec![part(o, None)]),
+        (
+            "gate|up (lazy and dense parts)",
+            vec![part(gate, None), part(eager(&up), None)],
+        ),
+        ("down (column shard)", vec![part(down, None)]),
+        ("lm_head (full)", vec![part(head, None)]),
+    ];
+    for dtype in [ComputeDtype::F32, ComputeDtype::Bf16, ComputeDtype::F16] {
+        let cuda = CudaBackend::new(0, dtype).unwrap();
+        for (what, parts) in &linears {
+            let host: Vec<HostLinear> = parts
+                .iter()
+                .map(|p| HostLinear {
+                    weight: match &p.weight {
+                        w @ HostMatrix::Dummy(_) => eager(w),
+                        w => w.clone(),
+                    },
+                    bias: p.bias.clone(),
+                })
+                .collect();
+            let made = cuda.upload_linear(parts.clone()).unwrap();
+            let copied = cuda.upload_linear(host).unwrap();
+            let got = cuda.linear_weight_to_host(&made).unwrap();
+            let want = cuda.linear_weight_to_host(&copied).unwrap();
+            assert!(want.iter().any(|&x| x != 0.0), "{what}: all zeros");
+            assert_same_bits(&got, &want, &format!("{what} in {dtype:?}"));
+        }
+        let made = cuda.upload_embedding(&embed, 250).unwrap();
+        let copied = cuda.upload_embedding(&eager(&embed), 250).unwrap();
+        assert_same_bits(
+            &cuda.embedding_to_host(&made).unwrap(),
+            &cuda.embedding_to_host(&copied).unwrap(),
+            &format!("embedding row shard in {dtype:?}"),
+        );
+    }
+}
+
+/// A matrix larger than one grid-stride launch covers (65535 * 8 blocks of
+/// 256 threads), most of Llama-3.1-8B's embedding (a row shard): made
+/// on the device, it still matches the host's values; prints both times.
+#[test]
+fn large_dummy_matrix_made_on_device_matches_host_values() {
+    if !gpu_present() {
+        return;
+    }
+    let mut src = dummy_source(99);
+    let (rows, cols) = (128_256, 4096);
+    let shard = Shard::Rows(1000..rows);
+    let m = src
+        .matrix("model.embed_tokens.weight", (rows, cols), &shard)
+        .unwrap();
+    assert!(m.dims().0 * m.dims().1 > 65_535 * 8 * 256);
+    let cuda = CudaBackend::new(0, ComputeDtype::Bf16).unwrap();
+    // Once untimed: the first launch loads the module's functions.
+    drop(cuda.upload_embedding(&m, 0).unwrap());
+    cuda.synchronize().unwrap();
+    let t = std::time::Instant::now();
+    let made = cuda.upload_embedding(&m, 0).unwrap();
+    cuda.synchronize().unwrap();
+    let on_device = t.elapsed();
+    let t = std::time::Instant::now();
+    let host = eager(&m);
+    let copied = cuda.upload_embedding(&host, 0).unwrap();
+    cuda.synchronize().unwrap();
+    let on_host = t.elapsed();
+    eprintln!(
+        "[{}, {cols}] bf16 dummy matrix: made on the device in {:.1} ms, on the host and copied in {:.1} ms",
+        m.dims().0,
+        on_device.as_secs_f64() * 1e3,
+        on_host.as_secs_f64() * 1e3
+    );
+    assert_same_bits(
+        &cuda.embedding_to_host(&made).unwrap(),
+        &cuda.embedding_to_host(&copied).unwrap(),
+        "large embedding shard",
+    );
 }

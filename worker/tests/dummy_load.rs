@@ -1,7 +1,8 @@
-//! `--load-format dummy` at SmolLM2-135M's real shapes: loads, runs a step,
-//! and gives the same weights for the same seed.
+//! `--load-format dummy` at SmolLM2-135M's real shapes (and a small BERT
+//! encoder): loads, runs a step, and gives the same weights for the same seed.
 
 use serde_json::json;
+use worker::pooling::PoolingType;
 use worker::{
     LoadFormat, ModelRunner, NewRequestData, ParallelConfig, SamplingParams, SchedulerOutput,
     WorkerConfig,
@@ -105,4 +106,54 @@ fn dummy_weights_at_real_shapes_run_a_step() {
     .to_string();
     assert!(e.contains("tensor parallel size 2"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A BERT encoder with dummy weights (its word table reaches the backend
+/// unmade, as a dummy matrix): loads, pools a finite vector, and pools the
+/// same vector again from a second load with the same seed.
+#[test]
+fn dummy_bert_pools_the_same_vector_twice() {
+    let dir = std::env::temp_dir().join(format!("flotilla-dummy-bert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({
+        "architectures": ["BertModel"], "vocab_size": 1000, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cfg = WorkerConfig {
+        device: worker::Device::Cpu,
+        model: dir.clone(),
+        load_format: LoadFormat::Dummy,
+        dtype: "float32".into(),
+        hf_overrides: serde_json::Value::Null,
+        block_size: 16,
+        parallel: ParallelConfig::default(),
+        seed: 5,
+        max_model_len: 128,
+        cpu_int8_activations: false,
+    };
+    let step = SchedulerOutput {
+        new_requests: vec![NewRequestData {
+            req_id: "e".into(),
+            prompt_token_ids: vec![1, 17, 400, 999],
+            output_token_ids: vec![],
+            sampling_params: SamplingParams::greedy(),
+            block_ids: vec![0],
+            num_computed_tokens: 0,
+        }],
+        num_scheduled_tokens: vec![("e".into(), 4)],
+        ..Default::default()
+    };
+    let pooled = || {
+        let mut r = ModelRunner::load_pooling(&cfg, PoolingType::Mean).unwrap();
+        let out = r.execute_model(&step).unwrap();
+        out.pooled[0].clone().expect("a pooled vector")
+    };
+    let v = pooled();
+    assert_eq!(v.len(), 64);
+    assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0));
+    assert_eq!(pooled(), v);
+    std::fs::remove_dir_all(&dir).ok();
 }

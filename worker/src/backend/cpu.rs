@@ -179,9 +179,12 @@ fn fuse(parts: Vec<HostLinear>) -> Result<Vec<HostLinear>> {
                         cols,
                     )?))
                 }
-                (HostMatrix::Dense(a), HostMatrix::Dense(b)) if a.dims()[1] == b.dims()[1] => {
-                    Some(HostMatrix::Dense(Tensor::cat(&[a, b], 0)?.contiguous()?))
-                }
+                (
+                    a @ (HostMatrix::Dense(_) | HostMatrix::Dummy(_)),
+                    b @ (HostMatrix::Dense(_) | HostMatrix::Dummy(_)),
+                ) if a.dims().1 == b.dims().1 => Some(HostMatrix::Dense(
+                    Tensor::cat(&[a.to_dense()?, b.to_dense()?], 0)?.contiguous()?,
+                )),
                 _ => None,
             },
             (None, _) => None,
@@ -358,6 +361,7 @@ impl Backend for CpuBackend {
                     }
                     HostMatrix::Quantized(q) => Matrix::Quantized(q),
                     HostMatrix::Dense(t) => self.dense(t)?,
+                    HostMatrix::Dummy(d) => self.dense(d.materialize()?)?,
                 };
                 let mut bias = p.bias;
                 if let Some(b) = &mut bias {
@@ -811,6 +815,55 @@ mod tests {
         assert_eq!(mixed.parts.len(), 2);
         let ym = b.linear(&x, &mixed).unwrap();
         assert_eq!(&ym.data()[0..3], &ya.data()[0..3]);
+    }
+
+    /// Dummy weights arrive lazy: they fuse with their neighbours (dense
+    /// or lazy) and compute exactly what their dense values do.
+    #[test]
+    fn dummy_parts_run_as_their_dense_values() {
+        use crate::loader::DummyMatrix;
+        let b = CpuBackend::new(ComputeDtype::Bf16);
+        let d = |base, rows: usize| {
+            HostMatrix::Dummy(
+                DummyMatrix::new("w", base, (rows + 2, 64), 1..rows + 1, 0..64).unwrap(),
+            )
+        };
+        let lazy = vec![
+            HostLinear {
+                weight: d(1, 3),
+                bias: Some(vec![0.5; 3]),
+            },
+            HostLinear {
+                weight: d(2, 5),
+                bias: None,
+            },
+            HostLinear {
+                weight: HostMatrix::Dense(d(3, 4).to_dense().unwrap()),
+                bias: None,
+            },
+        ];
+        let dense: Vec<HostLinear> = lazy
+            .iter()
+            .map(|p| HostLinear {
+                weight: HostMatrix::Dense(p.weight.to_dense().unwrap()),
+                bias: p.bias.clone(),
+            })
+            .collect();
+        let x = CpuTensor::new((0..128).map(|i| (i as f32 * 0.3).sin()).collect(), 2, 64);
+        let fused = b.upload_linear(lazy.clone()).unwrap();
+        assert_eq!(fused.parts.len(), 1);
+        let y = b.linear(&x, &fused).unwrap();
+        let want = b
+            .linear(&x, &b.upload_linear(dense.clone()).unwrap())
+            .unwrap();
+        assert_eq!(y.data(), want.data());
+        // Alone, a lazy part is made by the backend too.
+        let one = b.upload_linear(vec![lazy[1].clone()]).unwrap();
+        let want = b.upload_linear(vec![dense[1].clone()]).unwrap();
+        assert_eq!(
+            b.linear(&x, &one).unwrap().data(),
+            b.linear(&x, &want).unwrap().data()
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::parallel::Shard;
 
 pub use crate::load_format::LoadFormat;
+pub use dummy::DummyMatrix;
 
 /// A weight matrix [out, in] as loaded, before the backend takes it.
 #[derive(Clone, Debug)]
@@ -26,6 +27,9 @@ pub enum HostMatrix {
     Dense(Tensor),
     /// GGML-quantized rows, used as is by quantized matmul kernels.
     Quantized(Arc<QTensor>),
+    /// `--load-format dummy` values not made yet: the backend makes them
+    /// where the weight will live (on the GPU: in device memory).
+    Dummy(DummyMatrix),
 }
 
 impl HostMatrix {
@@ -33,6 +37,7 @@ impl HostMatrix {
         let d = match self {
             Self::Dense(t) => t.dims(),
             Self::Quantized(q) => q.shape().dims(),
+            Self::Dummy(d) => return d.dims(),
         };
         (d[0], d[1])
     }
@@ -42,6 +47,7 @@ impl HostMatrix {
         match self {
             Self::Dense(t) => Ok(t.clone()),
             Self::Quantized(q) => Ok(q.dequantize(&candle_core::Device::Cpu)?),
+            Self::Dummy(d) => d.materialize(),
         }
     }
 }

@@ -118,6 +118,7 @@ pub fn shard_matrix(name: &str, m: HostMatrix, shard: &Shard) -> Result<HostMatr
     Ok(match m {
         HostMatrix::Dense(t) => HostMatrix::Dense(shard_dense(name, &t, shard)?),
         HostMatrix::Quantized(q) => HostMatrix::Quantized(shard_quantized(name, &q, shard)?),
+        HostMatrix::Dummy(d) => HostMatrix::Dummy(d.shard(name, shard)?),
     })
 }
 

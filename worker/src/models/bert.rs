@@ -89,13 +89,15 @@ impl<B: Backend> Bert<B> {
         let table = |src: &mut dyn WeightSource, name: &str, rows: usize| {
             let m = src.matrix(&format!("{p}embeddings.{name}.weight"), (rows, h), &full)?;
             progress.inc(1);
-            m.to_dense()
+            Ok::<_, Error>(m)
         };
+        // The word table goes to the backend as loaded (dummy values are
+        // made there); the others are summed on the host first.
         let word = table(src, "word_embeddings", cfg.vocab_size)?;
-        let pos = table(src, "position_embeddings", cfg.max_position_embeddings)?;
-        let types = table(src, "token_type_embeddings", cfg.type_vocab_size.max(1))?;
+        let pos = table(src, "position_embeddings", cfg.max_position_embeddings)?.to_dense()?;
+        let types = table(src, "token_type_embeddings", cfg.type_vocab_size.max(1))?.to_dense()?;
         let pos = pos.broadcast_add(&types.narrow(0, 0, 1)?)?.contiguous()?;
-        let word = backend.upload_embedding(&HostMatrix::Dense(word), 0)?;
+        let word = backend.upload_embedding(&word, 0)?;
         let position = backend.upload_embedding(&HostMatrix::Dense(pos), 0)?;
         let norm = |src: &mut dyn WeightSource, name: &str| -> Result<(B::Vector, B::Vector)> {
             let w = src.vector(&format!("{name}.weight"), h, &full)?;

@@ -1134,6 +1134,29 @@ __device__ void concat_shards(const T* recv, const int* offsets, int size, int r
     }
 }
 
+// `--load-format dummy` weights made in place: out[r * cols + c] is element
+// (row0 + r, col0 + c) of a tensor of full_cols columns, bit-identical to
+// `value` in loader/dummy.rs (which says why the values are counter-based).
+// The integer steps are exact on both sides; the float ones are pinned to
+// single IEEE operations (`__f*_rn` are never contracted into an FMA), as
+// Rust computes them, then rounded to T as `upload_f32` rounds host values.
+template <typename T>
+__device__ void dummy_fill(unsigned long long base, i64 full_cols, i64 row0, i64 col0, i64 cols,
+                           T* out, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / cols, c = i % cols;
+        const unsigned long long index = (unsigned long long)((row0 + r) * full_cols + col0 + c);
+        unsigned long long z = base + index * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        // 24 bits: exact in f32, and so is scaling by 2^-24 (Rust divides
+        // by 2^24: the same exact result).
+        const float unit = __fmul_rn(__uint2float_rn((u32)(z >> 40)), 1.f / 16777216.f);
+        out[i] = from_f32<T>(__fmul_rn(__fsub_rn(unit, 0.5f), 0.04f));
+    }
+}
+
 #define ATTN_LANES(SUFFIX, T, D, DPL)                                                            \
     extern "C" __global__ void paged_attention_d##D##_##SUFFIX(                                 \
         const T* qkv, int stride, const T* k_cache, const T* v_cache, const int* block_tables,  \
@@ -1195,6 +1218,11 @@ __device__ void concat_shards(const T* recv, const int* offsets, int size, int r
                                                       int size, int rows, int pad, T* out,      \
                                                       int total, i64 n) {                       \
         concat_shards<T>(recv, offsets, size, rows, pad, out, total, n);                         \
+    }                                                                                            \
+    extern "C" __global__ void dummy_fill_##SUFFIX(unsigned long long base, i64 full_cols,      \
+                                                   i64 row0, i64 col0, i64 cols, T* out,        \
+                                                   i64 n) {                                     \
+        dummy_fill<T>(base, full_cols, row0, col0, cols, out, n);                                \
     }                                                                                            \
     extern "C" __global__ void top_logits_##SUFFIX(const T* logits, int vocab, int k,           \
                                                    float* out) {                                \

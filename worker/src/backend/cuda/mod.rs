@@ -25,7 +25,7 @@ use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCacheSpec;
-use crate::loader::{HostLinear, HostMatrix};
+use crate::loader::{DummyMatrix, HostLinear, HostMatrix};
 use crate::rope::RopeTable;
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -138,6 +138,7 @@ struct Kernels {
     sample_rows: CudaFunction,
     pad_cols: CudaFunction,
     concat_shards: CudaFunction,
+    dummy_fill: CudaFunction,
     /// Dynamic shared memory a block may take (the device's opt-in limit).
     max_smem: usize,
 }
@@ -170,6 +171,7 @@ impl Kernels {
             sample_rows: f("sample_rows")?,
             pad_cols: f("pad_cols")?,
             concat_shards: f("concat_shards")?,
+            dummy_fill: f("dummy_fill")?,
             max_smem,
         };
         // The opt-in limit covers static and dynamic shared memory together.
@@ -641,24 +643,84 @@ impl CudaBackend {
         })
     }
 
-    /// Host f32 values, stored in the compute dtype.
-    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<u8>> {
-        let up = |bytes: &[u8]| {
-            self.stream()
-                .clone_htod(bytes)
-                .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
-        };
+    /// Hands `f` the bytes of `v` in the compute dtype (16-bit types round
+    /// to nearest even, as `from_f32` in kernels.cu does).
+    fn in_dtype<R>(&self, v: &[f32], f: impl FnOnce(&[u8]) -> R) -> R {
         match self.dtype {
-            ComputeDtype::F32 => up(bytemuck::cast_slice(v)),
+            ComputeDtype::F32 => f(bytemuck::cast_slice(v)),
             ComputeDtype::Bf16 => {
                 let h: Vec<bf16> = v.par_iter().map(|&x| bf16::from_f32(x)).collect();
-                up(bytemuck::cast_slice(&h))
+                f(bytemuck::cast_slice(&h))
             }
             ComputeDtype::F16 => {
                 let h: Vec<f16> = v.par_iter().map(|&x| f16::from_f32(x)).collect();
-                up(bytemuck::cast_slice(&h))
+                f(bytemuck::cast_slice(&h))
             }
         }
+    }
+
+    /// Host f32 values, stored in the compute dtype.
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<u8>> {
+        self.in_dtype(v, |bytes| {
+            self.stream()
+                .clone_htod(bytes)
+                .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+        })
+    }
+
+    /// Writes matrix `m` row-major into `dst` from element `offset` on:
+    /// dummy weights are made there by a kernel, the others are converted
+    /// on the host (GGUF weights dequantized) and copied.
+    fn fill_matrix(&self, dst: &mut CudaSlice<u8>, offset: usize, m: &HostMatrix) -> Result<()> {
+        let (n, k) = m.dims();
+        let elem = self.elem();
+        let range = offset * elem..(offset + n * k) * elem;
+        if range.end > dst.len() {
+            return Err(Error::config(format!(
+                "a [{n}, {k}] matrix at element {offset} overruns a buffer of {} elements",
+                dst.len() / elem
+            )));
+        }
+        match m {
+            HostMatrix::Dummy(d) => self.dummy_fill(dst, offset, d),
+            _ => {
+                let v: Vec<f32> = m.to_dense()?.flatten_all()?.to_vec1()?;
+                self.in_dtype(&v, |bytes| {
+                    self.stream()
+                        .memcpy_htod(bytes, &mut dst.slice_mut(range))
+                        .map_err(|e| Error::cuda("cuMemcpyHtoD", e))
+                })
+            }
+        }
+    }
+
+    /// `d`'s values in the compute dtype at element `offset` of `dst`, made
+    /// on the device: no value is made on the host or crosses PCIe.
+    fn dummy_fill(&self, dst: &mut CudaSlice<u8>, offset: usize, d: &DummyMatrix) -> Result<()> {
+        let (n, k) = d.dims();
+        let len = n * k;
+        if len == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let out = addr(dst, s) + (offset * self.elem()) as u64;
+        let (row0, col0) = d.origin();
+        let base = d.base();
+        let (full_cols, row0, col0, cols, nn) = (
+            d.full_cols() as i64,
+            row0 as i64,
+            col0 as i64,
+            k as i64,
+            len as i64,
+        );
+        self.launch(
+            &self.k().dummy_fill,
+            Self::grid_1d(len),
+            256,
+            0,
+            &mut kargs![base, full_cols, row0, col0, cols, out, nn],
+            "dummy_fill",
+        )
     }
 
     /// Launches `f` with `args`, each a pointer to one kernel parameter
@@ -790,33 +852,43 @@ impl Backend for CudaBackend {
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CudaLinear> {
         // Parts are stacked by output rows, so one GEMM runs them all
-        // (q|k|v, gate|up); GGUF weights are dequantized to the compute dtype.
-        let mut rows: Vec<f32> = Vec::new();
-        let mut bias: Vec<f32> = Vec::new();
-        let mut any_bias = false;
+        // (q|k|v, gate|up): each is written into its rows of one buffer.
         let (mut out, mut inp) = (0, None);
         for p in &parts {
-            let t = p.weight.to_dense()?;
-            let (n, k) = t.dims2()?;
+            let (n, k) = p.weight.dims();
             if *inp.get_or_insert(k) != k {
                 return Err(Error::config(format!(
                     "linear parts disagree on their input width ({k} vs {})",
                     inp.unwrap_or(0)
                 )));
             }
-            rows.extend(t.flatten_all()?.to_vec1::<f32>()?);
-            match &p.bias {
-                Some(b) => {
-                    any_bias = true;
-                    bias.extend_from_slice(b);
-                }
-                None => bias.extend(std::iter::repeat_n(0.0, n)),
-            }
             out += n;
         }
         let inp = inp.ok_or_else(|| Error::config("a linear layer with no parts"))?;
+        let mut w = self.alloc(out * inp)?;
+        let mut bias: Vec<f32> = Vec::new();
+        let mut any_bias = false;
+        let mut row = 0;
+        for p in &parts {
+            self.fill_matrix(&mut w, row * inp, &p.weight)?;
+            let n = p.weight.dims().0;
+            row += n;
+            match &p.bias {
+                Some(b) if b.len() == n => {
+                    any_bias = true;
+                    bias.extend_from_slice(b);
+                }
+                Some(b) => {
+                    return Err(Error::config(format!(
+                        "a bias of {} values for a linear part of {n} outputs",
+                        b.len()
+                    )))
+                }
+                None => bias.extend(std::iter::repeat_n(0.0, n)),
+            }
+        }
         Ok(CudaLinear {
-            w: self.upload_f32(&rows)?,
+            w,
             bias: if any_bias {
                 Some(self.upload_f32(&bias)?)
             } else {
@@ -832,11 +904,11 @@ impl Backend for CudaBackend {
     }
 
     fn upload_embedding(&self, table: &HostMatrix, vocab_start: usize) -> Result<CudaEmbedding> {
-        let t = table.to_dense()?;
-        let (rows, hidden) = t.dims2()?;
-        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let (rows, hidden) = table.dims();
+        let mut buf = self.alloc(rows * hidden)?;
+        self.fill_matrix(&mut buf, 0, table)?;
         Ok(CudaEmbedding {
-            table: self.upload_f32(&v)?,
+            table: buf,
             rows,
             hidden,
             vocab_start,
@@ -1589,6 +1661,17 @@ impl CudaBackend {
             .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
         self.synchronize()?;
         Ok(host)
+    }
+
+    /// A linear layer's weight [out, in] (its parts stacked) as host f32:
+    /// what the GEMMs read, for checks against the host's values.
+    pub fn linear_weight_to_host(&self, l: &CudaLinear) -> Result<Vec<f32>> {
+        self.download_f32(addr(&l.w, self.stream()), l.out * l.inp)
+    }
+
+    /// An embedding table [rows, hidden] as host f32, as `linear_weight_to_host`.
+    pub fn embedding_to_host(&self, e: &CudaEmbedding) -> Result<Vec<f32>> {
+        self.download_f32(addr(&e.table, self.stream()), e.rows * e.hidden)
     }
 
     /// An activation from host f32 rows (rounded to the dtype).
