@@ -219,3 +219,45 @@ def test_generation_model_refuses_embeddings(server):
         lambda: c.embeddings.create(model="SmolLM2-135M-Instruct", input="hi"),
         "The model does not support Embeddings API",
     )
+
+
+def test_mp_worker_process_gives_the_same_vectors(client, reference):
+    """`--distributed-executor-backend mp`: the encoder runs in a worker
+    process and its pooled vectors come back over the step protocol, equal
+    to the in-process server's."""
+    model = minilm_dir()
+    s = start_server(args_for=lambda _gguf, port: [
+        model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--served-model-name", MODEL,
+        "--runner", "pooling",
+        "--distributed-executor-backend", "mp",
+    ])
+    try:
+        assert "Starting 1 worker processes" in s.log_tail(200), s.log_tail()
+        mp = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
+        texts = [e["text"] for e in reference]
+        got = mp.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+        here = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+        for d, h, ref in zip(got.data, here.data, reference):
+            check(d.embedding, ref)
+            assert cosine(d.embedding, h.embedding) >= 0.999999
+        one = mp.embeddings.create(model=MODEL, input=reference[3]["text"], encoding_format="float")
+        check(one.data[0].embedding, reference[3])
+    finally:
+        s.stop()
+
+
+def test_pooling_refuses_tensor_parallel_by_name():
+    """The encoder has no tensor parallel: a TP 2 pooling server fails at
+    start with the reason, not later."""
+    model = minilm_dir()
+    binary = os.environ.get("FLOTILLA_GATEWAY_BIN", os.path.join(REPO, "target", "debug", "gateway"))
+    out = subprocess.run(
+        [binary, "serve", model, "--runner", "pooling", "--port", "0",
+         "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "tensor or pipeline parallelism for pooling models" in out.stderr + out.stdout, out.stderr[-2000:]

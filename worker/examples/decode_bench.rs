@@ -105,6 +105,7 @@ fn run_bench() -> worker::Result<()> {
         seed: 0,
         max_model_len: 2048,
         cpu_int8_activations: false,
+        pooling: None,
     })?;
     let blocks_per = (prompt_len + NEW_TOKENS).div_ceil(BLOCK);
     runner.initialize_kv_cache(blocks_per * conc.max(1))?;

@@ -50,6 +50,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         seed: 0,
         max_model_len: 0,
         cpu_int8_activations: false,
+        pooling: None,
     })?;
     let per: Vec<usize> = prompts
         .iter()

@@ -407,6 +407,7 @@ fn bench(a: &Args) -> worker::Result<()> {
         seed: 0,
         max_model_len: a.prompt_len + a.new_tokens,
         cpu_int8_activations: false,
+        pooling: None,
     })?;
     let load_s = t.elapsed().as_secs_f64();
     let weight_bytes = num_params(r.model_config()) * r.dtype().bytes();

@@ -41,6 +41,9 @@ pub struct WorkerConfig {
     /// CPU: run GGUF weights with int8-quantized activations (llama.cpp's
     /// numerics) instead of exactly on their dequantized values.
     pub cpu_int8_activations: bool,
+    /// vLLM's `--runner pooling`: an embedding model whose steps return one
+    /// pooled vector per request; `None` for generation.
+    pub pooling: Option<PoolingType>,
 }
 
 /// One request of the persistent batch.
@@ -123,6 +126,9 @@ impl ModelRunner {
     /// Loads the weights on the device `cfg.device` resolves to; the KV
     /// cache comes later (`initialize_kv_cache`).
     pub fn load(cfg: &WorkerConfig) -> Result<ModelRunner> {
+        if let Some(pooling) = cfg.pooling {
+            return Self::load_pooling(cfg, pooling);
+        }
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
             Device::Cuda => load_cuda(cfg, None, None)?,
             _ => Box::new(Runner::load(cfg, Device::Cpu, None, |dtype| {
@@ -134,8 +140,8 @@ impl ModelRunner {
 
     /// A pooling (embedding) model: an encoder whose steps return one
     /// pooled vector per request (`ModelRunnerOutput::pooled`) and that
-    /// keeps no KV cache. CPU only for now.
-    pub fn load_pooling(cfg: &WorkerConfig, pooling: PoolingType) -> Result<ModelRunner> {
+    /// keeps no KV cache. CPU only for now, one rank.
+    fn load_pooling(cfg: &WorkerConfig, pooling: PoolingType) -> Result<ModelRunner> {
         let inner: Box<dyn StepRunner> = match cfg.device.resolve()? {
             Device::Cuda => {
                 return Err(Error::NotImplemented {
@@ -157,6 +163,10 @@ impl ModelRunner {
         group: Option<Arc<dyn HostGroup>>,
         link: Option<Arc<dyn StageLink>>,
     ) -> Result<ModelRunner> {
+        if let Some(pooling) = cfg.pooling {
+            // One rank (the encoder refuses a larger world): no group, no link.
+            return Self::load_pooling(cfg, pooling);
+        }
         let inner: Box<dyn StepRunner> = match (cfg.device.resolve()?, group) {
             (Device::Cuda, group) => load_cuda(cfg, link, group)?,
             (_, group) => Box::new(Runner::load(cfg, Device::Cpu, link, |dtype| {

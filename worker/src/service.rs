@@ -18,6 +18,7 @@ use crate::collective::{HostGroup, StageLink, TcpGroup, TcpStageLink};
 use crate::error::Error;
 use crate::model_runner::{MemoryProfile, ModelRunner, WorkerConfig};
 use crate::parallel::ParallelConfig;
+use crate::pooling::PoolingType;
 use crate::step::ModelRunnerOutput;
 use crate::{wire, Device, LoadFormat};
 
@@ -203,6 +204,11 @@ impl Worker for WorkerService {
         let bad = |e: Error| Status::invalid_argument(e.to_string());
         let device: Device = req.device.parse().map_err(bad)?;
         let load_format: LoadFormat = req.load_format.parse().map_err(bad)?;
+        let pooling = if req.pooling_type.is_empty() {
+            None
+        } else {
+            Some(PoolingType::parse(&req.pooling_type).map_err(bad)?)
+        };
         let hf_overrides = if req.hf_overrides_json.is_empty() {
             serde_json::Value::Null
         } else {
@@ -227,6 +233,7 @@ impl Worker for WorkerService {
             seed: req.seed,
             max_model_len: req.max_model_len as usize,
             cpu_int8_activations: req.cpu_int8_activations,
+            pooling,
         };
         let runner = blocking(move || {
             let group = group.map(|g| g as Arc<dyn HostGroup>);

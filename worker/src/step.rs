@@ -147,8 +147,7 @@ pub struct ModelRunnerOutput {
     pub prompt_logprobs: Vec<Vec<TokenLogprobs>>,
     /// Pooling models: each request's pooled hidden state (before
     /// normalization, which the engine applies with the request's
-    /// `dimensions`). Empty for generative models. Not carried by the
-    /// gRPC step protocol: pooling models run in the engine's process.
+    /// `dimensions`). Empty for generative models.
     #[serde(default)]
     pub pooled: Vec<Option<Vec<f32>>>,
 }

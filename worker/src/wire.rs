@@ -235,6 +235,14 @@ impl From<&ModelRunnerOutput> for pb::ModelRunnerOutput {
                     entries: p.iter().map(Into::into).collect(),
                 })
                 .collect(),
+            pooled: o
+                .pooled
+                .iter()
+                .map(|p| pb::MaybePooled {
+                    present: p.is_some(),
+                    values: p.clone().unwrap_or_default(),
+                })
+                .collect(),
         }
     }
 }
@@ -258,8 +266,11 @@ impl From<pb::ModelRunnerOutput> for ModelRunnerOutput {
                 .into_iter()
                 .map(|p| p.entries.into_iter().map(Into::into).collect())
                 .collect(),
-            // Pooling models run only in-process (the executors refuse them).
-            pooled: Vec::new(),
+            pooled: o
+                .pooled
+                .into_iter()
+                .map(|p| p.present.then_some(p.values))
+                .collect(),
         }
     }
 }
@@ -346,6 +357,16 @@ mod tests {
         };
         let back: ModelRunnerOutput = pb::ModelRunnerOutput::from(&out).into();
         assert_eq!(back, out);
+        // A pooling model's vectors, and a request without one.
+        let pooled = ModelRunnerOutput {
+            req_ids: vec!["e".into(), "f".into()],
+            sampled_token_ids: vec![None, None],
+            logprobs: vec![None, None],
+            prompt_logprobs: vec![vec![], vec![]],
+            pooled: vec![Some(vec![0.5, -1.25, 3e-8]), None],
+        };
+        let back: ModelRunnerOutput = pb::ModelRunnerOutput::from(&pooled).into();
+        assert_eq!(back, pooled);
         assert!(decode_step(&[0xff, 0xff]).is_err());
     }
 }

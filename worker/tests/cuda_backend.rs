@@ -409,6 +409,7 @@ fn runner(dir: &std::path::Path, device: Device, dtype: &str, block_size: usize)
         seed: 7,
         max_model_len: 2048,
         cpu_int8_activations: false,
+        pooling: None,
     })
     .unwrap()
 }
@@ -590,6 +591,7 @@ impl Pipeline {
                     seed: 7,
                     max_model_len: 2048,
                     cpu_int8_activations: false,
+                    pooling: None,
                 },
                 None,
                 Some(link),
@@ -1126,6 +1128,7 @@ fn nccl_group_of_one() {
         seed: 7,
         max_model_len: 2048,
         cpu_int8_activations: false,
+        pooling: None,
     };
     let group: std::sync::Arc<dyn HostGroup> =
         std::sync::Arc::new(TcpGroup::rendezvous("127.0.0.1:0", 0, 1, timeout).unwrap());

@@ -30,6 +30,7 @@ fn dummy_weights_at_real_shapes_run_a_step() {
         seed: 3,
         max_model_len: 512,
         cpu_int8_activations: false,
+        pooling: None,
     };
     let mut runner = ModelRunner::load(&cfg).unwrap();
     // 30 layers x (K + V) x 3 heads x 16 slots x 64 dims x 4 bytes.
@@ -133,6 +134,7 @@ fn dummy_bert_pools_the_same_vector_twice() {
         seed: 5,
         max_model_len: 128,
         cpu_int8_activations: false,
+        pooling: Some(PoolingType::Mean),
     };
     let step = SchedulerOutput {
         new_requests: vec![NewRequestData {
@@ -147,7 +149,7 @@ fn dummy_bert_pools_the_same_vector_twice() {
         ..Default::default()
     };
     let pooled = || {
-        let mut r = ModelRunner::load_pooling(&cfg, PoolingType::Mean).unwrap();
+        let mut r = ModelRunner::load(&cfg).unwrap();
         let out = r.execute_model(&step).unwrap();
         out.pooled[0].clone().expect("a pooled vector")
     };

@@ -126,6 +126,7 @@ fn load_runner(path: PathBuf) -> ModelRunner {
         seed: 0,
         max_model_len: 2048,
         cpu_int8_activations: false,
+        pooling: None,
     })
     .unwrap()
 }

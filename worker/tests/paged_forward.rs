@@ -455,6 +455,7 @@ fn run_scenario_dtype(v: Variant, bs: usize, tag: &str, dtype: &str, tol: f32) {
         seed: 0,
         max_model_len: 0,
         cpu_int8_activations: false,
+        pooling: None,
     })
     .unwrap();
     runner.initialize_kv_cache(64).unwrap();

@@ -49,6 +49,7 @@ fn greedy_capital_of_france_is_paris() {
             seed: 0,
             max_model_len: 2048,
             cpu_int8_activations: false,
+            pooling: None,
         })
         .unwrap();
         let cfg = runner.model_config();

@@ -105,6 +105,7 @@ async fn worker_binary_serves_the_worker_service() {
         seed: 1,
         max_model_len: 128,
         cpu_int8_activations: false,
+        pooling_type: String::new(),
     };
     let e = c
         .load_model(pb::LoadModelRequest {

@@ -433,6 +433,7 @@ impl EngineArgs {
             seed: self.seed,
             max_model_len: 0,
             cpu_int8_activations: self.cpu_int8_activations,
+            pooling: None,
         };
         // The runner sizes its rotary tables by max_model_len, so resolve it
         // from the config before loading the weights.
@@ -617,10 +618,10 @@ impl EngineArgs {
         }
         let worker_config = WorkerConfig {
             max_model_len,
+            pooling: Some(pooler.pooling_type),
             ..worker_config
         };
-        let mut executor =
-            executor::build_pooling(self.executor_backend(), &worker_config, pooler.pooling_type)?;
+        let mut executor = executor::build_pooling(self.executor_backend(), &worker_config)?;
         let model_config = executor.model_config().clone();
         tracing::info!(
             "Pooling model: {} pooling{}, max_model_len {max_model_len}",

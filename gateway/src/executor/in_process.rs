@@ -9,7 +9,6 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use worker::config::ModelConfig;
-use worker::pooling::PoolingType;
 use worker::{MemoryProfile, ModelRunner, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
 use super::{Executor, ExecutorError, KvCacheCapacity, Result};
@@ -147,8 +146,8 @@ impl Drop for StepThread {
 impl InProcessExecutor {
     /// A pooling (embedding) model: no KV cache to size; steps run on the
     /// engine thread.
-    pub fn load_pooling(config: &WorkerConfig, pooling: PoolingType) -> Result<Self> {
-        let runner = ModelRunner::load_pooling(config, pooling)?;
+    pub fn load_pooling(config: &WorkerConfig) -> Result<Self> {
+        let runner = ModelRunner::load(config)?;
         let device = runner.device();
         Ok(Self {
             model_config: runner.model_config().clone(),

@@ -197,24 +197,18 @@ pub fn build(
     }
 }
 
-/// Starts the executor for a pooling (embedding) model. It runs in this
-/// process only: the gRPC step protocol of `mp` and `ray` workers does not
-/// carry pooled outputs yet.
+/// Starts the executor for a pooling (embedding) model (`config.pooling`
+/// set): no KV cache to size. `mp` and `ray` run it in one worker process
+/// (the encoder has no tensor or pipeline parallel yet: the worker refuses
+/// a larger world, naming it).
 pub fn build_pooling(
     backend: DistributedBackend,
     config: &WorkerConfig,
-    pooling: worker::pooling::PoolingType,
 ) -> Result<Box<dyn Executor>> {
     match backend {
-        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load_pooling(config, pooling)?)),
-        DistributedBackend::Mp | DistributedBackend::Ray => {
-            Err(ExecutorError::Worker(worker::Error::NotImplemented {
-                feature: format!(
-                    "pooling (embedding) models with --distributed-executor-backend {}: they run in the engine's process only (uni), as the worker step protocol does not carry pooled outputs yet",
-                    if backend == DistributedBackend::Mp { "mp" } else { "ray" }
-                ),
-            }))
-        }
+        DistributedBackend::Uni => Ok(Box::new(InProcessExecutor::load_pooling(config)?)),
+        DistributedBackend::Mp => Ok(Box::new(MultiprocExecutor::start(config, None)?)),
+        DistributedBackend::Ray => Ok(Box::new(ClusterExecutor::start(config, None)?)),
     }
 }
 

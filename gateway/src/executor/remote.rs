@@ -262,6 +262,9 @@ impl RemoteWorkers {
             seed: config.seed,
             max_model_len: config.max_model_len as u64,
             cpu_int8_activations: config.cpu_int8_activations,
+            pooling_type: config
+                .pooling
+                .map_or(String::new(), |p| p.name().to_string()),
         };
         // Loading takes as long as the weights take: no timeout, but a dead
         // worker still ends the call.
