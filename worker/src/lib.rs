@@ -6,7 +6,6 @@ pub mod attention;
 pub mod backend;
 pub mod collective;
 pub mod config;
-mod encoder_runner;
 pub mod error;
 pub mod kv_cache;
 pub mod load_format;

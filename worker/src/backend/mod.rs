@@ -207,66 +207,9 @@ pub fn cuda_device_count() -> Result<usize> {
     }
 }
 
-/// One row of `Backend::sample`: what the sampler would do to the row's
-/// logits (`sampler::sample_spec` builds it), so a backend can sample where
-/// the logits are.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SampleSpec {
-    /// Row of the logits tensor.
-    pub logits_row: usize,
-    pub greedy: bool,
-    /// Tokens without an `allowed` edit are masked (allowed_token_ids).
-    pub allowlist: bool,
-    /// At most one per token, ids inside the vocabulary.
-    pub edits: Vec<LogitEdit>,
-    /// 1 / temperature, as the sampler computes it.
-    pub inv_temperature: f32,
-    pub min_p: f32,
-    /// 0: off.
-    pub top_k: u32,
-    pub top_p: f32,
-    /// The draw's uniform in [0, 1).
-    pub u: f64,
-    /// The chosen token's raw logprob and rank are wanted.
-    pub logprobs: bool,
-    /// A structured-output row's token bitmask (bit `t % 32` of word
-    /// `t / 32`; tokens past its end are disallowed): applied before
-    /// everything else, logprobs included, as `sampler::sample_masked` does.
-    pub bitmask: Option<Vec<u32>>,
-}
-
-/// What the sampler does to one token's logit, in its order: masked when
-/// `banned` (or, under an allowlist, not `allowed`), then `+= bias`, the
-/// repetition penalty (÷ when positive, × otherwise; 1 = none), `-= subtract`
-/// (frequency × count + presence).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LogitEdit {
-    pub token: u32,
-    pub allowed: bool,
-    pub banned: bool,
-    pub bias: f32,
-    pub repetition: f32,
-    pub subtract: f32,
-}
-
-/// One row's result of `Backend::sample`. `logit`, `rank` and
-/// `log_sum_exp` (of the raw logits) are set where `SampleSpec::logprobs`
-/// asked for them.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DeviceSampled {
-    pub token: u32,
-    pub logit: f32,
-    pub rank: usize,
-    pub log_sum_exp: f32,
-}
-
-/// One row's `Backend::top_logits`: raw logits, not logprobs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RowTop {
-    pub log_sum_exp: f32,
-    /// (token id, logit), largest first.
-    pub top: Vec<(u32, f32)>,
-}
+// The sampling types a backend takes and gives belong to the sampler (a
+// backend samples as `sampler` specifies); re-exported for backends.
+pub use crate::sampler::{DeviceSampled, LogitEdit, RowTop, SampleSpec};
 
 pub trait Backend: Send + Sync + Sized + 'static {
     /// A 2-D activation [rows, cols].

@@ -1,6 +1,8 @@
 //! The API the engine core calls: load a model, size and allocate the KV
 //! cache, run one scheduler step. Keeps the persistent batch between steps.
 
+mod encoder;
+
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -13,7 +15,6 @@ use crate::attention::AttentionMetadata;
 use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
 use crate::collective::{HostGroup, StageLink};
 use crate::config::ModelConfig;
-use crate::encoder_runner::EncoderRunner;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCacheSpec, BLOCK_SIZES};
 use crate::loader::{self, LoadFormat};
@@ -23,6 +24,7 @@ use crate::pooling::PoolingType;
 use crate::sampler::{self, SamplerState};
 use crate::sampling_params::SamplingParams;
 use crate::step::{ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs};
+use encoder::EncoderRunner;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {

@@ -8,12 +8,12 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::{KvBudget, StepRunner, WorkerConfig};
 use crate::attention::AttentionMetadata;
 use crate::backend::{Backend, ComputeDtype, Device, StepInputs};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::loader;
-use crate::model_runner::{KvBudget, StepRunner, WorkerConfig};
 use crate::models::{self, EncoderModel};
 use crate::pooling::PoolingType;
 use crate::step::{ModelRunnerOutput, SchedulerOutput};
