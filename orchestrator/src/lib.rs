@@ -26,5 +26,6 @@ pub mod scheduler;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod witness;
 
 pub use error::{Error, Result};
