@@ -397,7 +397,8 @@ const TICK_READ: Duration = Duration::from_millis(1000);
 
 /// What one pass saw.
 enum Seen {
-    /// etcd did not answer: nothing changes (outage is not failure).
+    /// etcd did not answer: nothing changes (outage is not failure),
+    /// unless the heads show this node cut off (`fence_if_cut_off`).
     NoEtcd,
     Registered,
     /// etcd answers but this node has no live lease.

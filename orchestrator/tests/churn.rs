@@ -203,7 +203,7 @@ fn agents_churn_while_groups_come_and_go_and_the_books_balance() {
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut groups: Vec<String> = Vec::new();
-    let mut generation = vec![0usize; AGENTS];
+    let mut generation = [0usize; AGENTS];
     let (mut joins, mut stops, mut kills) = (0, 0, 0);
     let (mut created, mut pending, mut infeasible, mut removed) = (0, 0, 0, 0);
     let t = Instant::now();
