@@ -172,6 +172,46 @@ fn audit(c: &Cluster) -> Vec<String> {
             ));
         }
     }
+    // Actors sit in their bundles: on the bundle's node, alive once their
+    // group is CREATED, gone with their group.
+    let by_id: BTreeMap<&str, &serde_json::Value> =
+        pgs.iter().map(|p| (p["id"].as_str().unwrap(), p)).collect();
+    for a in c.actors() {
+        if a["state"] == "DEAD" {
+            continue;
+        }
+        let pg = a["spec"]["placement_group"].as_str().unwrap_or_default();
+        let Some(pg) = by_id.get(pg) else {
+            bad.push(format!("actor {} in unknown group {pg}", a["id"]));
+            continue;
+        };
+        let held = matches!(pg["state"].as_str(), Some("CREATED" | "RESCHEDULING"));
+        if !held {
+            bad.push(format!(
+                "actor {} outlives its {} group",
+                a["id"], pg["state"]
+            ));
+            continue;
+        }
+        let bundle = &pg["assignments"][a["spec"]["bundle_index"].as_u64().unwrap() as usize];
+        if let Some(node) = a["node_id"].as_str() {
+            if !alive.contains_key(node) {
+                bad.push(format!("actor {} placed on dead node {node}", a["id"]));
+            }
+            if bundle["node_id"].as_str() != Some(node) {
+                bad.push(format!(
+                    "actor {} on {node}, its bundle on {}",
+                    a["id"], bundle["node_id"]
+                ));
+            }
+        }
+        if pg["state"] == "CREATED" && a["state"] != "ALIVE" {
+            bad.push(format!(
+                "actor {} is {} in a CREATED group",
+                a["id"], a["state"]
+            ));
+        }
+    }
     if active.len() != alive.len() {
         bad.push(format!(
             "status lists {} active nodes, list nodes {} alive",
@@ -206,6 +246,7 @@ fn agents_churn_while_groups_come_and_go_and_the_books_balance() {
     let mut generation = [0usize; AGENTS];
     let (mut joins, mut stops, mut kills) = (0, 0, 0);
     let (mut created, mut pending, mut infeasible, mut removed) = (0, 0, 0, 0);
+    let mut actors = 0;
     let t = Instant::now();
     let mut seq = 0;
     let mut audits = 0;
@@ -261,6 +302,28 @@ fn agents_churn_while_groups_come_and_go_and_the_books_balance() {
                 let err = String::from_utf8_lossy(&out.stderr);
                 if out.status.success() {
                     created += 1;
+                    if rng.below(2) == 0 {
+                        // An actor in its first bundle, restarted wherever
+                        // the bundle goes; it must move with it.
+                        let pg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                        c.ok(&[
+                            "actor",
+                            "create",
+                            "--command",
+                            "sleep",
+                            "--arg",
+                            "600",
+                            "--resources",
+                            bundles[0],
+                            "--placement-group",
+                            &pg,
+                            "--bundle-index",
+                            "0",
+                            "--max-restarts",
+                            "-1",
+                        ]);
+                        actors += 1;
+                    }
                 } else if err.contains("still PENDING") {
                     pending += 1;
                 } else if err.contains("No available node types can fulfill resource request") {
@@ -301,7 +364,7 @@ fn agents_churn_while_groups_come_and_go_and_the_books_balance() {
         std::thread::sleep(Duration::from_millis(20 + rng.below(150) as u64));
     }
     eprintln!(
-        "churn {secs} s: {joins} joins, {stops} clean stops, {kills} kill -9, {created} groups created, {pending} left pending, {infeasible} infeasible, {removed} removed, {audits} audits mid-churn; {} groups and {} agents remain",
+        "churn {secs} s: {joins} joins, {stops} clean stops, {kills} kill -9, {created} groups created ({actors} with an actor), {pending} left pending, {infeasible} infeasible, {removed} removed, {audits} audits mid-churn; {} groups and {} agents remain",
         groups.len(),
         slots.iter().flatten().count()
     );
