@@ -25,6 +25,7 @@ use crate::paths::CacheRoot;
 use crate::resources::Resources;
 use crate::state::{now, ActorRecord, ActorState, NodeRecord, NodeState, Snapshot};
 use crate::store::{EtcdConfig, Store};
+use crate::witness::{self, Verdict};
 
 /// What this node offers.
 #[derive(Debug, Clone)]
@@ -45,6 +46,9 @@ pub struct AgentConfig {
     pub ttl_s: u64,
     pub root: CacheRoot,
     pub token: String,
+    /// The heads it joined through: witnesses (witness.rs) until a
+    /// snapshot lists the live ones.
+    pub heads: Vec<String>,
 }
 
 /// The agent on its own thread and runtime. Actors are not tied to it:
@@ -134,6 +138,7 @@ async fn run(
         exits: HashMap::new(),
         last_error: None,
         pending: Vec::new(),
+        heads: cfg.heads.clone(),
     };
     // Actor processes a previous run left: the first pass keeps those etcd
     // still assigns here and stops the rest, before anything starts.
@@ -184,8 +189,13 @@ async fn run(
                 "node {node_id} cannot keep its lease; actors are left running"
             )));
         }
-        let Seen::Unregistered(snap) = sup.tick(&node_id).await else {
-            continue;
+        let snap = match sup.tick(&node_id).await {
+            Seen::Registered => continue,
+            Seen::NoEtcd => {
+                sup.fence_if_cut_off(&node_id, &lease, &cfg).await;
+                continue;
+            }
+            Seen::Unregistered(snap) => snap,
         };
         // etcd answers but our lease is gone: it lapsed while etcd was away
         // (actors kept) or this node was declared dead while silent (its
@@ -269,6 +279,7 @@ async fn register(
     snap: &Snapshot,
 ) -> Result<()> {
     let mut c = store.client();
+    let sent = Instant::now();
     let grant = c.lease_grant(cfg.ttl_s as i64, None).await?;
     let started_at = snap
         .nodes
@@ -318,6 +329,7 @@ async fn register(
     }
     lease.id.store(grant.id(), Ordering::SeqCst);
     lease.lost.store(false, Ordering::SeqCst);
+    lease.renewed_at(sent);
     tracing::info!(
         "registered node {id} at {} ({})",
         cfg.node.ip,
@@ -383,9 +395,13 @@ struct Running {
     adopted: bool,
 }
 
+/// The longest one pass waits for its snapshot.
+const TICK_READ: Duration = Duration::from_millis(1000);
+
 /// What one pass saw.
 enum Seen {
-    /// etcd did not answer: nothing changes (outage is not failure).
+    /// etcd did not answer: nothing changes (outage is not failure),
+    /// unless the heads show this node cut off (`fence_if_cut_off`).
     NoEtcd,
     Registered,
     /// etcd answers but this node has no live lease.
@@ -402,6 +418,8 @@ struct Supervisor {
     last_error: Option<Instant>,
     /// Events to record on the next pass etcd answers.
     pending: Vec<Event>,
+    /// The live heads as the last snapshot listed them: the witnesses.
+    heads: Vec<String>,
 }
 
 impl Supervisor {
@@ -457,6 +475,53 @@ impl Supervisor {
         }
     }
 
+    /// Self-fencing while etcd does not answer (witness.rs has the rule):
+    /// once the lease has gone unrenewed for half the TTL, the heads
+    /// are asked, and unless each is accounted for as unable to declare
+    /// this node dead, every actor is stopped before the lease can lapse,
+    /// so that its restarted copy elsewhere is the only one. The node
+    /// registers again through the usual path once etcd answers.
+    async fn fence_if_cut_off(&mut self, node_id: &str, lease: &LeaseState, cfg: &AgentConfig) {
+        if self.children.values().all(|r| r.kill_at.is_some()) {
+            return;
+        }
+        let ttl = Duration::from_secs(cfg.ttl_s.max(1));
+        let Some(silent) = lease.since_renewal() else {
+            return;
+        };
+        if silent < witness::ask_after(cfg.ttl_s) {
+            return;
+        }
+        let answers = witness::ask_all(&self.heads, &cfg.token, node_id).await;
+        // Measured again: the question itself took time.
+        let silent = lease.since_renewal().unwrap_or(silent);
+        let Verdict::Fence(why) = witness::verdict(&answers, silent >= ttl) else {
+            return;
+        };
+        // Before the lease can lapse by our clock (TTL since the last
+        // renewal sent), or at once if it may have: no later than that
+        // the leader may restart these actors elsewhere.
+        let deadline = Instant::now() + ttl.saturating_sub(silent);
+        for (id, r) in self.children.iter_mut() {
+            if r.kill_at.is_some() {
+                continue;
+            }
+            let msg = format!(
+                "actor {id} (pid {}, incarnation {}) fenced: node {node_id} ({}) cut off, etcd unanswered for {:.1} s and {why}",
+                r.proc.pid(),
+                r.incarnation,
+                self.ip,
+                silent.as_secs_f64()
+            );
+            tracing::warn!("{msg}");
+            self.pending
+                .push(Event::new(now(), EventKind::ActorFenced, id, msg));
+            r.proc.signal(libc::SIGTERM);
+            r.kill_at = Some(deadline);
+        }
+        self.poll();
+    }
+
     /// Escalates overdue stops and collects exits.
     fn poll(&mut self) {
         let mut ended = Vec::new();
@@ -476,7 +541,17 @@ impl Supervisor {
 
     /// One pass against a fresh snapshot.
     async fn tick(&mut self, node_id: &str) -> Seen {
-        let snap = match self.store.snapshot().await {
+        // Bounded well below the client's own timeout: behind a cut link a
+        // read hangs rather than fails, and self-fencing (which runs
+        // between passes) must not wait for it past the lease's life.
+        let read = tokio::time::timeout(TICK_READ, self.store.snapshot()).await;
+        let read = read.unwrap_or_else(|_| {
+            Err(Error::Other(format!(
+                "no answer within {:.1} s",
+                TICK_READ.as_secs_f64()
+            )))
+        });
+        let snap = match read {
             Ok(s) => s,
             Err(e) => {
                 // Actors keep running through an etcd outage.
@@ -492,6 +567,9 @@ impl Supervisor {
             }
         };
         self.last_error = None;
+        if !snap.heads.is_empty() {
+            self.heads = snap.heads.clone();
+        }
         self.fence(&snap, node_id);
         if !self.pending.is_empty() {
             let evs = std::mem::take(&mut self.pending);

@@ -804,6 +804,13 @@ fn start_agent(
         ttl_s: a.node_ttl_s,
         root: root.clone(),
         token: token.to_string(),
+        heads: a
+            .address
+            .iter()
+            .flat_map(|x| x.split(','))
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
     };
     let handle = agent::spawn(cfg, cancel, tx)?;
     let id = rx

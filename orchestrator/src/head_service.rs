@@ -11,7 +11,8 @@ use proto::orchestrator::node_agent_client::NodeAgentClient;
 use proto::orchestrator::orchestrator_server::{Orchestrator, OrchestratorServer};
 use proto::orchestrator::{
     CreateActorRequest, CreatePlacementGroupRequest, HelloReply, HelloRequest, JsonReply,
-    ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest,
+    ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest, WitnessReply,
+    WitnessRequest,
 };
 
 use crate::auth::{Bearer, Checker};
@@ -107,6 +108,43 @@ impl HeadService {
                     _ => e,
                 })
             }
+        }
+    }
+
+    /// What this head can say about `node_id` right now (see witness.rs).
+    /// It reads etcd afresh rather than trusting the leader loop's view: a
+    /// loop stuck in a call to a frozen etcd has not failed yet, but this
+    /// read, bounded, does, and the head then answers "unhealthy".
+    async fn witness(&self, node_id: &str) -> WitnessReply {
+        let started = Instant::now();
+        let mut c = self.store.client();
+        let read = tokio::time::timeout(
+            crate::witness::HEAD_READ,
+            c.get(self.store.live_key(node_id), None),
+        )
+        .await;
+        let at = Instant::now();
+        let node_live = match read {
+            Ok(Ok(resp)) => !resp.kvs().is_empty(),
+            _ => {
+                if let Ok(mut h) = self.health.lock() {
+                    h.failed(started, now());
+                }
+                return WitnessReply {
+                    etcd_healthy: false,
+                    node_live: false,
+                };
+            }
+        };
+        let slow = at.duration_since(started) >= health::slow_answer(self.ttl_s);
+        let steady = self
+            .health
+            .lock()
+            .map(|h| h.lapse_means_dead(at, health::grace(self.ttl_s)))
+            .unwrap_or(false);
+        WitnessReply {
+            etcd_healthy: steady && !slow,
+            node_live,
         }
     }
 
@@ -554,6 +592,18 @@ impl Orchestrator for HeadService {
     async fn refresh_owner(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
         let o = HeadService::refresh_owner(self, &r.into_inner().name_or_id).await?;
         Ok(Response::new(json(&o)))
+    }
+
+    async fn witness(&self, r: Request<WitnessRequest>) -> RpcResult<WitnessReply> {
+        let node_id = r.into_inner().node_id;
+        if node_id.is_empty()
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(Error::invalid("node id", format!("'{node_id}'")).into());
+        }
+        Ok(Response::new(self.witness(&node_id).await))
     }
 
     async fn create_actor(&self, r: Request<CreateActorRequest>) -> RpcResult<JsonReply> {

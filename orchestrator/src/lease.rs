@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,29 @@ pub struct LeaseState {
     /// Set when the keeper thread has ended (the owner cannot re-register
     /// into a lease nobody keeps; it must stop or start a new keeper).
     pub keeper_stopped: AtomicBool,
+    /// When the latest renewal (or grant) that etcd confirmed was sent:
+    /// etcd cannot expire the lease before this plus the TTL, so its owner
+    /// can tell from its own clock how long the lease surely lives.
+    pub renewed: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LeaseState {
+    /// Records a renewal or grant that etcd confirmed, sent at `sent`.
+    pub fn renewed_at(&self, sent: Instant) {
+        if let Ok(mut r) = self.renewed.lock() {
+            if r.is_none_or(|t| t < sent) {
+                *r = Some(sent);
+            }
+        }
+    }
+
+    /// How long since the latest confirmed renewal; None: never renewed.
+    pub fn since_renewal(&self) -> Option<Duration> {
+        self.renewed
+            .lock()
+            .ok()
+            .and_then(|r| r.map(|t| t.elapsed()))
+    }
 }
 
 /// Marks the lease lost and the keeper stopped however the keeper ends:
@@ -136,12 +159,13 @@ async fn keep(cfg: EtcdConfig, state: Arc<LeaseState>, ttl_s: u64, cancel: Cance
         let Some((_, keeper, s)) = stream.as_mut() else {
             continue;
         };
+        let sent = Instant::now();
         let ok = match keeper.keep_alive().await {
             Ok(()) => tokio::time::timeout(Duration::from_secs(2), s.message()).await,
             Err(e) => Ok(Err(e)),
         };
         match ok {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => state.renewed_at(sent),
             Ok(Ok(Some(_))) => {
                 tracing::warn!("lease {id:x} expired in etcd");
                 mark_lost(&state, id);

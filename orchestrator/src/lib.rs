@@ -28,5 +28,6 @@ pub mod resources;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod witness;
 
 pub use error::{Error, Result};

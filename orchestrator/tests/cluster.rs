@@ -1054,6 +1054,15 @@ fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
     // Cut: etcd and the head stay healthy, the node goes silent.
     let t = std::time::Instant::now();
     ns.link(false);
+    // The cut-off agent fences itself (witness.rs): its copy stops within
+    // the detection time, while the link is still down.
+    let fenced = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        while pid_alive(old_pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.elapsed()
+    });
     wait_until(Duration::from_secs(8), "partitioned node dead", || {
         c.ok(&["status"])
             .contains(&format!("{old_node}: NodeTerminated"))
@@ -1064,17 +1073,23 @@ fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
     let moved = wait_actor_state(&c, &actor, "ALIVE", 15);
     assert_eq!(c.node_ip(moved["node_id"].as_str().unwrap()), "127.0.0.3");
     let new_pid = moved["pid"].as_u64().unwrap();
+    let stopped = fenced.join().unwrap();
+    eprintln!("cut-off copy stopped {stopped:?} after the cut (declared dead after {detected:?})");
+    assert!(!pid_alive(old_pid), "the cut-off copy still runs");
+    assert!(stopped < Duration::from_secs(6), "fenced after {stopped:?}");
+    let log = std::fs::read_to_string(c.root.0.join("n2.log")).unwrap();
+    assert!(log.contains("cut off"), "{log}");
 
-    // Healed: the returning agent stops its superseded copy; one remains.
+    // Healed: the returning agent registers again; one copy runs throughout.
     ns.link(true);
     let t = std::time::Instant::now();
-    wait_until(Duration::from_secs(15), "superseded copy stopped", || {
-        !pid_alive(old_pid)
-    });
-    eprintln!(
-        "superseded copy stopped {:?} after the link came back",
-        t.elapsed()
-    );
+    while t.elapsed() < Duration::from_secs(3) {
+        assert!(
+            !pid_alive(old_pid) && pid_alive(new_pid),
+            "two copies or none"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_until(
         Duration::from_secs(15),
         "the node back under its id",
@@ -1087,7 +1102,12 @@ fn partitioned_node_is_declared_dead_and_fenced_when_the_link_returns() {
     let now = c.actor(&actor);
     assert_eq!(now["pid"].as_u64().unwrap(), new_pid);
     assert_eq!(now["incarnation"], moved["incarnation"]);
-    assert!(pid_alive(new_pid));
+    assert!(pid_alive(new_pid) && !pid_alive(old_pid));
+    let st = c.ok(&["status"]);
+    assert!(
+        st.contains("ACTOR_FENCED") && st.contains("cut off"),
+        "{st}"
+    );
     drop(c);
     drop(ns);
 }

@@ -107,6 +107,10 @@ env_vars! {
         "GPUs per worker actor with --distributed-executor-backend ray on CUDA (fractions share a GPU).";
     VLLM_RAY_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES", "",
         "Comma-separated placement-group bundle index for each rank (ray executor); default: driver node first, then by node IP.";
+    FLOTILLA_CHURN_SECS = "FLOTILLA_CHURN_SECS", "",
+        "Seconds the orchestrator's churn test (agents joining and leaving while placement groups come and go) runs; default 120, or 30 when CI is set.";
+    CI = "CI", "",
+        "Set by CI services (\"true\"): tests that scale with time run their short version.";
     FLOTILLA_WORKER_BIN = "FLOTILLA_WORKER_BIN", "",
         "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
     VLLM_CUDART_SO_PATH = "VLLM_CUDART_SO_PATH", "", @Warn("the CUDA backend uses the driver API (libcuda, found by the loader and LD_LIBRARY_PATH), never libcudart"),
