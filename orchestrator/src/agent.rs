@@ -546,10 +546,10 @@ impl Supervisor {
         // between passes) must not wait for it past the lease's life.
         let read = tokio::time::timeout(TICK_READ, self.store.snapshot()).await;
         let read = read.unwrap_or_else(|_| {
-            Err(Error::Other(format!(
-                "no answer within {:.1} s",
-                TICK_READ.as_secs_f64()
-            )))
+            Err(Error::Timeout {
+                what: "the agent's snapshot read".into(),
+                seconds: TICK_READ.as_secs_f64(),
+            })
         });
         let snap = match read {
             Ok(s) => s,

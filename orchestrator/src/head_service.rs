@@ -17,7 +17,7 @@ use proto::orchestrator::{
 
 use crate::auth::{Bearer, Checker};
 use crate::error::{Error, Result};
-use crate::health::{note_etcd_error, SharedHealth};
+use crate::health::{self, note_etcd_error, SharedHealth};
 use crate::leader::commit_changes;
 use crate::placement::{describe, place, PlaceError, Strategy};
 use crate::reconcile::Changes;
