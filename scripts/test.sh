@@ -17,9 +17,12 @@ nvrtc_lib=$(python3 scripts/nvrtc-lib-dir)
 LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test -p flotilla-worker --features cuda --test cuda_backend
 cargo check -p flotilla-gateway --features cuda --bins
-# The Docker image and run_cluster.sh, from the debug binaries built above
-# (SKIP without a usable Docker engine).
-bash tests/docker/run_cluster_test.sh
+# The Docker image and run_cluster.sh, from the debug binaries built above,
+# then `orchestrator docker up|status|down` on that same image, which it
+# removes (both SKIP without a usable Docker engine).
+FLOTILLA_KEEP_TEST_IMAGE=1 bash tests/docker/run_cluster_test.sh ||
+  { docker rmi flotilla:test >/dev/null 2>&1; exit 1; }
+bash tests/docker/docker_helper_test.sh
 FLOTILLA_GATEWAY_BIN="$PWD/target/debug/gateway" python3 -m pytest -q tests/python
 # What the build took on disk (CI machines have had little to spare).
 du -sh target 2>/dev/null || true

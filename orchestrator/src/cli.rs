@@ -85,6 +85,11 @@ pub enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// A head and workers as containers on one Docker engine (one machine).
+    Docker {
+        #[command(subcommand)]
+        cmd: DockerCmd,
+    },
     /// Benchmarks (see the report in BENCHMARKS.md).
     #[command(hide = true)]
     Bench(BenchArgs),
@@ -204,6 +209,59 @@ pub enum ActorCmd {
         name_or_id: String,
         #[command(flatten)]
         conn: Conn,
+    },
+}
+
+/// Which Docker engine `orchestrator docker` talks to.
+#[derive(Debug, Args, Clone)]
+pub struct Engine {
+    /// unix:///PATH, tcp://HOST:PORT or http://HOST:PORT; default
+    /// unix:///var/run/docker.sock.
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DockerCmd {
+    /// Start a head and N workers (own bridge network, containers
+    /// NAME-head, NAME-worker-1..), wait until all joined, print the status.
+    Up {
+        #[command(flatten)]
+        engine: Engine,
+        /// Image with the orchestrator and etcd (docker/build.sh makes it).
+        #[arg(long, default_value = "flotilla:latest")]
+        image: String,
+        /// Worker nodes besides the head.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Cluster name: container and network prefix and the value of the
+        /// flotilla.cluster label.
+        #[arg(long, default_value = "flotilla")]
+        name: String,
+        /// CPUs each node offers (default: detected in the container).
+        #[arg(long)]
+        num_cpus: Option<f64>,
+        /// GPUs each node offers (default: detected; the containers get no
+        /// GPU devices, so 0 without an NVIDIA runtime).
+        #[arg(long)]
+        num_gpus: Option<f64>,
+        /// Seconds to wait for every node to join.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Remove the containers and network labelled flotilla.cluster=NAME.
+    Down {
+        #[command(flatten)]
+        engine: Engine,
+        #[arg(long, default_value = "flotilla")]
+        name: String,
+    },
+    /// The cluster's containers and, when the head answers, its status.
+    Status {
+        #[command(flatten)]
+        engine: Engine,
+        #[arg(long, default_value = "flotilla")]
+        name: String,
     },
 }
 

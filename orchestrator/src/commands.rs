@@ -149,6 +149,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Actor { cmd } => actor(cmd, &root).await,
         Cmd::Stop { conn: _ } => stop(&root),
         Cmd::Bench(a) => crate::bench::run(a, &root).await,
+        Cmd::Docker { cmd } => crate::docker::run(cmd).await,
     }
 }
 

@@ -120,6 +120,11 @@ pub enum Error {
         source: tokio::task::JoinError,
     },
 
+    /// `orchestrator docker`: the message names the engine, image,
+    /// container or network.
+    #[error("{0}")]
+    Docker(String),
+
     #[error(transparent)]
     ConfigFile(#[from] Box<runtime::config_file::ConfigFileError>),
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod commands;
 pub mod detach;
 pub mod detect;
+pub mod docker;
 pub mod error;
 pub mod etcd_proc;
 pub mod events;

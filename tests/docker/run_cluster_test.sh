@@ -7,7 +7,8 @@
 # worker, INT as Ctrl-C sends for the head), whose trap must remove the
 # container. Everything it makes is removed on exit, pass or fail; the base
 # image (debian:bookworm-slim, made locally without a registry) is kept for
-# the next run.
+# the next run. With FLOTILLA_KEEP_TEST_IMAGE=1 flotilla:test stays too, for
+# tests/docker/docker_helper_test.sh to use without building it again.
 #
 #   bash tests/docker/run_cluster_test.sh    (FLOTILLA_BIN_DIR: binaries, default target/debug)
 #
@@ -97,7 +98,8 @@ cleanup() {
   for p in $head_pid $worker_pid; do wait "$p" 2>/dev/null; done
   # In case a run_cluster.sh died before its trap could run.
   docker rm -f "$HEAD" "$WORKER" >/dev/null 2>&1
-  docker rmi "$TAG" >/dev/null 2>&1
+  # scripts/test.sh keeps the image for docker_helper_test.sh, which removes it.
+  [ "${FLOTILLA_KEEP_TEST_IMAGE:-}" = 1 ] || docker rmi "$TAG" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
