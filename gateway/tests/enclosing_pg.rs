@@ -5,8 +5,9 @@
 //! started in its bundle 0 with `orchestrator actor create`. Without
 //! `--distributed-executor-backend` it picks ray (it is inside a group), its
 //! TP 2 workers take the group's bundles and serve what TP 1 serves
-//! in-process; killed with SIGKILL, it takes its workers along but leaves
-//! the group to its holder. A gateway that exits cleanly stops its workers
+//! in-process; frozen (SIGSTOP) and then killed, it takes its workers
+//! along (they are owned by its owner lease) but leaves the group to its
+//! holder. A gateway that exits cleanly stops its workers
 //! at once. vLLM's two checks of such a group are errors with its wording.
 
 #[path = "../../tests/support/fixtures.rs"]
@@ -467,21 +468,34 @@ fn a_gateway_inside_a_placement_group_runs_its_workers_there() {
         "the gateway owns its workers: {live:#?}"
     );
 
-    // SIGKILL: nothing of the gateway's runs its drop, yet its workers go
-    // (its owner lease lapses, node TTL 3 s) and the group stays.
-    let gw_pid = cluster.actor("gw").unwrap()["pid"].as_u64().unwrap();
+    // A gateway that stops answering (SIGSTOP: its streams stay open, so
+    // the workers do not notice) loses its workers once its owner lease
+    // lapses (node TTL 3 s); the group stays. (Killed outright, the workers
+    // would also see their streams close and exit by themselves.)
+    let gw_pid = cluster.actor("gw").unwrap()["pid"].as_u64().unwrap() as i32;
     // SAFETY: kill(2) on the gateway this test started through its agent.
-    assert_eq!(unsafe { libc::kill(gw_pid as i32, libc::SIGKILL) }, 0);
-    let killed = Instant::now();
+    assert_eq!(unsafe { libc::kill(gw_pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
     let causes = wait_workers_gone(&cluster, &pg, Duration::from_secs(20));
     eprintln!(
-        "the killed gateway's workers were gone {:.2} s after kill -9 (node TTL 3 s)",
-        killed.elapsed().as_secs_f64()
+        "the frozen gateway's workers were gone {:.2} s after SIGSTOP (node TTL 3 s)",
+        stopped.elapsed().as_secs_f64()
     );
-    let live_causes: Vec<&String> = causes
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(gw_pid, libc::SIGKILL) }, 0);
+    let owner_gone = causes
         .iter()
-        .filter(|c| c.contains("its owner is gone"))
-        .collect();
-    assert_eq!(live_causes.len(), 2, "{causes:?}");
+        .filter(|c| c.as_str() == "its owner is gone")
+        .count();
+    assert_eq!(owner_gone, 2, "{causes:?}");
+    assert_eq!(group_state(&cluster, &pg), "CREATED");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.actor("gw").unwrap()["state"] != "DEAD" {
+        assert!(
+            Instant::now() < deadline,
+            "the killed gateway actor lives on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(group_state(&cluster, &pg), "CREATED");
 }

@@ -462,11 +462,10 @@ impl ClusterExecutor {
 
         let (mut group, pg, rank_bundles, bundle_ips) = match enclosing {
             Some(pg_id) => {
-                tracing::info!(
-                    "Using the existing placement group {pg_id} (this gateway runs in its bundle {})",
-                    envs::raw(envs::FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX)
-                        .unwrap_or_else(|| "?".into())
-                );
+                let in_bundle = envs::raw(envs::FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX)
+                    .map(|b| format!(" (this gateway runs in its bundle {b})"))
+                    .unwrap_or_default();
+                tracing::info!("Using the existing placement group {pg_id}{in_bundle}");
                 let group = ActorGroup {
                     runtime: Some(runtime),
                     client: client.clone(),
