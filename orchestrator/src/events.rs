@@ -76,7 +76,7 @@ pub fn from_changes(snap: &Snapshot, ch: &Changes, now: f64) -> Vec<Event> {
             .is_some_and(|b| b.state != ActorState::Dead);
         if was_live
             && a.state == ActorState::Dead
-            && a.death_cause.as_deref() == Some(crate::scheduler::ACTOR_OWNER_GONE)
+            && a.death_cause.as_deref() == Some(crate::reconcile::ACTOR_OWNER_GONE)
         {
             let named = if a.name.is_empty() {
                 String::new()
