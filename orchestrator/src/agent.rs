@@ -26,6 +26,7 @@ use crate::resources::Resources;
 use crate::state::{now, ActorRecord, ActorState, NodeRecord, NodeState, Snapshot};
 use crate::store::{EtcdConfig, Store};
 use crate::witness::{self, Verdict};
+use runtime::envs;
 
 /// What this node offers.
 #[derive(Debug, Clone)]
@@ -453,7 +454,10 @@ impl Supervisor {
             if r.kill_at.is_none() {
                 let why = match rec {
                     None => "it is no longer recorded".to_string(),
-                    Some(a) if a.state == ActorState::Dead => "it was killed".to_string(),
+                    Some(a) if a.state == ActorState::Dead => a
+                        .death_cause
+                        .clone()
+                        .unwrap_or_else(|| "it was killed".to_string()),
                     Some(a) if a.node_id.as_deref() != Some(node_id) => format!(
                         "it now belongs to node {} at incarnation {}",
                         a.node_id.as_deref().unwrap_or("(none yet)"),
@@ -756,6 +760,33 @@ fn exit_code(st: std::process::ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
+/// What an actor process learns about itself, set over its spec's
+/// environment: a creator that is itself an actor may pass its own copies
+/// along, and those must never describe the child. `None`: removed (an
+/// actor outside any placement group has none, as Ray's
+/// `get_current_placement_group()` returns None there).
+pub fn identity_env(
+    a: &ActorRecord,
+    node_id: &str,
+    ip: &str,
+) -> Vec<(&'static str, Option<String>)> {
+    let group = a.spec.placement_group.clone();
+    let bundle = group
+        .as_ref()
+        .map(|_| a.spec.bundle_index.unwrap_or(0).to_string());
+    vec![
+        (envs::FLOTILLA_ACTOR_ID.name, Some(a.id.clone())),
+        (
+            envs::FLOTILLA_ACTOR_INCARNATION.name,
+            Some(a.incarnation.to_string()),
+        ),
+        (envs::FLOTILLA_NODE_ID.name, Some(node_id.to_string())),
+        (envs::FLOTILLA_NODE_IP.name, Some(ip.to_string())),
+        (envs::FLOTILLA_PLACEMENT_GROUP_ID.name, group),
+        (envs::FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX.name, bundle),
+    ]
+}
+
 fn spawn_process(
     a: &ActorRecord,
     node_id: &str,
@@ -771,13 +802,15 @@ fn spawn_process(
     let mut cmd = Command::new(&a.spec.command);
     cmd.args(&a.spec.args)
         .envs(&a.spec.env)
-        .env("FLOTILLA_ACTOR_ID", &a.id)
-        .env("FLOTILLA_ACTOR_INCARNATION", a.incarnation.to_string())
-        .env("FLOTILLA_NODE_ID", node_id)
-        .env("FLOTILLA_NODE_IP", ip)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
+    for (name, value) in identity_env(a, node_id, ip) {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
     if !a.gpus.is_empty() {
         let ids: Vec<String> = a.gpus.iter().map(|g| g.id.to_string()).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
@@ -833,4 +866,100 @@ fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ActorSpec;
+
+    fn actor(pg: Option<&str>, bundle: Option<usize>) -> ActorRecord {
+        ActorRecord {
+            id: "actor_1".into(),
+            name: String::new(),
+            spec: ActorSpec {
+                command: "true".into(),
+                args: vec![],
+                // A creator inside another group passed its own along.
+                env: [
+                    ("FLOTILLA_PLACEMENT_GROUP_ID", "pg_parent"),
+                    ("FLOTILLA_ACTOR_ID", "actor_parent"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+                resources: Resources::new(),
+                placement_group: pg.map(String::from),
+                bundle_index: bundle,
+                max_restarts: 0,
+            },
+            state: ActorState::PendingCreation,
+            node_id: Some("node_a".into()),
+            gpus: vec![],
+            incarnation: 3,
+            started_incarnation: 0,
+            pid: None,
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at: 0.0,
+            ended_at: None,
+            owner: None,
+        }
+    }
+
+    fn env_of(a: &ActorRecord) -> BTreeMap<&'static str, Option<String>> {
+        identity_env(a, "node_a", "10.0.0.7").into_iter().collect()
+    }
+
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn an_actor_in_a_bundle_learns_its_group() {
+        let e = env_of(&actor(Some("pg_1"), Some(2)));
+        assert_eq!(e["FLOTILLA_ACTOR_ID"].as_deref(), Some("actor_1"));
+        assert_eq!(e["FLOTILLA_ACTOR_INCARNATION"].as_deref(), Some("3"));
+        assert_eq!(e["FLOTILLA_NODE_ID"].as_deref(), Some("node_a"));
+        assert_eq!(e["FLOTILLA_NODE_IP"].as_deref(), Some("10.0.0.7"));
+        assert_eq!(e["FLOTILLA_PLACEMENT_GROUP_ID"].as_deref(), Some("pg_1"));
+        assert_eq!(
+            e["FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX"].as_deref(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn an_actor_outside_groups_gets_none_not_its_creators() {
+        let e = env_of(&actor(None, None));
+        assert_eq!(e["FLOTILLA_PLACEMENT_GROUP_ID"], None);
+        assert_eq!(e["FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX"], None);
+        assert_eq!(e["FLOTILLA_ACTOR_ID"].as_deref(), Some("actor_1"));
+    }
+
+    #[test]
+    fn the_agent_really_sets_and_removes_them() {
+        // The variables reach the process over what its spec carries.
+        let dir = std::env::temp_dir().join(format!("flotilla-agent-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (a, want) in [
+            (actor(Some("pg_1"), Some(1)), "pg_1/1/actor_1"),
+            (actor(None, None), "-/-/actor_1"),
+        ] {
+            let mut a = a;
+            a.spec.command = "sh".into();
+            a.spec.args = vec![
+                "-c".into(),
+                "echo ${FLOTILLA_PLACEMENT_GROUP_ID:--}/${FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX:--}/$FLOTILLA_ACTOR_ID".into(),
+            ];
+            let log = dir.join("log");
+            let _ = std::fs::remove_file(&log);
+            let st = spawn_process(&a, "node_a", "10.0.0.7", &log)
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(st.success());
+            assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use proto::orchestrator::{
-    CreateActorRequest, CreatePlacementGroupRequest, ListRequest, NameOrId, StatusRequest,
+    CreateActorRequest, CreatePlacementGroupRequest, KillActorRequest, ListRequest, NameOrId,
+    StatusRequest,
 };
 
 use crate::agent::{self, AgentConfig, NodeSpec};
@@ -249,6 +250,8 @@ async fn actor(cmd: ActorCmd, root: &CacheRoot) -> Result<()> {
                     bundle_index: bundle_index.unwrap_or(-1),
                     max_restarts,
                     name,
+                    // Lives until killed: the CLI process is gone at once.
+                    owner: String::new(),
                 })
                 .await?
                 .into_inner();
@@ -262,7 +265,13 @@ async fn actor(cmd: ActorCmd, root: &CacheRoot) -> Result<()> {
         }
         ActorCmd::Kill { name_or_id, conn } => {
             let (mut c, _) = connect(&conn, root).await?;
-            let r = c.kill_actor(NameOrId { name_or_id }).await?.into_inner();
+            let r = c
+                .kill_actor(KillActorRequest {
+                    name_or_id,
+                    reason: String::new(),
+                })
+                .await?
+                .into_inner();
             let a: ActorRecord = parse(&r.json)?;
             println!("killed actor {}", a.id);
             Ok(())

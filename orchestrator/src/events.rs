@@ -70,6 +70,31 @@ pub fn from_changes(snap: &Snapshot, ch: &Changes, now: f64) -> Vec<Event> {
         }
     }
     for a in ch.actors.values() {
+        let was_live = snap
+            .actors
+            .get(&a.id)
+            .is_some_and(|b| b.state != ActorState::Dead);
+        if was_live
+            && a.state == ActorState::Dead
+            && a.death_cause.as_deref() == Some(crate::reconcile::ACTOR_OWNER_GONE)
+        {
+            let named = if a.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", a.name)
+            };
+            out.push(Event::new(
+                now,
+                EventKind::ActorDied,
+                &a.id,
+                format!(
+                    "actor {}{named} killed: its owner is gone (owner {} stopped refreshing its lease while etcd was healthy)",
+                    a.id,
+                    a.owner.as_deref().unwrap_or("-")
+                ),
+            ));
+            continue;
+        }
         let Some(old_node) = snap.actors.get(&a.id).and_then(|b| b.node_id.clone()) else {
             continue;
         };
@@ -174,6 +199,7 @@ mod tests {
             death_cause: None,
             created_at: 0.0,
             ended_at: None,
+            owner: None,
         }
     }
 
@@ -258,5 +284,29 @@ mod tests {
             "{ev:?}"
         );
         assert!(ev[0].message.contains("owner_1"), "{ev:?}");
+    }
+
+    #[test]
+    fn an_actor_killed_with_its_owner_is_an_event() {
+        let mut s = Snapshot::default();
+        s.nodes.insert("a".into(), node("a"));
+        s.live.insert("a".into());
+        let mut a = actor("w", 0);
+        a.name = "gw-rank0".into();
+        a.owner = Some("owner_2".into());
+        s.actors.insert("w".into(), a);
+        let ch = reconcile(&s, 10.0, true);
+        let ev = from_changes(&s, &ch, 10.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].kind, EventKind::ActorDied);
+        assert!(
+            ev[0]
+                .message
+                .contains("actor w (gw-rank0) killed: its owner is gone (owner owner_2"),
+            "{ev:?}"
+        );
+        // While the owner lives, nothing.
+        s.owners.insert("owner_2".into());
+        assert!(from_changes(&s, &reconcile(&s, 11.0, true), 11.0).is_empty());
     }
 }

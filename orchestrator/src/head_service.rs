@@ -11,8 +11,8 @@ use proto::orchestrator::node_agent_client::NodeAgentClient;
 use proto::orchestrator::orchestrator_server::{Orchestrator, OrchestratorServer};
 use proto::orchestrator::{
     CreateActorRequest, CreatePlacementGroupRequest, HelloReply, HelloRequest, JsonReply,
-    ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest, WitnessReply,
-    WitnessRequest,
+    KillActorRequest, ListRequest, LogsReply, NameOrId, RegisterOwnerRequest, StatusRequest,
+    WitnessReply, WitnessRequest,
 };
 
 use crate::auth::{Bearer, Checker};
@@ -351,7 +351,15 @@ impl HeadService {
                 return Err(Error::invalid("env", format!("bad variable name '{k}'")));
             }
         }
+        let owner = Some(req.owner.trim().to_string()).filter(|o| !o.is_empty());
         let snap = self.store.snapshot().await?;
+        if let Some(o) = owner.as_ref().filter(|o| !snap.owners.contains(*o)) {
+            // An actor of a dead owner would only be killed again.
+            return Err(Error::NotFound {
+                kind: "owner",
+                name: o.clone(),
+            });
+        }
         if !req.name.is_empty() {
             if let Some(a) = snap
                 .find_actor(&req.name)
@@ -440,6 +448,7 @@ impl HeadService {
             death_cause: None,
             created_at: now(),
             ended_at: None,
+            owner,
         };
         let g = Store::guarded(self.store.actor_key(&a.id), &snap, &a);
         if !self.store.commit(None, &[g]).await? {
@@ -448,7 +457,11 @@ impl HeadService {
         Ok(a)
     }
 
-    async fn kill_actor(&self, name_or_id: &str) -> Result<ActorRecord> {
+    async fn kill_actor(&self, name_or_id: &str, reason: &str) -> Result<ActorRecord> {
+        let cause = match reason.trim() {
+            "" => "killed by `orchestrator actor kill`".to_string(),
+            r => r.to_string(),
+        };
         for _ in 0..ATTEMPTS {
             let snap = self.store.snapshot().await?;
             let a = snap.find_actor(name_or_id).ok_or_else(|| Error::NotFound {
@@ -461,7 +474,7 @@ impl HeadService {
             let mut d = a.clone();
             d.state = ActorState::Dead;
             d.ended_at = Some(now());
-            d.death_cause = Some("killed by `orchestrator actor kill`".into());
+            d.death_cause = Some(cause.clone());
             if self
                 .store
                 .commit(
@@ -611,8 +624,9 @@ impl Orchestrator for HeadService {
         Ok(Response::new(json(&a)))
     }
 
-    async fn kill_actor(&self, r: Request<NameOrId>) -> RpcResult<JsonReply> {
-        let a = HeadService::kill_actor(self, &r.into_inner().name_or_id).await?;
+    async fn kill_actor(&self, r: Request<KillActorRequest>) -> RpcResult<JsonReply> {
+        let r = r.into_inner();
+        let a = HeadService::kill_actor(self, &r.name_or_id, &r.reason).await?;
         Ok(Response::new(json(&a)))
     }
 

@@ -27,6 +27,15 @@ impl Changes {
 /// Why the leader removes a placement group whose owner is gone.
 pub const OWNER_GONE: &str = "its placement group was removed: its owner is gone";
 
+/// Why the leader kills an actor whose own owner is gone.
+pub const ACTOR_OWNER_GONE: &str = "its owner is gone";
+
+/// Whether `owner` (of a group or an actor) is gone: its key lapsed while
+/// etcd was healthy (see `orphaned_groups`).
+fn owner_gone(snap: &Snapshot, owner: Option<&String>, lapse_means_dead: bool) -> bool {
+    lapse_means_dead && owner.is_some_and(|o| !snap.owners.contains(o))
+}
+
 /// Placement groups to remove because their owner's key is gone: the
 /// owner stopped refreshing its lease while etcd was healthy.
 ///
@@ -41,7 +50,7 @@ pub fn orphaned_groups(snap: &Snapshot, lapse_means_dead: bool) -> Vec<&PgRecord
     snap.pgs
         .values()
         .filter(|p| p.state != PgState::Removed)
-        .filter(|p| p.owner.as_ref().is_some_and(|o| !snap.owners.contains(o)))
+        .filter(|p| owner_gone(snap, p.owner.as_ref(), lapse_means_dead))
         .collect()
 }
 
@@ -127,6 +136,14 @@ pub fn reconcile(snap: &Snapshot, now: f64, lapse_means_dead: bool) -> Changes {
                     "its placement group was removed".into()
                 });
             }
+        }
+        // An actor that belongs to a process (a gateway's worker) goes with
+        // it, whoever owns the group it runs in.
+        if a.state != ActorState::Dead && owner_gone(snap, a.owner.as_ref(), lapse_means_dead) {
+            a.state = ActorState::Dead;
+            a.ended_at = Some(now);
+            a.death_cause = Some(ACTOR_OWNER_GONE.into());
+            ch.owners_gone.extend(a.owner.clone());
         }
         if a.state != ActorState::Dead {
             if let Some(node) = a.node_id.clone() {
@@ -366,6 +383,7 @@ mod tests {
             death_cause: None,
             created_at: 2.0,
             ended_at: None,
+            owner: None,
         }
     }
 
@@ -536,6 +554,45 @@ mod tests {
         assert_eq!(s.pgs["cli"].state, PgState::Created);
         // Removed once: nothing more to do.
         assert!(orphaned_groups(&s, true).is_empty());
+        assert!(reconcile(&s, 4.0, true).is_empty());
+    }
+
+    #[test]
+    fn an_owned_actor_goes_with_its_owner_and_leaves_the_group() {
+        // A gateway running in a group someone else holds: its workers are
+        // its own, the group is not.
+        let mut s = cluster(&["a"]);
+        s.pgs.insert(
+            "held".into(),
+            pg(
+                "held",
+                vec![Resources::new().with(GPU, 1.0); 2],
+                Strategy::Pack,
+            ),
+        );
+        let mut w = actor("w", Some("held"), 1, 1.0, -1);
+        w.owner = Some("gw".into());
+        s.actors.insert("w".into(), w);
+        s.actors
+            .insert("other".into(), actor("other", Some("held"), 0, 1.0, 0));
+        s.owners.insert("gw".into());
+        let ch = reconcile(&s, 1.0, true);
+        apply(&mut s, ch);
+        assert!(s.actors["w"].node_id.is_some() && s.actors["other"].node_id.is_some());
+
+        // The owner's key lapsed in an outage: nothing happens.
+        s.owners.clear();
+        assert!(reconcile(&s, 2.0, false).is_empty());
+
+        let ch = reconcile(&s, 3.0, true);
+        assert_eq!(ch.owners_gone.iter().collect::<Vec<_>>(), ["gw"]);
+        assert!(ch.pgs.is_empty(), "the group is not the actor's owner's");
+        apply(&mut s, ch);
+        assert_eq!(s.actors["w"].state, ActorState::Dead);
+        assert_eq!(s.actors["w"].death_cause.as_deref(), Some(ACTOR_OWNER_GONE));
+        assert_eq!(s.actors["w"].ended_at, Some(3.0));
+        assert_ne!(s.actors["other"].state, ActorState::Dead);
+        assert_eq!(s.pgs["held"].state, PgState::Created);
         assert!(reconcile(&s, 4.0, true).is_empty());
     }
 

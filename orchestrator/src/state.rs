@@ -125,6 +125,11 @@ pub struct ActorRecord {
     /// When it died; the leader forgets it some time later.
     #[serde(default)]
     pub ended_at: Option<f64>,
+    /// The owner (see `OwnerRecord`) whose death kills this actor (a
+    /// gateway's workers die with the gateway, whoever owns the group they
+    /// run in); None: it lives until killed or its group is removed.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl ActorRecord {

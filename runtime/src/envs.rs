@@ -113,6 +113,18 @@ env_vars! {
         "Set by CI services (\"true\"): tests that scale with time run their short version.";
     FLOTILLA_WORKER_BIN = "FLOTILLA_WORKER_BIN", "",
         "Path of the `worker` binary the mp executor starts; default: next to the running executable.";
+    FLOTILLA_ACTOR_ID = "FLOTILLA_ACTOR_ID", "",
+        "Set by the node agent for an actor process: its actor id (as `orchestrator list actors` shows it).";
+    FLOTILLA_ACTOR_INCARNATION = "FLOTILLA_ACTOR_INCARNATION", "",
+        "Set by the node agent for an actor process: which (re)start of the actor this process is.";
+    FLOTILLA_NODE_ID = "FLOTILLA_NODE_ID", "",
+        "Set by the node agent for an actor process: the id of the node it runs on.";
+    FLOTILLA_NODE_IP = "FLOTILLA_NODE_IP", "",
+        "Set by the node agent for an actor process: the IP of the node it runs on.";
+    FLOTILLA_PLACEMENT_GROUP_ID = "FLOTILLA_PLACEMENT_GROUP_ID", "",
+        "Set by the node agent for an actor placed in a placement group bundle: the group's id (Ray's get_current_placement_group). A gateway inside a group runs its ray workers in that group's bundles instead of creating one, and defaults to the ray executor when its world size is above 1.";
+    FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX = "FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX", "",
+        "Set by the node agent for an actor placed in a placement group bundle: the bundle's index.";
     VLLM_CUDART_SO_PATH = "VLLM_CUDART_SO_PATH", "", @Warn("the CUDA backend uses the driver API (libcuda, found by the loader and LD_LIBRARY_PATH), never libcudart"),
         "Path of libcudart.";
     VLLM_NCCL_SO_PATH = "VLLM_NCCL_SO_PATH", "",

@@ -343,10 +343,11 @@ impl EngineArgs {
         self.tensor_parallel_size * self.pipeline_parallel_size
     }
 
-    /// `--distributed-executor-backend`, or vLLM's default for the world size.
+    /// `--distributed-executor-backend`, or vLLM's default for the world size
+    /// (and whether this gateway runs inside a placement group).
     pub fn executor_backend(&self) -> DistributedBackend {
         self.distributed_executor_backend
-            .unwrap_or_else(|| DistributedBackend::default_for(self.world_size()))
+            .unwrap_or_else(|| DistributedBackend::default_here(self.world_size()))
     }
 
     /// `--pooler-config` (or the older `--override-pooler-config`) as JSON.

@@ -13,14 +13,26 @@
 //! without dropping it (kill -9) the orchestrator removes it once the
 //! owner's lease lapses. As vLLM does, bundle 0 asks for a sliver of
 //! `node:<driver ip>` so that rank 0 runs on the gateway's node.
+//!
+//! A gateway that itself runs as an actor in a placement group (the node
+//! agent sets `FLOTILLA_PLACEMENT_GROUP_ID`, Ray's
+//! `get_current_placement_group()`) uses that group instead, as vLLM does:
+//! its device bundles must hold at most one device each and be at least
+//! the world size, and the ranks take the first of them. That group belongs
+//! to whoever created it: the gateway never owns or removes it, but its
+//! worker actors are still its own (owned through the same owner lease), so
+//! they go when the gateway drops them or dies.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use orchestrator::client::{Client, HeadDialer, OwnerKeeper};
 use orchestrator::paths::CacheRoot;
+use orchestrator::resources::Resources;
 use orchestrator::state::{ActorRecord, ActorState, NodeRecord, PgRecord, PgState};
-use proto::orchestrator::{CreateActorRequest, CreatePlacementGroupRequest, ListRequest, NameOrId};
+use proto::orchestrator::{
+    CreateActorRequest, CreatePlacementGroupRequest, KillActorRequest, ListRequest, NameOrId,
+};
 use worker::config::ModelConfig;
 use worker::{Device, MemoryProfile, ModelRunnerOutput, SchedulerOutput, WorkerConfig};
 
@@ -54,8 +66,12 @@ fn status_err(what: &str, s: tonic::Status) -> ExecutorError {
 }
 
 /// `VLLM_RAY_BUNDLE_INDICES` with vLLM's checks (and its messages), plus a
-/// range check against the group's `world` bundles. `None` when unset.
-pub fn parse_bundle_indices(raw: Option<&str>, world: usize) -> Result<Option<Vec<usize>>> {
+/// range check against the group's `bundles`. `None` when unset.
+pub fn parse_bundle_indices(
+    raw: Option<&str>,
+    world: usize,
+    bundles: usize,
+) -> Result<Option<Vec<usize>>> {
     let Some(raw) = raw.map(str::trim).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
@@ -94,9 +110,9 @@ pub fn parse_bundle_indices(raw: Option<&str>, world: usize) -> Result<Option<Ve
             "VLLM_RAY_BUNDLE_INDICES cannot have duplicate values, but got bundle_indices={shown}"
         )));
     }
-    if let Some(i) = indices.iter().find(|&&i| i >= world) {
+    if let Some(i) = indices.iter().find(|&&i| i >= bundles) {
         return Err(bad(format!(
-            "bundle index {i} is out of range: the placement group has {world} bundles (0..{world})"
+            "bundle index {i} is out of range: the placement group has {bundles} bundles (0..{bundles})"
         )));
     }
     Ok(Some(indices))
@@ -155,13 +171,122 @@ pub fn check_driver_node(nodes: &[NodeRecord], driver_ip: &str, why: &str) -> Re
     )))
 }
 
-/// The placement group and its actors, removed on drop.
+/// The resource Ray calls the device key: what a worker's bundle holds one
+/// of (the executor asks `{CPU: 1}` per worker on CPU, `{GPU: n}` on CUDA).
+pub fn device_key(device: Device) -> &'static str {
+    match device {
+        Device::Cuda => orchestrator::resources::GPU,
+        _ => orchestrator::resources::CPU,
+    }
+}
+
+/// vLLM's checks of a placement group the gateway runs in, with its
+/// wording: no bundle holds more than one device, and at least `world`
+/// bundles hold one. Returns the indices of the device bundles, in order.
+pub fn device_bundles(
+    pg_id: &str,
+    bundles: &[Resources],
+    key: &str,
+    world: usize,
+) -> Result<Vec<usize>> {
+    let mut found = Vec::new();
+    for (i, b) in bundles.iter().enumerate() {
+        let amount = b.get(key);
+        if amount > orchestrator::resources::UNIT {
+            return Err(cluster_err(format!(
+                "Placement group bundle cannot have more than 1 {key}. (placement group {pg_id}, \
+                 bundle {i}: {})",
+                b.shape()
+            )));
+        }
+        if amount > 0 {
+            found.push(i);
+        }
+    }
+    if world > found.len() {
+        return Err(cluster_err(format!(
+            "The number of required {key}s exceeds the total number of available {key}s in the \
+             placement group. Required number of devices: {world}. Total number of devices: {}. \
+             (placement group {pg_id}, which this gateway runs in)",
+            found.len()
+        )));
+    }
+    Ok(found)
+}
+
+/// Rank -> bundle in a group the gateway runs in: `indices` (from
+/// VLLM_RAY_BUNDLE_INDICES) as given, else the first `world` device
+/// bundles, ordered as `order_bundles` orders a group of the gateway's own
+/// (driver's node first, then by node IP).
+pub fn enclosing_rank_bundles(
+    device_bundles: &[usize],
+    bundle_ips: &[String],
+    world: usize,
+    driver_ip: &str,
+    indices: Option<Vec<usize>>,
+) -> Vec<usize> {
+    if let Some(indices) = indices {
+        return indices;
+    }
+    let first: Vec<usize> = device_bundles.iter().copied().take(world).collect();
+    let ips: Vec<String> = first.iter().map(|&b| bundle_ips[b].clone()).collect();
+    order_bundles(&ips, driver_ip)
+        .into_iter()
+        .map(|i| first[i])
+        .collect()
+}
+
+/// Every chosen bundle of a group the gateway runs in must have room for
+/// one worker (`need`) beside the actors already in it (the gateway itself,
+/// in its own bundle): a worker that does not fit would wait forever.
+pub fn check_bundle_room(
+    pg: &PgRecord,
+    actors: &[ActorRecord],
+    rank_bundles: &[usize],
+    need: &Resources,
+) -> Result<()> {
+    for (rank, &b) in rank_bundles.iter().enumerate() {
+        let mut free = pg.bundles[b].clone();
+        for a in actors.iter().filter(|a| {
+            a.state != ActorState::Dead
+                && a.spec.placement_group.as_deref() == Some(pg.id.as_str())
+                && a.spec.bundle_index == Some(b)
+        }) {
+            free.sub(&a.spec.resources);
+        }
+        // Earlier ranks of this gateway in the same bundle.
+        for _ in rank_bundles[..rank].iter().filter(|&&o| o == b) {
+            free.sub(need);
+        }
+        if !need.fits_in(&free) {
+            return Err(cluster_err(format!(
+                "bundle {b} of placement group {} ({}) has {} free, but the worker of rank {rank} \
+                 needs {} (VLLM_RAY_PER_WORKER_GPUS on CUDA, 1 CPU on CPU); choose other bundles \
+                 with VLLM_RAY_BUNDLE_INDICES or give the group larger bundles",
+                pg.id,
+                pg.bundles[b].shape(),
+                free.shape(),
+                need.shape()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The placement group the workers run in and the actors this gateway
+/// started there. A group of the gateway's own is removed on drop (and its
+/// actors with it); a group the gateway only runs in belongs to whoever
+/// created it and stays, and only the gateway's actors are killed.
 struct ActorGroup {
     runtime: Option<tokio::runtime::Runtime>,
     client: Client,
     pg_id: String,
-    /// Keeps this process the group's live owner; stopped (after the
-    /// group is removed) when the group drops.
+    owns_group: bool,
+    /// The worker actors created so far.
+    actors: Vec<String>,
+    /// Keeps this process a live owner of its group (when it owns one) and
+    /// of its actors; stopped after the drop below, so that the head kills
+    /// whatever the drop could not (within the owner TTL).
     _owner: OwnerKeeper,
 }
 
@@ -172,10 +297,8 @@ impl ActorGroup {
     {
         block_on(self.runtime.as_ref().expect("live").handle(), fut)
     }
-}
 
-impl Drop for ActorGroup {
-    fn drop(&mut self) {
+    fn remove_group(&self) {
         let mut client = self.client.clone();
         let name_or_id = self.pg_id.clone();
         let removed = self.call(async move {
@@ -199,9 +322,61 @@ impl Drop for ActorGroup {
                 self.pg_id
             ),
         }
+    }
+
+    fn kill_actors(&self) {
+        for id in &self.actors {
+            let mut client = self.client.clone();
+            let req = KillActorRequest {
+                name_or_id: id.clone(),
+                reason: format!(
+                    "its gateway (pid {}) stopped; placement group {} stays with its creator",
+                    std::process::id(),
+                    self.pg_id
+                ),
+            };
+            let killed = self.call(async move {
+                tokio::time::timeout(Duration::from_secs(10), client.kill_actor(req)).await
+            });
+            match killed {
+                Ok(Ok(_)) => tracing::info!("Stopped worker actor {id}"),
+                Ok(Err(s)) => tracing::warn!(
+                    "Cannot stop worker actor {id}: {}; the orchestrator stops it once this gateway's owner lease lapses",
+                    s.message()
+                ),
+                Err(_) => tracing::warn!(
+                    "Stopping worker actor {id} timed out; the orchestrator stops it once this gateway's owner lease lapses"
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for ActorGroup {
+    fn drop(&mut self) {
+        if self.owns_group {
+            self.remove_group();
+        } else {
+            self.kill_actors();
+        }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// The driver's IP: VLLM_HOST_IP, else (a gateway running as an actor) the
+/// node its agent says it runs on, else the source address toward the head.
+fn driver_ip(head: &str) -> (String, String) {
+    match (
+        envs::raw(envs::VLLM_HOST_IP),
+        envs::raw(envs::FLOTILLA_NODE_IP),
+    ) {
+        (None, Some(ip)) => (
+            ip,
+            "from FLOTILLA_NODE_IP: the node this gateway's actor runs on".into(),
+        ),
+        _ => orchestrator::detect::node_ip(None, Some(head)),
     }
 }
 
@@ -210,8 +385,16 @@ impl ClusterExecutor {
         let world = config.parallel.tp_size * config.parallel.pp_size;
         let model_config =
             ModelConfig::load(&config.model, config.load_format, &config.hf_overrides)?;
-        let indices =
-            parse_bundle_indices(envs::raw(envs::VLLM_RAY_BUNDLE_INDICES).as_deref(), world)?;
+        let raw_indices = envs::raw(envs::VLLM_RAY_BUNDLE_INDICES);
+        // Ray's get_current_placement_group(): the group this process runs
+        // in as an actor, which the workers then share.
+        let enclosing = envs::raw(envs::FLOTILLA_PLACEMENT_GROUP_ID);
+        // A group of our own has `world` bundles: check the indices before
+        // dialing anything.
+        let own_indices = match enclosing {
+            None => parse_bundle_indices(raw_indices.as_deref(), world, world)?,
+            Some(_) => None,
+        };
         let bin = locate_worker_bin()?;
         // The workers run where the GPUs are: a gateway told `--device cuda`
         // may have none itself (a Kubernetes gateway pod), so only `auto`
@@ -233,6 +416,8 @@ impl ClusterExecutor {
             }
             _ => serde_json::json!({ "CPU": 1 }),
         };
+        let need = Resources::from_json_value("worker resources", &bundle)
+            .map_err(|e| cluster_err(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cluster-client")
@@ -255,12 +440,12 @@ impl ClusterExecutor {
         let (client, head) = block_on(runtime.handle(), dialer.connect())
             .map_err(|e| cluster_err(format!("cannot reach the orchestrator: {e}")))?;
         tracing::info!("Connected to the orchestrator head at {head}");
-        let (driver_ip, driver_why) = orchestrator::detect::node_ip(None, Some(&head));
+        let (driver_ip, driver_why) = driver_ip(&head);
         let nodes: Vec<NodeRecord> = list_with(&runtime, &client, "nodes")?;
         check_driver_node(&nodes, &driver_ip, &driver_why)?;
 
-        // The placement group: owned by this process, created here, removed
-        // when `group` drops (or by the orchestrator if this process dies).
+        // This process owns its workers (and a group it creates): they go
+        // when it drops them, or by the orchestrator if this process dies.
         let name = format!(
             "flotilla-gateway-{}-{}",
             std::process::id(),
@@ -274,41 +459,62 @@ impl ClusterExecutor {
         let owner_id = owner.owner_id.clone();
         let keeper = OwnerKeeper::spawn(client.clone(), dialer, owner, name.clone())
             .map_err(|e| cluster_err(e.to_string()))?;
-        let bundles = bundles_for(&bundle, world, &driver_ip);
-        let pg = match create_placement_group(&runtime, &client, &name, &bundles, &owner_id) {
-            Ok(pg) => pg,
-            Err(e) => {
-                drop(keeper);
-                return Err(e);
+
+        let (mut group, pg, rank_bundles, bundle_ips) = match enclosing {
+            Some(pg_id) => {
+                let in_bundle = envs::raw(envs::FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX)
+                    .map(|b| format!(" (this gateway runs in its bundle {b})"))
+                    .unwrap_or_default();
+                tracing::info!("Using the existing placement group {pg_id}{in_bundle}");
+                let group = ActorGroup {
+                    runtime: Some(runtime),
+                    client: client.clone(),
+                    pg_id,
+                    owns_group: false,
+                    actors: Vec::new(),
+                    _owner: keeper,
+                };
+                let pgs: Vec<PgRecord> = list(&group, "placement-groups")?;
+                let pg = pgs
+                    .into_iter()
+                    .find(|p| p.id == group.pg_id)
+                    .ok_or_else(|| {
+                        cluster_err(format!(
+                            "the placement group this gateway runs in ({}, from FLOTILLA_PLACEMENT_GROUP_ID) is unknown to the orchestrator",
+                            group.pg_id
+                        ))
+                    })?;
+                let spec = serde_json::to_value(&pg.bundles).unwrap_or_default();
+                let pg = wait_created(&group, pg, &spec)?;
+                let devices = device_bundles(&pg.id, &pg.bundles, device_key(device), world)?;
+                let indices =
+                    parse_bundle_indices(raw_indices.as_deref(), world, pg.bundles.len())?;
+                let bundle_ips = ips_of_bundles(&group, &pg)?;
+                let rank_bundles =
+                    enclosing_rank_bundles(&devices, &bundle_ips, world, &driver_ip, indices);
+                let actors: Vec<ActorRecord> = list(&group, "actors")?;
+                check_bundle_room(&pg, &actors, &rank_bundles, &need)?;
+                (group, pg, rank_bundles, bundle_ips)
+            }
+            None => {
+                tracing::info!("No current placement group found. Creating a new placement group.");
+                let bundles = bundles_for(&bundle, world, &driver_ip);
+                let pg = create_placement_group(&runtime, &client, &name, &bundles, &owner_id)?;
+                let group = ActorGroup {
+                    runtime: Some(runtime),
+                    client: client.clone(),
+                    pg_id: pg.id.clone(),
+                    owns_group: true,
+                    actors: Vec::new(),
+                    _owner: keeper,
+                };
+                let pg = wait_created(&group, pg, &bundles)?;
+                let bundle_ips = ips_of_bundles(&group, &pg)?;
+                let rank_bundles =
+                    own_indices.unwrap_or_else(|| order_bundles(&bundle_ips, &driver_ip));
+                (group, pg, rank_bundles, bundle_ips)
             }
         };
-        let group = ActorGroup {
-            runtime: Some(runtime),
-            client: client.clone(),
-            pg_id: pg.id.clone(),
-            _owner: keeper,
-        };
-        let pg = wait_created(&group, pg, &bundles)?;
-
-        // Rank -> bundle, and each bundle's node.
-        let nodes: Vec<NodeRecord> = list(&group, "nodes")?;
-        let ip_of: HashMap<&str, &str> = nodes
-            .iter()
-            .map(|n| (n.id.as_str(), n.ip.as_str()))
-            .collect();
-        let bundle_ips: Vec<String> = pg
-            .assignments
-            .iter()
-            .map(|a| {
-                a.as_ref()
-                    .and_then(|a| ip_of.get(a.node_id.as_str()))
-                    .map(|ip| ip.to_string())
-                    .ok_or_else(|| {
-                        cluster_err(format!("placement group {} has an unplaced bundle", pg.id))
-                    })
-            })
-            .collect::<Result<_>>()?;
-        let rank_bundles = indices.unwrap_or_else(|| order_bundles(&bundle_ips, &driver_ip));
 
         // One actor per rank, running the worker binary on its node.
         let forwarded = worker_env::forwarded(std::env::vars());
@@ -320,7 +526,6 @@ impl ClusterExecutor {
                 .collect::<Vec<_>>()
         );
         let mut per_node: HashMap<&str, usize> = HashMap::new();
-        let mut actors = Vec::with_capacity(world);
         for (rank, &b) in rank_bundles.iter().enumerate() {
             let ip = bundle_ips[b].as_str();
             let local_rank = {
@@ -350,6 +555,7 @@ impl ClusterExecutor {
                 bundle_index: b as i64,
                 max_restarts: 0,
                 name: format!("{name}-rank{rank}"),
+                owner: owner_id.clone(),
             };
             let mut c = client.clone();
             let reply = group
@@ -358,15 +564,16 @@ impl ClusterExecutor {
             let actor: ActorRecord = serde_json::from_str(&reply.into_inner().json)
                 .map_err(|e| cluster_err(format!("bad actor record from the head: {e}")))?;
             tracing::info!(
-                "Worker rank {rank}: actor {} in bundle {b} on {ip}",
-                actor.id
+                "Worker rank {rank}: actor {} in bundle {b} of placement group {} on {ip}",
+                actor.id,
+                pg.id
             );
-            actors.push(actor.id);
+            group.actors.push(actor.id);
         }
 
         let timeout = envs::rpc_timeout()?.max(Duration::from_secs(30));
         let mut addresses = Vec::with_capacity(world);
-        for (rank, id) in actors.iter().enumerate() {
+        for (rank, id) in group.actors.iter().enumerate() {
             addresses.push(wait_listening(&group, rank, id, timeout)?);
         }
         let hosts: Vec<String> = rank_bundles
@@ -385,6 +592,26 @@ impl ClusterExecutor {
             _group: group,
         })
     }
+}
+
+/// Each bundle's node IP.
+fn ips_of_bundles(group: &ActorGroup, pg: &PgRecord) -> Result<Vec<String>> {
+    let nodes: Vec<NodeRecord> = list(group, "nodes")?;
+    let ip_of: HashMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.ip.as_str()))
+        .collect();
+    pg.assignments
+        .iter()
+        .map(|a| {
+            a.as_ref()
+                .and_then(|a| ip_of.get(a.node_id.as_str()))
+                .map(|ip| ip.to_string())
+                .ok_or_else(|| {
+                    cluster_err(format!("placement group {} has an unplaced bundle", pg.id))
+                })
+        })
+        .collect()
 }
 
 fn create_placement_group(
@@ -557,31 +784,31 @@ mod tests {
 
     #[test]
     fn bundle_indices_are_checked_as_vllm_checks_them() {
-        assert_eq!(parse_bundle_indices(None, 2).unwrap(), None);
-        assert_eq!(parse_bundle_indices(Some(" "), 2).unwrap(), None);
+        assert_eq!(parse_bundle_indices(None, 2, 2).unwrap(), None);
+        assert_eq!(parse_bundle_indices(Some(" "), 2, 2).unwrap(), None);
         assert_eq!(
-            parse_bundle_indices(Some("1,0"), 2).unwrap(),
+            parse_bundle_indices(Some("1,0"), 2, 2).unwrap(),
             Some(vec![1, 0])
         );
-        let e = parse_bundle_indices(Some("0,1"), 4)
+        let e = parse_bundle_indices(Some("0,1"), 4, 4)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("VLLM_RAY_BUNDLE_INDICES must have the same size as the world size, but got bundle_indices=[0, 1] and self.parallel_config.world_size=4"),
             "{e}"
         );
-        let e = parse_bundle_indices(Some("1,1"), 2)
+        let e = parse_bundle_indices(Some("1,1"), 2, 2)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("VLLM_RAY_BUNDLE_INDICES cannot have duplicate values, but got bundle_indices=[1, 1]"),
             "{e}"
         );
-        let e = parse_bundle_indices(Some("0,2"), 2)
+        let e = parse_bundle_indices(Some("0,2"), 2, 2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("out of range"), "{e}");
-        let e = parse_bundle_indices(Some("0,x"), 2)
+        let e = parse_bundle_indices(Some("0,x"), 2, 2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("VLLM_RAY_BUNDLE_INDICES"), "{e}");
@@ -636,5 +863,137 @@ mod tests {
             .to_vec();
         assert_eq!(order_bundles(&ips, "10.0.0.9"), vec![2, 1, 3, 0]);
         assert_eq!(order_bundles(&ips, "10.0.0.1"), vec![1, 3, 0, 2]);
+    }
+
+    fn res(json: serde_json::Value) -> Resources {
+        Resources::from_json_value("t", &json).unwrap()
+    }
+
+    #[test]
+    fn an_enclosing_group_is_checked_as_vllm_checks_it() {
+        let gpu = |n: f64| res(serde_json::json!({ "GPU": n }));
+        let cpu_only = res(serde_json::json!({ "CPU": 4 }));
+        // Fractions count as device bundles; CPU-only bundles do not.
+        let bundles = vec![cpu_only.clone(), gpu(1.0), gpu(0.5), gpu(1.0)];
+        assert_eq!(
+            device_bundles("pg_1", &bundles, "GPU", 3).unwrap(),
+            vec![1, 2, 3]
+        );
+        let e = device_bundles("pg_1", &bundles, "GPU", 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "The number of required GPUs exceeds the total number of available GPUs in the \
+                 placement group. Required number of devices: 4. Total number of devices: 3."
+            ),
+            "{e}"
+        );
+        let e = device_bundles("pg_1", &[gpu(1.0), gpu(2.0)], "GPU", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Placement group bundle cannot have more than 1 GPU."),
+            "{e}"
+        );
+        assert!(e.contains("bundle 1"), "{e}");
+        // On CPU the device is the CPU, as the executor asks {CPU: 1} per worker.
+        let cpus = vec![res(serde_json::json!({"CPU": 1})); 2];
+        assert_eq!(device_bundles("pg_2", &cpus, "CPU", 2).unwrap(), [0, 1]);
+        let e = device_bundles("pg_2", &cpus, "CPU", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Required number of devices: 3. Total number of devices: 2."),
+            "{e}"
+        );
+        assert!(device_bundles("pg_3", &[cpu_only], "CPU", 1).is_err());
+        assert_eq!(device_key(Device::Cuda), "GPU");
+        assert_eq!(device_key(Device::Cpu), "CPU");
+    }
+
+    #[test]
+    fn ranks_take_the_first_device_bundles_driver_node_first() {
+        let ips: Vec<String> = ["10.0.0.1", "10.0.0.3", "10.0.0.2", "10.0.0.2", "10.0.0.1"]
+            .map(String::from)
+            .to_vec();
+        // Bundle 0 holds no device (the gateway's own, say).
+        let devices = [1, 2, 3, 4];
+        assert_eq!(
+            enclosing_rank_bundles(&devices, &ips, 3, "10.0.0.2", None),
+            vec![2, 3, 1]
+        );
+        assert_eq!(
+            enclosing_rank_bundles(&devices, &ips, 4, "10.0.0.1", None),
+            vec![4, 2, 3, 1]
+        );
+        // VLLM_RAY_BUNDLE_INDICES wins, as in a group of the gateway's own.
+        assert_eq!(
+            enclosing_rank_bundles(&devices, &ips, 2, "10.0.0.1", Some(vec![3, 0])),
+            vec![3, 0]
+        );
+    }
+
+    #[test]
+    fn a_bundle_without_room_for_a_worker_is_named() {
+        let pg = PgRecord {
+            id: "pg_1".into(),
+            name: String::new(),
+            bundles: vec![
+                res(serde_json::json!({"CPU": 1})),
+                res(serde_json::json!({"CPU": 1})),
+            ],
+            strategy: orchestrator::placement::Strategy::Pack,
+            state: PgState::Created,
+            assignments: vec![None, None],
+            created_at: 0.0,
+            ended_at: None,
+            owner: None,
+        };
+        let actor = |bundle: usize, cpus: f64, state: ActorState| ActorRecord {
+            id: format!("actor_{bundle}"),
+            name: String::new(),
+            spec: orchestrator::state::ActorSpec {
+                command: "gateway".into(),
+                args: vec![],
+                env: Default::default(),
+                resources: Resources::new().with("CPU", cpus),
+                placement_group: Some("pg_1".into()),
+                bundle_index: Some(bundle),
+                max_restarts: 0,
+            },
+            state,
+            node_id: None,
+            gpus: vec![],
+            incarnation: 0,
+            started_incarnation: 0,
+            pid: None,
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at: 0.0,
+            ended_at: None,
+            owner: None,
+        };
+        let need = res(serde_json::json!({"CPU": 1}));
+        // The gateway sits in bundle 0 asking nothing: both bundles fit.
+        let gateway = actor(0, 0.0, ActorState::Alive);
+        check_bundle_room(&pg, &[gateway], &[0, 1], &need).unwrap();
+        // A gateway that took bundle 0's CPU leaves no room for rank 0.
+        let e = check_bundle_room(&pg, &[actor(0, 1.0, ActorState::Alive)], &[0, 1], &need)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bundle 0 of placement group pg_1") && e.contains("rank 0"),
+            "{e}"
+        );
+        // Dead actors hold nothing.
+        check_bundle_room(&pg, &[actor(0, 1.0, ActorState::Dead)], &[0, 1], &need).unwrap();
+        // Two ranks in one bundle of one CPU do not fit.
+        let e = check_bundle_room(&pg, &[], &[1, 1], &need)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 1"), "{e}");
     }
 }

@@ -154,13 +154,24 @@ pub enum DistributedBackend {
 }
 
 impl DistributedBackend {
-    /// vLLM's default: `uni` for a world of one, else `mp`.
-    pub fn default_for(world_size: usize) -> Self {
+    /// vLLM's default: `uni` for a world of one; `ray` for a gateway that
+    /// runs inside a placement group (its workers belong in that group),
+    /// even when the world would fit on this node; else `mp`.
+    pub fn default_for(world_size: usize, in_placement_group: bool) -> Self {
         if world_size <= 1 {
             Self::Uni
+        } else if in_placement_group {
+            Self::Ray
         } else {
             Self::Mp
         }
+    }
+
+    /// `default_for` for this process: inside a placement group when a
+    /// node agent started it as an actor in one.
+    pub fn default_here(world_size: usize) -> Self {
+        let in_group = runtime::envs::raw(runtime::envs::FLOTILLA_PLACEMENT_GROUP_ID).is_some();
+        Self::default_for(world_size, in_group)
     }
 }
 
@@ -238,4 +249,29 @@ fn check_pp_partition(config: &WorkerConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_backend_is_ray_inside_a_placement_group() {
+        assert_eq!(
+            DistributedBackend::default_for(1, false),
+            DistributedBackend::Uni
+        );
+        assert_eq!(
+            DistributedBackend::default_for(1, true),
+            DistributedBackend::Uni
+        );
+        assert_eq!(
+            DistributedBackend::default_for(2, false),
+            DistributedBackend::Mp
+        );
+        assert_eq!(
+            DistributedBackend::default_for(2, true),
+            DistributedBackend::Ray
+        );
+    }
 }

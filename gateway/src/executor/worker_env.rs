@@ -5,8 +5,20 @@
 /// Copied to workers from the gateway's environment.
 const PREFIXES: &[&str] = &["VLLM_", "FLOTILLA_", "HF_", "NCCL_"];
 
-/// Node-specific: each worker gets its own (or its node's) value.
-pub const NODE_SPECIFIC: &[&str] = &["VLLM_HOST_IP", "CUDA_VISIBLE_DEVICES", "LOCAL_RANK"];
+/// Node-specific: each worker gets its own (or its node's) value. The
+/// actor identity a node agent gives a gateway that runs as an actor
+/// describes the gateway, never its workers.
+pub const NODE_SPECIFIC: &[&str] = &[
+    "VLLM_HOST_IP",
+    "CUDA_VISIBLE_DEVICES",
+    "LOCAL_RANK",
+    "FLOTILLA_ACTOR_ID",
+    "FLOTILLA_ACTOR_INCARNATION",
+    "FLOTILLA_NODE_ID",
+    "FLOTILLA_NODE_IP",
+    "FLOTILLA_PLACEMENT_GROUP_ID",
+    "FLOTILLA_PLACEMENT_GROUP_BUNDLE_INDEX",
+];
 
 /// What any process needs to run at all; a local worker inherits them.
 const PROCESS_BASICS: &[&str] = &[
@@ -54,6 +66,8 @@ mod tests {
             ("HF_HOME", "/hf"),
             ("NCCL_DEBUG", "INFO"),
             ("FLOTILLA_CACHE_ROOT", "/c"),
+            ("FLOTILLA_PLACEMENT_GROUP_ID", "pg_1"),
+            ("FLOTILLA_ACTOR_ID", "actor_1"),
             ("SECRET", "x"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
