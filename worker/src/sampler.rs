@@ -354,7 +354,14 @@ fn process(logits: &mut [f32], p: &SamplingParams, st: &SamplerState) {
         for &t in seen {
             if done.insert(t) {
                 if let Some(x) = logits.get_mut(t as usize) {
-                    *x = if *x > 0.0 { *x / rp } else { *x * rp };
+                    // Any positive penalty is valid (vLLM's range), and a tiny
+                    // one divides a logit to +inf; the largest finite value
+                    // keeps the softmax defined (inf - inf would be NaN).
+                    *x = if *x > 0.0 {
+                        (*x / rp).min(f32::MAX)
+                    } else {
+                        *x * rp
+                    };
                 }
             }
         }
@@ -599,6 +606,21 @@ mod tests {
             run(&[0.1, 3.0, 2.0], &p, &SamplerState::new(&p, &[], &[])),
             1
         );
+    }
+
+    #[test]
+    fn a_tiny_repetition_penalty_keeps_sampling_defined() {
+        // 1e-45 (what a request's 2.2e-308 narrows to) sends 3.0 to +inf.
+        let p = SamplingParams {
+            repetition_penalty: f32::from_bits(1),
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let st = SamplerState::new(&p, &[1], &[]);
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &st), 1);
+        let p = SamplingParams { top_p: 1.0, ..p };
+        assert_eq!(run(&[0.1, 3.0, 2.0], &p, &st), 1);
     }
 
     #[test]

@@ -140,7 +140,33 @@ impl IntoResponse for ApiError {
 /// encoding), naming the offending field in `param`.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(to_api_error)
+    let mut value: serde_json::Value =
+        serde_path_to_error::deserialize(de).map_err(to_api_error)?;
+    integral_floats_to_ints(&mut value);
+    serde_path_to_error::deserialize(value).map_err(to_api_error)
+}
+
+/// `10.0` where an integer is expected is 10, as pydantic (vLLM) reads it
+/// and as JSON Schema's `integer` says; serde alone would refuse it.
+fn integral_floats_to_ints(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    // 2^64 and 2^63: the ranges of u64 and i64, exact in f64.
+    const U64_END: f64 = 18_446_744_073_709_551_616.0;
+    const I64_START: f64 = -9_223_372_036_854_775_808.0;
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                if f.fract() == 0.0 && (0.0..U64_END).contains(&f) {
+                    *v = Value::from(f as u64);
+                } else if f.fract() == 0.0 && (I64_START..0.0).contains(&f) {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_ints),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_to_ints),
+        _ => {}
+    }
 }
 
 /// As [`parse_json`] for completion and chat bodies: the shared sampling
@@ -226,6 +252,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param().as_deref(), Some("top_p"), "{e}");
+        let e = parse_json::<T>(b"{nope").unwrap_err();
+        assert!(e.to_string().starts_with("JSON decode error"));
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            tokens: Vec<u32>,
+        }
+        assert_eq!(
+            parse_json::<Ids>(br#"{"tokens": [10.0, 2]}"#)
+                .unwrap()
+                .tokens,
+            [10, 2]
+        );
+        assert!(parse_json::<Ids>(br#"{"tokens": [1.5]}"#).is_err());
+        assert!(parse_json::<Ids>(br#"{"tokens": [-1.0]}"#).is_err());
         let e = parse_json::<T>(b"{nope").unwrap_err();
         assert!(e.to_string().starts_with("JSON decode error"));
         assert!(e.param().is_none());

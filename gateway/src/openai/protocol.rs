@@ -44,13 +44,16 @@ pub struct StreamOptions {
 #[serde(default)]
 pub struct SamplingFields {
     pub n: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    // Floats are read as f64, as vLLM's Python floats are, so that a value
+    // keeps its side of every bound (5e-324 is a positive top_p); the
+    // engine's f32 comes from sampling::narrow.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub stop_token_ids: Option<Vec<u32>>,
@@ -60,7 +63,7 @@ pub struct SamplingFields {
     pub skip_special_tokens: Option<bool>,
     pub spaces_between_special_tokens: Option<bool>,
     pub prompt_logprobs: Option<usize>,
-    pub logit_bias: Option<BTreeMap<String, f32>>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
     pub allowed_token_ids: Option<Vec<u32>>,
     pub truncate_prompt_tokens: Option<usize>,
     pub priority: Option<i32>,

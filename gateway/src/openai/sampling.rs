@@ -45,7 +45,7 @@ pub struct EndpointSampling {
 }
 
 /// vLLM clamps logit bias values to this range.
-const LOGIT_BIAS_LIMIT: f32 = 100.0;
+const LOGIT_BIAS_LIMIT: f64 = 100.0;
 
 pub fn build(
     fields: &SamplingFields,
@@ -77,7 +77,7 @@ pub fn build(
                         Some("logit_bias"),
                     ));
                 }
-                Ok((id, v.clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)))
+                Ok((id, narrow(v.clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT))))
             })
             .collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
@@ -95,17 +95,23 @@ pub fn build(
         n: fields.n.unwrap_or(1),
         temperature: fields
             .temperature
+            .map(narrow)
             .or(defaults.temperature)
             .unwrap_or(vllm.temperature),
-        top_p: fields.top_p.or(defaults.top_p).unwrap_or(vllm.top_p),
+        top_p: fields
+            .top_p
+            .map(narrow)
+            .or(defaults.top_p)
+            .unwrap_or(vllm.top_p),
         top_k: fields.top_k.or(defaults.top_k).unwrap_or(vllm.top_k),
-        min_p: fields.min_p.unwrap_or(vllm.min_p),
+        min_p: fields.min_p.map(narrow).unwrap_or(vllm.min_p),
         repetition_penalty: fields
             .repetition_penalty
+            .map(narrow)
             .or(defaults.repetition_penalty)
             .unwrap_or(vllm.repetition_penalty),
-        presence_penalty: fields.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: fields.presence_penalty.map(narrow).unwrap_or(0.0),
+        frequency_penalty: fields.frequency_penalty.map(narrow).unwrap_or(0.0),
         // Negative seeds are accepted (OpenAI's range); the bits are what count.
         seed: fields.seed.map(|s| s as u64),
         max_tokens,
@@ -128,6 +134,22 @@ pub fn build(
         all_stop_token_ids: Vec::new(),
         structured_outputs,
     })
+}
+
+/// A request's f64 as the engine's f32, rounded away from zero and
+/// saturating, so it stays on the same side of every bound `validate`
+/// checks (0, ±1, ±2 are exact in f32): 5e-324 stays a positive top_p and
+/// 2.0000001 stays a presence_penalty above 2, and a huge temperature
+/// (which vLLM accepts) becomes f32::MAX instead of infinity.
+pub fn narrow(v: f64) -> f32 {
+    let clamped = v.clamp(-(f32::MAX as f64), f32::MAX as f64);
+    let nearest = clamped as f32;
+    if (nearest as f64).abs() < clamped.abs() {
+        // The magnitude is the low 31 bits: one step up is one ulp away from zero.
+        f32::from_bits(nearest.to_bits() + 1)
+    } else {
+        nearest
+    }
 }
 
 /// Parameters for sample `i` of `n`: seeded samples get `seed + i` so they differ
@@ -198,6 +220,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(build(&fields, &ep, &defaults).unwrap().max_tokens, Some(7));
+    }
+
+    #[test]
+    fn narrowing_keeps_values_on_their_side_of_bounds() {
+        assert!(narrow(5e-324) > 0.0);
+        assert!(narrow(-5e-324) < 0.0);
+        assert_eq!(narrow(0.0), 0.0);
+        assert!(narrow(2.000_000_000_1) > 2.0);
+        assert!(narrow(-2.000_000_000_1) < -2.0);
+        assert!(narrow(1.000_000_000_1) > 1.0);
+        assert_eq!(narrow(1.0), 1.0);
+        assert_eq!(narrow(-2.0), -2.0);
+        assert!(narrow(0.999_999_999_9) <= 1.0);
+        assert_eq!(narrow(1e300), f32::MAX);
+        assert_eq!(narrow(-1e300), -f32::MAX);
+        assert_eq!(narrow(0.5), 0.5);
     }
 
     #[test]

@@ -66,9 +66,16 @@ fn normalized_root(root: &str) -> Result<String> {
     Ok(trimmed.to_string())
 }
 
-fn routes(state: SharedState, root_path: &str) -> Router {
+fn routes(state: SharedState, root_path: &str, auth: bool) -> Router {
     let on = openapi::Optional::from_env();
-    let doc = Arc::new(openapi::document(root_path, on));
+    let served = openapi::Served {
+        model_names: state.served_model_names.clone(),
+        vocab_size: state.tokenizer.vocab_size(),
+        max_model_len: state.max_model_len,
+        pooling: state.pooling.is_some(),
+        auth,
+    };
+    let doc = Arc::new(openapi::document(root_path, on, &served));
     let router = Router::new()
         .route(
             "/openapi.json",
@@ -111,14 +118,15 @@ fn routes(state: SharedState, root_path: &str) -> Router {
 /// The whole app: routes (also under `--root-path`), auth, request ids, CORS.
 pub fn router(state: SharedState, cfg: &ServerConfig) -> Result<Router> {
     let root = normalized_root(&cfg.root_path)?;
-    let api = routes(state, &root);
+    let api_key = cfg.api_key.clone().filter(|k| !k.is_empty());
+    let api = routes(state, &root, api_key.is_some());
     let mut app = if root.is_empty() {
         api
     } else {
         Router::new().merge(api.clone()).nest(&root, api)
     };
     app = app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
-    if let Some(key) = cfg.api_key.clone().filter(|k| !k.is_empty()) {
+    if let Some(key) = api_key {
         let auth = Arc::new(AuthConfig {
             api_key: key,
             root_path: root.clone(),

@@ -1000,7 +1000,8 @@ __device__ void sample_rows(const T* __restrict__ logits, int vocab,
         float v = (!P.allowlist || (E.flags & EDIT_ALLOWED)) ? raw(E.token) : NEG_INF;
         if (E.flags & EDIT_BANNED) v = NEG_INF;
         v += E.bias;
-        if (E.rep != 1.f) v = v > 0.f ? v / E.rep : v * E.rep;
+        // As the CPU sampler: a tiny penalty must not make +inf (NaN softmax).
+        if (E.rep != 1.f) v = v > 0.f ? fminf(v / E.rep, 3.402823466e+38f) : v * E.rep;
         v -= E.sub;
         x[E.token] = v;
     }
