@@ -272,6 +272,16 @@ impl Store {
         if self.cfg.endpoints.len() < 2 || self.failing_over.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Callers bound their reads with timeouts that may drop this future
+        // mid-connect (the agent's pass does): the flag must come down
+        // then too, or no later call would ever fail over again.
+        struct Lower<'a>(&'a AtomicBool);
+        impl Drop for Lower<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _lower = Lower(&self.failing_over);
         let current = self.client.read().unwrap_or_else(|p| p.into_inner()).1;
         if let Ok((c, k)) = self.cfg.connect_from(&self.prefix, current + 1).await {
             if k != current {
@@ -283,7 +293,6 @@ impl Store {
             }
             *self.client.write().unwrap_or_else(|p| p.into_inner()) = (c, k);
         }
-        self.failing_over.store(false, Ordering::SeqCst);
     }
 
     pub fn prefix(&self) -> &str {
