@@ -90,7 +90,7 @@ env_vars! {
     VLLM_DISABLE_COMPILE_CACHE = "VLLM_DISABLE_COMPILE_CACHE", "0",
         "1: compile the CUDA kernels at every start instead of reusing the on-disk cache.";
     FLOTILLA_CUDA_ATTENTION = "FLOTILLA_CUDA_ATTENTION", "tiled",
-        "CUDA paged-attention kernel: `tiled` (keys staged through shared memory; any head size) or `lanes` (one lane per key, for head sizes 64/128/256 with up to 8 query heads per kv head; other shapes fall back to `tiled`).";
+        "CUDA paged-attention kernel: `tiled` (keys staged through shared memory; any head size) or `lanes` (one lane per key, for head sizes 64/128/256 with up to 8 query heads per kv head; other shapes fall back to `tiled`). When unset, VLLM_ATTENTION_BACKEND=TILED or LANES chooses.";
     FLOTILLA_CUDA_SMALL_BATCH_LINEAR = "FLOTILLA_CUDA_SMALL_BATCH_LINEAR", "blas",
         "CUDA linear layers for batches of up to 8 rows: `blas` (cuBLAS) or `gemv` (Flotilla's weight-streaming kernel).";
     VLLM_PORT = "VLLM_PORT", "",
@@ -152,8 +152,8 @@ env_vars! {
         "CPU cores the CPU backend's threads bind to.";
     VLLM_TARGET_DEVICE = "VLLM_TARGET_DEVICE", "cuda", @Accepted("the device is chosen at run time with --device"),
         "vLLM's build-time device.";
-    VLLM_ATTENTION_BACKEND = "VLLM_ATTENTION_BACKEND", "", @Warn("Flotilla has one paged-attention kernel per device and always uses it"),
-        "Force an attention implementation.";
+    VLLM_ATTENTION_BACKEND = "VLLM_ATTENTION_BACKEND", "",
+        "Force an attention implementation, by Flotilla's names: TILED or LANES (the CUDA kernels of FLOTILLA_CUDA_ATTENTION; the CPU backend has one kernel). Any other name (vLLM's FLASH_ATTN, FLASHINFER, ...) is an error at start.";
     VLLM_USE_FLASHINFER_SAMPLER = "VLLM_USE_FLASHINFER_SAMPLER", "", @Warn("Flotilla samples with its own kernels"),
         "Use FlashInfer's sampler.";
     VLLM_FLASH_ATTN_VERSION = "VLLM_FLASH_ATTN_VERSION", "", @Warn("Flotilla uses its own attention kernels"),
@@ -206,8 +206,8 @@ env_vars! {
         "Usage statistics source tag.";
     VLLM_USAGE_STATS_SERVER = "VLLM_USAGE_STATS_SERVER", "", @Accepted(TELEMETRY),
         "Usage statistics server.";
-    VLLM_NO_DEPRECATION_WARNING = "VLLM_NO_DEPRECATION_WARNING", "0", @Accepted("Flotilla has no deprecated settings to warn about"),
-        "Silence deprecation warnings.";
+    VLLM_NO_DEPRECATION_WARNING = "VLLM_NO_DEPRECATION_WARNING", "0",
+        "1: silence the warnings about deprecated vLLM options (--task, --override-pooler-config).";
     VLLM_ALLOW_RUNTIME_LORA_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0", @Fails("LoRA adapters are not available in Flotilla yet"),
         "Enable the LoRA load/unload endpoints.";
     VLLM_IMAGE_FETCH_TIMEOUT = "VLLM_IMAGE_FETCH_TIMEOUT", "5", @Accepted("multimodal inputs are refused until they are supported"),
@@ -313,6 +313,12 @@ pub fn raw(var: EnvVar) -> Option<String> {
     }
 }
 
+/// The environment's own value (non-empty), ignoring the default: whether
+/// the user set the variable.
+pub fn set_value(var: EnvVar) -> Option<String> {
+    std::env::var(var.name).ok().filter(|v| !v.is_empty())
+}
+
 /// Parses the variable, naming it in the error.
 pub fn get<T: FromStr>(var: EnvVar) -> Result<Option<T>, EnvError> {
     raw(var)
@@ -416,6 +422,11 @@ pub fn startup_report(lookup: impl Fn(&str) -> Option<String>) -> StartupReport 
             value.as_str()
         };
         match var.handling {
+            Handling::Honoured if var.name == VLLM_ATTENTION_BACKEND.name => {
+                if let Err(e) = attention_backend_of(&value) {
+                    r.errors.push(e);
+                }
+            }
             Handling::Honoured => {}
             Handling::Accepted(why) => r.accepted.push(format!("{}={shown}: {why}", var.name)),
             Handling::Warn(why) => r
@@ -427,6 +438,44 @@ pub fn startup_report(lookup: impl Fn(&str) -> Option<String>) -> StartupReport 
         }
     }
     r
+}
+
+/// Flotilla's attention kernels by `VLLM_ATTENTION_BACKEND`'s names.
+pub const ATTENTION_BACKENDS: &[&str] = &["TILED", "LANES"];
+
+/// The kernel `VLLM_ATTENTION_BACKEND` names (upper case), or the error
+/// line for a name that is not Flotilla's.
+fn attention_backend_of(value: &str) -> Result<&'static str, String> {
+    let v = value.trim().to_ascii_uppercase();
+    ATTENTION_BACKENDS
+        .iter()
+        .find(|b| **b == v)
+        .copied()
+        .ok_or_else(|| {
+            format!(
+                "VLLM_ATTENTION_BACKEND={value}: not one of Flotilla's attention kernels ({}); unset it",
+                ATTENTION_BACKENDS.join(", ")
+            )
+        })
+}
+
+/// `VLLM_ATTENTION_BACKEND`: the attention kernel it forces, if set
+/// (`TILED` or `LANES`), or an error naming the variable.
+pub fn attention_backend() -> Result<Option<&'static str>, EnvError> {
+    raw(VLLM_ATTENTION_BACKEND)
+        .map(|v| {
+            attention_backend_of(&v).map_err(|_| EnvError {
+                name: VLLM_ATTENTION_BACKEND.name,
+                value: v.clone(),
+                expected: "TILED or LANES",
+            })
+        })
+        .transpose()
+}
+
+/// Whether deprecation warnings are wanted (`VLLM_NO_DEPRECATION_WARNING`).
+pub fn deprecation_warnings() -> bool {
+    !flag(VLLM_NO_DEPRECATION_WARNING)
 }
 
 /// Logs a warning for each variable set to no effect and fails on those
@@ -538,15 +587,22 @@ mod tests {
             ("VLLM_ATTENTION_BACKEND", "FLASHINFER"),
             ("VLLM_NO_USAGE_STATS", "1"),
         ]));
-        assert_eq!(r.errors.len(), 2, "{r:?}");
+        assert_eq!(r.errors.len(), 3, "{r:?}");
         assert!(
-            r.errors[0].starts_with("VLLM_DP_SIZE=2: data-parallel"),
+            r.errors[0].starts_with("VLLM_ATTENTION_BACKEND=FLASHINFER: not one of Flotilla's attention kernels (TILED, LANES)"),
             "{r:?}"
         );
-        assert!(r.errors[1].contains("VLLM_USE_MODELSCOPE=True"), "{r:?}");
-        assert_eq!(r.warnings.len(), 1);
-        assert!(r.warnings[0].contains("VLLM_ATTENTION_BACKEND=FLASHINFER is ignored"));
+        assert!(
+            r.errors[1].starts_with("VLLM_DP_SIZE=2: data-parallel"),
+            "{r:?}"
+        );
+        assert!(r.errors[2].contains("VLLM_USE_MODELSCOPE=True"), "{r:?}");
+        assert!(r.warnings.is_empty(), "{r:?}");
         assert_eq!(r.accepted.len(), 1);
+        // Flotilla's own names, in any case, are honoured quietly.
+        let ours = startup_report(env(&[("VLLM_ATTENTION_BACKEND", "lanes")]));
+        assert_eq!(ours, StartupReport::default());
+        assert_eq!(attention_backend_of(" Tiled "), Ok("TILED"));
     }
 
     #[test]

@@ -361,7 +361,9 @@ impl EngineArgs {
             }
             (Some(t), None) => ("--pooler-config", t),
             (None, Some(t)) => {
-                tracing::warn!("--override-pooler-config is deprecated; use --pooler-config");
+                if envs::deprecation_warnings() {
+                    tracing::warn!("--override-pooler-config is deprecated; use --pooler-config");
+                }
                 ("--override-pooler-config", t)
             }
             (None, None) => return Ok(serde_json::Value::Null),

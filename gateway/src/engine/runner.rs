@@ -59,9 +59,11 @@ pub fn resolve(
 ) -> Result<RunnerKind> {
     let (mut runner, mut convert) = (runner, convert);
     if task != TaskOption::Auto {
-        tracing::warn!(
-            "--task is deprecated and will be removed in a future vLLM release; use --runner and --convert"
-        );
+        if runtime::envs::deprecation_warnings() {
+            tracing::warn!(
+                "--task is deprecated and will be removed in a future vLLM release; use --runner and --convert"
+            );
+        }
         let (r, c) = match task {
             TaskOption::Generate | TaskOption::Transcription => {
                 (RunnerOption::Generate, ConvertOption::Auto)

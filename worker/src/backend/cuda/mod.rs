@@ -360,6 +360,15 @@ impl KernelChoice {
             Some("lanes") => AttentionKernel::Lanes,
             Some(v) => return Err(bad(FLOTILLA_CUDA_ATTENTION.name, v, "tiled or lanes")),
         };
+        // vLLM's variable, by our kernels' names, when Flotilla's is not set.
+        let forced =
+            runtime::envs::attention_backend().map_err(|e| Error::config(e.to_string()))?;
+        let attention = match forced {
+            _ if runtime::envs::set_value(FLOTILLA_CUDA_ATTENTION).is_some() => attention,
+            Some("LANES") => AttentionKernel::Lanes,
+            Some(_) => AttentionKernel::Tiled,
+            None => attention,
+        };
         let small_batch_linear = match raw(FLOTILLA_CUDA_SMALL_BATCH_LINEAR).as_deref() {
             None | Some("blas") => LinearKernel::Blas,
             Some("gemv") => LinearKernel::Gemv,
