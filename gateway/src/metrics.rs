@@ -240,6 +240,83 @@ pub fn render(model_name: &str, g: &SchedulerGauges, m: &EngineMetrics) -> Strin
     out
 }
 
+/// vLLM's `VLLM_LOG_BATCHSIZE_INTERVAL` log (its forward context): every
+/// forward pass's batch size in tokens and its time, and every interval
+/// the sizes seen more than once with their count and median time, most
+/// frequent first. Operators read it to pick CUDA graph capture sizes.
+/// Like vLLM's, the counts cover the whole run, not the last interval.
+#[derive(Debug)]
+pub struct BatchSizeLogger {
+    interval: Duration,
+    last: Instant,
+    /// Forward times in ms, by batch size in tokens.
+    times: std::collections::BTreeMap<usize, Vec<f64>>,
+}
+
+impl BatchSizeLogger {
+    /// From `VLLM_LOG_BATCHSIZE_INTERVAL` (seconds): `None` when negative (off).
+    pub fn new(interval_secs: f64) -> Option<Self> {
+        if interval_secs.is_nan() || interval_secs < 0.0 {
+            return None;
+        }
+        Some(Self {
+            interval: Duration::try_from_secs_f64(interval_secs).unwrap_or(Duration::MAX),
+            last: Instant::now(),
+            times: Default::default(),
+        })
+    }
+
+    /// Records one forward pass and returns the log line when the interval
+    /// has passed and some size was seen more than once.
+    pub fn record(&mut self, num_tokens: usize, took: Duration, now: Instant) -> Option<String> {
+        self.times
+            .entry(num_tokens)
+            .or_default()
+            .push(took.as_secs_f64() * 1000.0);
+        if now.saturating_duration_since(self.last) <= self.interval {
+            return None;
+        }
+        self.last = now;
+        let stats = self.stats();
+        (!stats.is_empty()).then(|| {
+            let items: Vec<String> = stats
+                .iter()
+                .map(|(bs, n, median)| format!("({bs}, {n}, {median:.2})"))
+                .collect();
+            format!(
+                "Batchsize forward time stats (batchsize, count, median_time(ms)): [{}]",
+                items.join(", ")
+            )
+        })
+    }
+
+    /// (batch size, count, median ms), most frequent first. A size seen
+    /// once is left out, as vLLM does: it is usually a warm-up or profiling run.
+    pub fn stats(&self) -> Vec<(usize, usize, f64)> {
+        let mut out: Vec<(usize, usize, f64)> = self
+            .times
+            .iter()
+            .filter(|(_, t)| t.len() > 1)
+            .map(|(&bs, t)| (bs, t.len(), median(t)))
+            .collect();
+        // Stable: equal counts stay in batch-size order.
+        out.sort_by(|a, b| b.1.cmp(&a.1));
+        out
+    }
+}
+
+/// torch.quantile(q=0.5)'s median: the mean of the middle two for even counts.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
 /// Prints vLLM's periodic throughput line from counter deltas.
 #[derive(Debug)]
 pub struct StatLogger {
@@ -387,5 +464,32 @@ mod tests {
             .maybe_line(start + Duration::from_secs(30), &g, &m)
             .unwrap();
         assert!(!active, "nothing happened in the last interval");
+    }
+
+    #[test]
+    fn batch_size_log_counts_sizes_seen_more_than_once() {
+        assert!(BatchSizeLogger::new(-1.0).is_none(), "-1 is off");
+        let mut l = BatchSizeLogger::new(5.0).unwrap();
+        let t0 = l.last;
+        let ms = Duration::from_millis;
+        assert_eq!(l.record(8, ms(10), t0), None);
+        assert_eq!(l.record(8, ms(30), t0 + Duration::from_secs(1)), None);
+        assert_eq!(l.record(1, ms(2), t0 + Duration::from_secs(2)), None);
+        for t in [4, 6, 5] {
+            assert_eq!(l.record(3, ms(t), t0 + Duration::from_secs(3)), None);
+        }
+        let line = l.record(3, ms(100), t0 + Duration::from_secs(6)).unwrap();
+        assert_eq!(
+            line,
+            "Batchsize forward time stats (batchsize, count, median_time(ms)): \
+             [(3, 4, 5.50), (8, 2, 20.00)]"
+        );
+        // The next line waits for the next interval.
+        assert_eq!(l.record(3, ms(1), t0 + Duration::from_secs(7)), None);
+        // 0 logs at every step once a size repeats.
+        let mut l = BatchSizeLogger::new(0.0).unwrap();
+        let t0 = l.last;
+        assert_eq!(l.record(2, ms(1), t0 + ms(1)), None, "seen once");
+        assert!(l.record(2, ms(1), t0 + ms(2)).is_some());
     }
 }

@@ -164,7 +164,24 @@ fn rejected_tokens_and_bad_grammars_are_errors_not_panics() {
 #[test]
 fn a_steps_bitmask_has_a_row_per_sampling_grammar_in_step_order() {
     let Some((tok, c)) = compiler() else { return };
-    let mut m = StructuredOutputManager::default();
+    // 0: rayon's global pool; 2: a pool of its own (VLLM_LOGITS_PROCESSOR_THREADS).
+    for threads in [0, 2] {
+        let mut m = StructuredOutputManager::with_threads(threads).unwrap();
+        let expected = if threads == 0 {
+            rayon::current_num_threads()
+        } else {
+            threads
+        };
+        assert_eq!(m.mask_threads(), expected);
+        bitmask_rows_in_step_order(&tok, c, &mut m);
+    }
+}
+
+fn bitmask_rows_in_step_order(
+    tok: &Tokenizer,
+    c: &GrammarCompiler,
+    m: &mut StructuredOutputManager,
+) {
     let digits = c
         .compile(&so(StructuredOutputRequest::Regex("[0-9]+".into())))
         .unwrap();

@@ -144,8 +144,8 @@ env_vars! {
         "Where vLLM puts IPC sockets.";
     VLLM_KEEP_ALIVE_ON_ENGINE_DEATH = "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "0", @Accepted("the gateway always stays up: /health answers 503 while its engine is down, and lost workers are replaced"),
         "Keep the API server up after the engine died (vLLM exits by default).";
-    VLLM_LOG_BATCHSIZE_INTERVAL = "VLLM_LOG_BATCHSIZE_INTERVAL", "-1", @Warn(NOT_YET),
-        "Seconds between batch-size log lines (the stats line of VLLM_LOG_STATS_INTERVAL shows running and waiting requests).";
+    VLLM_LOG_BATCHSIZE_INTERVAL = "VLLM_LOG_BATCHSIZE_INTERVAL", "-1",
+        "Seconds between the engine's \"Batchsize forward time stats (batchsize, count, median_time(ms))\" log lines (batch sizes in tokens since start, for picking CUDA graph sizes); negative: off.";
     VLLM_TRACE_FUNCTION = "VLLM_TRACE_FUNCTION", "0", @Warn("call tracing is a Python debugging aid; use VLLM_LOGGING_LEVEL=DEBUG"),
         "Trace every function call (vLLM debugging).";
     VLLM_CPU_OMP_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND", "all", @Warn("thread binding is not available in Flotilla yet; RAYON_NUM_THREADS sets the CPU backend's thread count"),
@@ -220,8 +220,8 @@ env_vars! {
         "Multimodal input cache entries.";
     VLLM_PLUGINS = "VLLM_PLUGINS", "", @Warn("Flotilla loads no plugins"),
         "Plugins to load.";
-    VLLM_LOGITS_PROCESSOR_THREADS = "VLLM_LOGITS_PROCESSOR_THREADS", "0", @Warn(NOT_YET),
-        "Threads for logits processors (structured-output masks).";
+    VLLM_LOGITS_PROCESSOR_THREADS = "VLLM_LOGITS_PROCESSOR_THREADS", "0",
+        "Threads of a pool of their own that computes the structured-output token masks of a step; 0: rayon's global pool (shared with the CPU backend).";
     VLLM_RINGBUFFER_WARNING_INTERVAL = "VLLM_RINGBUFFER_WARNING_INTERVAL", "60", @Accepted("Flotilla has no shared-memory queue"),
         "Seconds between warnings about a full shared-memory queue.";
     VLLM_FUSED_MOE_CHUNK_SIZE = "VLLM_FUSED_MOE_CHUNK_SIZE", "32768", @Warn(OTHER_PLATFORM),

@@ -69,7 +69,7 @@ impl EngineClient {
             tokenizer,
             shared.clone(),
             log_stats_interval,
-        );
+        )?;
         let thread = std::thread::Builder::new()
             .name("engine-core".into())
             .spawn(move || core.run(rx))

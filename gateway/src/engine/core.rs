@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use worker::SchedulerOutput;
 
+use super::error::EngineError;
 use super::output::{OutputProcessor, Ready};
 use super::profiler::{Phase, Profiler};
 use super::scheduler::{Scheduler, SchedulerStats};
 use super::structured_output::{RequestGrammar, StructuredOutputManager};
 use super::types::{EngineRequest, FinishReason, RequestOutput};
 use crate::executor::{Executor, ExecutorError, Rebuild};
-use crate::metrics::{EngineMetrics, SchedulerGauges, StatLogger};
+use crate::metrics::{BatchSizeLogger, EngineMetrics, SchedulerGauges, StatLogger};
 use crate::tokenizer::Tokenizer;
 
 pub(crate) enum Command {
@@ -85,11 +86,13 @@ pub(crate) struct EngineCore {
     fatal: Option<String>,
     /// Steps submitted to a pipelined executor and not collected yet, oldest
     /// first, with their step numbers.
-    in_flight: VecDeque<(u64, SchedulerOutput)>,
+    in_flight: VecDeque<(u64, SchedulerOutput, Instant)>,
     /// Present only with `VLLM_TORCH_PROFILER_DIR`.
     profiler: Option<Profiler>,
     /// Grammar matchers of structured-output requests.
     structured: StructuredOutputManager,
+    /// Present only with `VLLM_LOG_BATCHSIZE_INTERVAL` >= 0.
+    batch_sizes: Option<BatchSizeLogger>,
     /// Requests whose matcher failed while computing a mask, and why.
     grammar_failures: Vec<(String, String)>,
 }
@@ -102,7 +105,9 @@ impl EngineCore {
         tokenizer: Arc<Tokenizer>,
         shared: Arc<Shared>,
         log_interval: Duration,
-    ) -> Self {
+    ) -> Result<Self, EngineError> {
+        let batch_interval: f64 =
+            runtime::envs::get(runtime::envs::VLLM_LOG_BATCHSIZE_INTERVAL)?.unwrap_or(-1.0);
         let core = Self {
             scheduler,
             executor: Some(executor),
@@ -115,11 +120,12 @@ impl EngineCore {
             fatal: None,
             in_flight: VecDeque::new(),
             profiler: runtime::envs::raw(runtime::envs::VLLM_TORCH_PROFILER_DIR).map(Profiler::new),
-            structured: StructuredOutputManager::default(),
+            structured: StructuredOutputManager::from_env()?,
+            batch_sizes: BatchSizeLogger::new(batch_interval),
             grammar_failures: Vec::new(),
         };
         core.publish_stats();
-        core
+        Ok(core)
     }
 
     /// Runs until shutdown or until every client handle is gone.
@@ -353,6 +359,7 @@ impl EngineCore {
         let executing = Instant::now();
         let result = self.execute(self.step_num, &step);
         let applying = Instant::now();
+        self.log_batch_size(&step, applying - executing, applying);
         self.apply(self.step_num, &step, result);
         if self.profiler.as_ref().is_some_and(Profiler::is_recording) {
             let n = self.step_num;
@@ -420,17 +427,19 @@ impl EngineCore {
                 self.profile(num, "schedule", scheduling, submitting, &step);
                 self.profile(num, "submit", submitting, Instant::now(), &step);
                 match submitted {
-                    Ok(()) => self.in_flight.push_back((num, step)),
+                    Ok(()) => self.in_flight.push_back((num, step, submitting)),
                     Err(e) => self.apply(num, &step, Err(e)),
                 }
                 progressed = true;
             }
         }
         if !self.in_flight.is_empty() && (self.in_flight.len() >= depth || !progressed) {
-            let (num, step) = self.in_flight.pop_front().expect("checked non-empty");
+            let (num, step, submitted) = self.in_flight.pop_front().expect("checked non-empty");
             let waiting = Instant::now();
             let result = self.guarded(|ex| ex.wait_oldest());
             let applying = Instant::now();
+            // Submit to result: the pipeline's time for this batch.
+            self.log_batch_size(&step, applying - submitted, applying);
             self.apply(num, &step, result);
             self.profile(num, "wait_oldest", waiting, applying, &step);
             self.profile(num, "process_outputs", applying, Instant::now(), &step);
@@ -621,6 +630,14 @@ impl EngineCore {
 
     fn publish_stats(&self) {
         *self.shared.stats.lock().expect("stats lock") = self.scheduler.stats();
+    }
+
+    fn log_batch_size(&mut self, step: &SchedulerOutput, took: Duration, now: Instant) {
+        if let Some(logger) = &mut self.batch_sizes {
+            if let Some(line) = logger.record(step.total_num_scheduled_tokens(), took, now) {
+                tracing::info!("{line}");
+            }
+        }
     }
 
     fn maybe_log_stats(&mut self) {

@@ -352,12 +352,53 @@ impl RequestGrammar {
 #[derive(Default)]
 pub struct StructuredOutputManager {
     grammars: HashMap<String, RequestGrammar>,
+    /// `VLLM_LOGITS_PROCESSOR_THREADS` > 0: masks are computed on this pool
+    /// of their own, so that they do not compete with (or wait behind) the
+    /// CPU backend's model threads in rayon's global pool.
+    pool: Option<rayon::ThreadPool>,
     /// Mask computation time, for the profiler and benchmarks.
     pub mask_time: Duration,
     pub masks_computed: u64,
 }
 
 impl StructuredOutputManager {
+    /// A manager whose masks are computed on a dedicated pool of `threads`
+    /// threads (vLLM's `VLLM_LOGITS_PROCESSOR_THREADS`); 0 uses rayon's
+    /// global pool.
+    pub fn with_threads(threads: usize) -> std::io::Result<Self> {
+        let pool = match threads {
+            0 => None,
+            n => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("grammar-mask-{i}"))
+                    .build()
+                    .map_err(std::io::Error::other)?,
+            ),
+        };
+        Ok(Self {
+            pool,
+            ..Self::default()
+        })
+    }
+
+    /// From `VLLM_LOGITS_PROCESSOR_THREADS`.
+    pub fn from_env() -> crate::engine::error::Result<Self> {
+        let var = runtime::envs::VLLM_LOGITS_PROCESSOR_THREADS;
+        let threads: usize = runtime::envs::get(var)?.unwrap_or(0);
+        Self::with_threads(threads).map_err(|e| crate::engine::error::EngineError::EngineDead {
+            reason: format!("cannot start the {threads} threads of {}: {e}", var.name),
+        })
+    }
+
+    /// Threads the masks of one step are computed on.
+    pub fn mask_threads(&self) -> usize {
+        match &self.pool {
+            Some(pool) => pool.current_num_threads(),
+            None => rayon::current_num_threads(),
+        }
+    }
+
     pub fn add(&mut self, request_id: String, grammar: RequestGrammar) {
         self.grammars.insert(request_id, grammar);
     }
@@ -411,7 +452,12 @@ impl StructuredOutputManager {
             (id.to_string(), r, g.tok_eos)
         };
         let results: Vec<_> = if rows.len() > 1 {
-            rows.par_iter_mut().map(compute).collect()
+            let pool = &self.pool;
+            let mut run = || rows.par_iter_mut().map(compute).collect();
+            match pool {
+                Some(pool) => pool.install(run),
+                None => run(),
+            }
         } else {
             rows.iter_mut().map(compute).collect()
         };
