@@ -300,7 +300,7 @@ impl BatchSizeLogger {
             .map(|(&bs, t)| (bs, t.len(), median(t)))
             .collect();
         // Stable: equal counts stay in batch-size order.
-        out.sort_by(|a, b| b.1.cmp(&a.1));
+        out.sort_by_key(|s| std::cmp::Reverse(s.1));
         out
     }
 }
@@ -310,7 +310,7 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         (v[mid - 1] + v[mid]) / 2.0
     } else {
         v[mid]

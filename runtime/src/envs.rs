@@ -148,8 +148,8 @@ env_vars! {
         "Seconds between the engine's \"Batchsize forward time stats (batchsize, count, median_time(ms))\" log lines (batch sizes in tokens since start, for picking CUDA graph sizes); negative: off.";
     VLLM_TRACE_FUNCTION = "VLLM_TRACE_FUNCTION", "0", @Warn("call tracing is a Python debugging aid; use VLLM_LOGGING_LEVEL=DEBUG"),
         "Trace every function call (vLLM debugging).";
-    VLLM_CPU_OMP_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND", "all", @Warn("thread binding is not available in Flotilla yet; RAYON_NUM_THREADS sets the CPU backend's thread count"),
-        "CPU cores the CPU backend's threads bind to.";
+    VLLM_CPU_OMP_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND", "all",
+        "CPU cores the CPU backend's threads bind to: a core list (\"0-31\", \"0,2,4-7\"; \"0-31|32-63\" gives one list per LOCAL_RANK) sets the thread count to the cores and pins one thread to each; \"all\" and \"nobind\" leave threads unpinned (RAYON_NUM_THREADS decides their count); \"auto\" (NUMA-aware) is not available and warns.";
     VLLM_TARGET_DEVICE = "VLLM_TARGET_DEVICE", "cuda", @Accepted("the device is chosen at run time with --device"),
         "vLLM's build-time device.";
     VLLM_ATTENTION_BACKEND = "VLLM_ATTENTION_BACKEND", "",
@@ -356,6 +356,66 @@ pub fn cpu_kvcache_space_bytes() -> Result<usize, EnvError> {
         });
     }
     Ok((gib * (1u64 << 30) as f64) as usize)
+}
+
+/// What `VLLM_CPU_OMP_THREADS_BIND` asks of this process's CPU threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuThreadsBind {
+    /// "all" / "nobind": threads are not pinned.
+    Unbound,
+    /// "auto": vLLM binds each rank to a NUMA node; Flotilla cannot yet.
+    Auto,
+    /// One thread per core, pinned to it, in this order.
+    Cores(Vec<usize>),
+}
+
+/// Parses `VLLM_CPU_OMP_THREADS_BIND`'s value for the worker of local
+/// rank `rank`: a `|`-separated list holds one core list per rank.
+pub fn parse_cpu_threads_bind(value: &str, rank: usize) -> Result<CpuThreadsBind, EnvError> {
+    let bad = |expected: &'static str| EnvError {
+        name: VLLM_CPU_OMP_THREADS_BIND.name,
+        value: value.to_string(),
+        expected,
+    };
+    match value.trim() {
+        "" | "all" | "nobind" => return Ok(CpuThreadsBind::Unbound),
+        "auto" => return Ok(CpuThreadsBind::Auto),
+        _ => {}
+    }
+    let lists: Vec<&str> = value.trim().split('|').collect();
+    let list = match lists.as_slice() {
+        [one] => *one,
+        many => *many
+            .get(rank)
+            .ok_or_else(|| bad("core list per rank, with a list for this worker's LOCAL_RANK"))?,
+    };
+    const LIST: &str =
+        "core list (\"all\", \"auto\", \"nobind\", or cores like \"0-31\" or \"0,2,4-7\", \"|\" between ranks)";
+    let mut cores = Vec::new();
+    for part in list.split(',') {
+        let part = part.trim();
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.trim(), hi.trim()),
+            None => (part, part),
+        };
+        let (lo, hi): (usize, usize) = match (lo.parse(), hi.parse()) {
+            (Ok(lo), Ok(hi)) if lo <= hi => (lo, hi),
+            _ => return Err(bad(LIST)),
+        };
+        for c in lo..=hi {
+            if cores.contains(&c) {
+                return Err(bad("core list naming each core once"));
+            }
+            cores.push(c);
+        }
+    }
+    Ok(CpuThreadsBind::Cores(cores))
+}
+
+/// `VLLM_CPU_OMP_THREADS_BIND` for this process, whose rank is `LOCAL_RANK` (0 when unset).
+pub fn cpu_threads_bind() -> Result<CpuThreadsBind, EnvError> {
+    let rank: usize = get(LOCAL_RANK)?.unwrap_or(0);
+    parse_cpu_threads_bind(&raw(VLLM_CPU_OMP_THREADS_BIND).unwrap_or_default(), rank)
 }
 
 /// `VLLM_RPC_TIMEOUT` as a duration (milliseconds in the variable).
@@ -703,6 +763,28 @@ mod tests {
         ] {
             assert!(ALL.iter().any(|v| v.name == name), "{name} is not declared");
         }
+    }
+
+    #[test]
+    fn cpu_thread_binding_lists() {
+        use CpuThreadsBind::*;
+        let p = parse_cpu_threads_bind;
+        assert_eq!(p("all", 0).unwrap(), Unbound);
+        assert_eq!(p("nobind", 3).unwrap(), Unbound);
+        assert_eq!(p("auto", 0).unwrap(), Auto);
+        assert_eq!(p("0", 0).unwrap(), Cores(vec![0]));
+        assert_eq!(p("0-2,5", 7).unwrap(), Cores(vec![0, 1, 2, 5]));
+        assert_eq!(p("0-1|2-3", 0).unwrap(), Cores(vec![0, 1]));
+        assert_eq!(p("0-1|2-3", 1).unwrap(), Cores(vec![2, 3]));
+        for bad in ["3-1", "x", "0,,1", "0-1,1", "-2"] {
+            let e = p(bad, 0).unwrap_err().to_string();
+            assert!(
+                e.starts_with("environment variable VLLM_CPU_OMP_THREADS_BIND="),
+                "{e}"
+            );
+        }
+        let e = p("0-1|2-3", 2).unwrap_err().to_string();
+        assert!(e.contains("LOCAL_RANK"), "{e}");
     }
 
     #[test]

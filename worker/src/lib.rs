@@ -6,6 +6,7 @@ pub mod attention;
 pub mod backend;
 pub mod collective;
 pub mod config;
+pub mod cpu_threads;
 pub mod error;
 pub mod kv_cache;
 pub mod load_format;

@@ -404,6 +404,11 @@ impl EngineArgs {
         // vLLM settings that would have no effect are named before anything loads.
         runtime::envs::check_startup()?;
         self.validate()?;
+        if self.executor_backend() == DistributedBackend::Uni {
+            // The model runs in this process, on rayon's global pool: sized
+            // and pinned before the tokenizer or anything else builds it.
+            worker::cpu_threads::init_from_env()?;
+        }
         // Checked here so a mistyped model path is reported as the model's,
         // not as the tokenizer's (which loads first and defaults to it).
         if !model.exists() {

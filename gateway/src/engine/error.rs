@@ -74,6 +74,10 @@ pub enum EngineError {
     #[error(transparent)]
     Startup(#[from] runtime::envs::StartupError),
 
+    /// `VLLM_CPU_OMP_THREADS_BIND` cannot be applied.
+    #[error(transparent)]
+    CpuThreads(#[from] worker::cpu_threads::CpuThreadsError),
+
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
 

@@ -36,6 +36,8 @@ enum WorkerMainError {
     },
     #[error("the Worker service stopped: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    CpuThreads(#[from] worker::cpu_threads::CpuThreadsError),
     #[error("VLLM_NCCL_SO_PATH={path}: {message}")]
     NcclPath { path: String, message: String },
 }
@@ -55,6 +57,8 @@ fn run() -> Result<(), WorkerMainError> {
     runtime::logging::init()?;
     runtime::envs::check_startup()?;
     honour_nccl_so_path()?;
+    // Before anything uses rayon: the global pool is built once.
+    worker::cpu_threads::init_from_env()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
