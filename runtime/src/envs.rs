@@ -194,8 +194,8 @@ env_vars! {
         "Use vLLM's V1 engine.";
     VLLM_ENABLE_V1_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING", "1", @Accepted("the engine loop runs on its own thread beside the server"),
         "Run V1's engine core in its own process.";
-    VLLM_V1_OUTPUT_PROC_CHUNK_SIZE = "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", "128", @Warn(NOT_YET),
-        "Outputs processed per chunk.";
+    VLLM_V1_OUTPUT_PROC_CHUNK_SIZE = "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", "128",
+        "Outputs the engine sends to their request streams per chunk; it yields the CPU between chunks (split as vLLM does: ceil(n / size) near-equal chunks).";
     VLLM_USE_MODELSCOPE = "VLLM_USE_MODELSCOPE", "False", @Fails("Flotilla loads models from local paths only (no hub downloads)"),
         "Load models from ModelScope.";
     VLLM_NO_USAGE_STATS = "VLLM_NO_USAGE_STATS", "0", @Accepted(TELEMETRY),

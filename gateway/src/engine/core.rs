@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use worker::SchedulerOutput;
 
 use super::error::EngineError;
-use super::output::{OutputProcessor, Ready};
+use super::output::{output_chunks, OutputProcessor, Ready};
 use super::profiler::{Phase, Profiler};
 use super::scheduler::{Scheduler, SchedulerStats};
 use super::structured_output::{RequestGrammar, StructuredOutputManager};
@@ -91,6 +91,8 @@ pub(crate) struct EngineCore {
     profiler: Option<Profiler>,
     /// Grammar matchers of structured-output requests.
     structured: StructuredOutputManager,
+    /// `VLLM_V1_OUTPUT_PROC_CHUNK_SIZE`: outputs sent between yields.
+    output_chunk_size: usize,
     /// Present only with `VLLM_LOG_BATCHSIZE_INTERVAL` >= 0.
     batch_sizes: Option<BatchSizeLogger>,
     /// Requests whose matcher failed while computing a mask, and why.
@@ -108,6 +110,16 @@ impl EngineCore {
     ) -> Result<Self, EngineError> {
         let batch_interval: f64 =
             runtime::envs::get(runtime::envs::VLLM_LOG_BATCHSIZE_INTERVAL)?.unwrap_or(-1.0);
+        let chunk_var = runtime::envs::VLLM_V1_OUTPUT_PROC_CHUNK_SIZE;
+        let output_chunk_size: usize = runtime::envs::get(chunk_var)?.unwrap_or(128);
+        if output_chunk_size == 0 {
+            return Err(runtime::envs::EnvError {
+                name: chunk_var.name,
+                value: "0".into(),
+                expected: "positive number of outputs",
+            }
+            .into());
+        }
         let core = Self {
             scheduler,
             executor: Some(executor),
@@ -122,6 +134,7 @@ impl EngineCore {
             profiler: runtime::envs::raw(runtime::envs::VLLM_TORCH_PROFILER_DIR).map(Profiler::new),
             structured: StructuredOutputManager::from_env()?,
             batch_sizes: BatchSizeLogger::new(batch_interval),
+            output_chunk_size,
             grammar_failures: Vec::new(),
         };
         core.publish_stats();
@@ -618,14 +631,32 @@ impl EngineCore {
 
     fn flush_outputs(&mut self) {
         self.publish_stats();
-        let mut live = self.shared.live_ids.lock().expect("ids lock");
-        for Ready { tx, out } in self.pending.drain(..) {
-            if out.finished.is_some() {
-                live.remove(&out.request_id);
+        let mut pending = std::mem::take(&mut self.pending);
+        let chunks = output_chunks(pending.len(), self.output_chunk_size);
+        let last = chunks.len().saturating_sub(1);
+        let mut drained = pending.drain(..);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            {
+                let mut live = self.shared.live_ids.lock().expect("ids lock");
+                for Ready { tx, out } in drained.by_ref().take(chunk.len()) {
+                    if out.finished.is_some() {
+                        live.remove(&out.request_id);
+                    }
+                    // The client may have gone away; nothing to do then.
+                    let _ = tx.send(out);
+                }
             }
-            // The client may have gone away; nothing to do then.
-            let _ = tx.send(out);
+            if i < last {
+                // As vLLM's output handler does between chunks: the
+                // streams woken so far get the CPU (and the ids lock) before
+                // the next chunk, so that HTTP tasks are not starved at
+                // high concurrency.
+                std::thread::yield_now();
+            }
         }
+        drop(drained);
+        // The emptied vector keeps its capacity for the next step.
+        self.pending = pending;
     }
 
     fn publish_stats(&self) {

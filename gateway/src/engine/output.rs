@@ -178,3 +178,40 @@ impl OutputProcessor {
         Some(Ready { tx: st.tx, out })
     }
 }
+
+/// The chunks a step's outputs are sent in (`VLLM_V1_OUTPUT_PROC_CHUNK_SIZE`):
+/// as vLLM's AsyncLLM output handler splits them (numpy's array_split into
+/// ceil(n / chunk_size) parts, the first ones one longer), so that no chunk
+/// is much smaller than the others.
+pub(crate) fn output_chunks(n: usize, chunk_size: usize) -> Vec<std::ops::Range<usize>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let parts = n.div_ceil(chunk_size.max(1));
+    let (base, longer) = (n / parts, n % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = base + usize::from(i < longer);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::output_chunks;
+
+    #[test]
+    fn outputs_are_split_like_numpy_array_split() {
+        assert!(output_chunks(0, 128).is_empty());
+        assert_eq!(output_chunks(5, 128), vec![0..5]);
+        assert_eq!(output_chunks(128, 128), vec![0..128]);
+        // 129 outputs: two parts of 65 and 64, not 128 and 1.
+        assert_eq!(output_chunks(129, 128), vec![0..65, 65..129]);
+        assert_eq!(output_chunks(7, 2), vec![0..2, 2..4, 4..6, 6..7]);
+        assert_eq!(output_chunks(3, 1), vec![0..1, 1..2, 2..3]);
+    }
+}
