@@ -50,9 +50,6 @@ macro_rules! env_vars {
 
 use Handling::{Accepted, Error as Fails, Warn};
 
-/// Not in Flotilla yet: the reason `Warn`/`Error` give for vLLM settings
-/// that belong to work still to come.
-const NOT_YET: &str = "not available in Flotilla yet";
 /// vLLM options for kernels, model families and platforms Flotilla does not have.
 const OTHER_PLATFORM: &str = "an option of vLLM kernels, model families or platforms Flotilla does not have; it has no effect";
 const TELEMETRY: &str = "Flotilla never sends usage statistics";
@@ -164,8 +161,8 @@ env_vars! {
         "FlashInfer tensor-core decode.";
     VLLM_CUDA_MEM_ALIGN_KV_CACHE = "VLLM_CUDA_MEM_ALIGN_KV_CACHE", "1", @Warn("Flotilla's KV blocks are always allocated aligned; the setting has no effect"),
         "Align KV cache entries to 256 bytes.";
-    VLLM_DISABLED_KERNELS = "VLLM_DISABLED_KERNELS", "", @Warn(NOT_YET),
-        "Kernels not to use.";
+    VLLM_DISABLED_KERNELS = "VLLM_DISABLED_KERNELS", "",
+        "Comma-separated Flotilla kernels not to use, each replaced by its alternative: paged_attention_lanes (tiled attention), gemv_rows (cuBLAS), sample_rows (host sampling), all CUDA. Selecting a disabled kernel with FLOTILLA_CUDA_* is an error; other names (vLLM's) are named in a warning.";
     VLLM_SKIP_P2P_CHECK = "VLLM_SKIP_P2P_CHECK", "0", @Accepted("Flotilla does not check GPU peer access; multi-GPU collectives are not available yet"),
         "Trust the driver's GPU peer-to-peer report.";
     VLLM_TORCH_PROFILER_DIR = "VLLM_TORCH_PROFILER_DIR", "",

@@ -409,6 +409,8 @@ impl EngineArgs {
             // and pinned before the tokenizer or anything else builds it.
             worker::cpu_threads::init_from_env()?;
         }
+        // Names that are not Flotilla kernels are warned about at start, on any device.
+        worker::backend::disabled_kernels::DisabledKernels::from_env();
         // Checked here so a mistyped model path is reported as the model's,
         // not as the tokenizer's (which loads first and defaults to it).
         if !model.exists() {

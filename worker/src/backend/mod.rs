@@ -6,6 +6,7 @@ pub mod cpu;
 mod cpu_attention;
 mod cpu_encoder;
 pub mod cpu_kv;
+pub mod disabled_kernels;
 pub mod elem;
 pub mod half_matmul;
 pub mod q8_matmul;

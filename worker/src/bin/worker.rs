@@ -59,6 +59,8 @@ fn run() -> Result<(), WorkerMainError> {
     honour_nccl_so_path()?;
     // Before anything uses rayon: the global pool is built once.
     worker::cpu_threads::init_from_env()?;
+    // Names that are not Flotilla kernels are warned about at start, on any device.
+    worker::backend::disabled_kernels::DisabledKernels::from_env();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

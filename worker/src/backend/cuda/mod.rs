@@ -20,6 +20,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::disabled_kernels::{self as disabled_kernels, DisabledKernels};
 use super::{Backend, ComputeDtype, DeviceSampled, RowTop, SampleSpec, StepInputs};
 use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
@@ -322,10 +323,22 @@ pub struct CudaBackend {
 /// The kernels that have alternatives, so tests and benchmarks can hold
 /// them side by side (`FLOTILLA_CUDA_ATTENTION`,
 /// `FLOTILLA_CUDA_SMALL_BATCH_LINEAR` pick them at start).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelChoice {
     pub attention: AttentionKernel,
     pub small_batch_linear: LinearKernel,
+    /// Sample on the device (`sample_rows`); false: logits go to the host sampler.
+    pub device_sampling: bool,
+}
+
+impl Default for KernelChoice {
+    fn default() -> Self {
+        Self {
+            attention: AttentionKernel::default(),
+            small_batch_linear: LinearKernel::default(),
+            device_sampling: true,
+        }
+    }
 }
 
 /// Paged attention: `Tiled` stages each tile of keys through shared memory
@@ -351,26 +364,70 @@ pub enum LinearKernel {
 impl KernelChoice {
     /// The choice the environment makes (the defaults when unset).
     pub fn from_env() -> Result<Self> {
-        use runtime::envs::{raw, FLOTILLA_CUDA_ATTENTION, FLOTILLA_CUDA_SMALL_BATCH_LINEAR};
+        use runtime::envs::{
+            raw, set_value, FLOTILLA_CUDA_ATTENTION, FLOTILLA_CUDA_SMALL_BATCH_LINEAR,
+        };
+        let forced =
+            runtime::envs::attention_backend().map_err(|e| Error::config(e.to_string()))?;
+        Self::choose(
+            set_value(FLOTILLA_CUDA_ATTENTION).as_deref(),
+            forced,
+            raw(FLOTILLA_CUDA_SMALL_BATCH_LINEAR).as_deref(),
+            &DisabledKernels::from_env(),
+        )
+    }
+
+    /// `from_env` for given values of `FLOTILLA_CUDA_ATTENTION` (when set),
+    /// `VLLM_ATTENTION_BACKEND` (by our kernels' names),
+    /// `FLOTILLA_CUDA_SMALL_BATCH_LINEAR` and `VLLM_DISABLED_KERNELS`. The
+    /// defaults are the fallbacks, so disabling a kernel only matters, and
+    /// contradicts, when it is also selected.
+    pub fn choose(
+        attention: Option<&str>,
+        attention_backend: Option<&str>,
+        small_batch_linear: Option<&str>,
+        disabled: &DisabledKernels,
+    ) -> Result<Self> {
+        use runtime::envs::{FLOTILLA_CUDA_ATTENTION, FLOTILLA_CUDA_SMALL_BATCH_LINEAR};
         let bad = |name: &str, v: &str, expected: &str| {
             Error::config(format!("{name}={v:?}: expected {expected}"))
         };
-        let attention = match raw(FLOTILLA_CUDA_ATTENTION).as_deref() {
+        let contradicts = |name: &str, v: &str, kernel: &str| {
+            Error::config(format!(
+                "{name}={v} selects {kernel}, which VLLM_DISABLED_KERNELS disables; drop one of the two"
+            ))
+        };
+        let lanes_disabled = disabled.contains(disabled_kernels::PAGED_ATTENTION_LANES);
+        let attention = match attention {
+            // vLLM's variable, by our kernels' names, when Flotilla's is not set.
+            None if attention_backend == Some("LANES") && lanes_disabled => {
+                return Err(contradicts(
+                    "VLLM_ATTENTION_BACKEND",
+                    "LANES",
+                    disabled_kernels::PAGED_ATTENTION_LANES,
+                ))
+            }
+            None if attention_backend == Some("LANES") => AttentionKernel::Lanes,
             None | Some("tiled") => AttentionKernel::Tiled,
+            Some("lanes") if lanes_disabled => {
+                return Err(contradicts(
+                    FLOTILLA_CUDA_ATTENTION.name,
+                    "lanes",
+                    disabled_kernels::PAGED_ATTENTION_LANES,
+                ))
+            }
             Some("lanes") => AttentionKernel::Lanes,
             Some(v) => return Err(bad(FLOTILLA_CUDA_ATTENTION.name, v, "tiled or lanes")),
         };
-        // vLLM's variable, by our kernels' names, when Flotilla's is not set.
-        let forced =
-            runtime::envs::attention_backend().map_err(|e| Error::config(e.to_string()))?;
-        let attention = match forced {
-            _ if runtime::envs::set_value(FLOTILLA_CUDA_ATTENTION).is_some() => attention,
-            Some("LANES") => AttentionKernel::Lanes,
-            Some(_) => AttentionKernel::Tiled,
-            None => attention,
-        };
-        let small_batch_linear = match raw(FLOTILLA_CUDA_SMALL_BATCH_LINEAR).as_deref() {
+        let small_batch_linear = match small_batch_linear {
             None | Some("blas") => LinearKernel::Blas,
+            Some("gemv") if disabled.contains(disabled_kernels::GEMV_ROWS) => {
+                return Err(contradicts(
+                    FLOTILLA_CUDA_SMALL_BATCH_LINEAR.name,
+                    "gemv",
+                    disabled_kernels::GEMV_ROWS,
+                ))
+            }
             Some("gemv") => LinearKernel::Gemv,
             Some(v) => {
                 return Err(bad(
@@ -383,6 +440,7 @@ impl KernelChoice {
         Ok(Self {
             attention,
             small_batch_linear,
+            device_sampling: !disabled.contains(disabled_kernels::SAMPLE_ROWS),
         })
     }
 }
@@ -1373,7 +1431,8 @@ impl Backend for CudaBackend {
     }
 
     fn samples_on_device(&self) -> bool {
-        true
+        // VLLM_DISABLED_KERNELS=sample_rows: the host sampler takes every row.
+        self.kernels.device_sampling
     }
 
     fn sample(&self, logits: &CudaTensor, rows: &[SampleSpec]) -> Result<Vec<DeviceSampled>> {
@@ -1721,4 +1780,50 @@ pub fn measure_copy_bandwidth(b: &CudaBackend, bytes: usize) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(2.0 * bytes as f64 / times[times.len() / 2])
+}
+
+#[cfg(test)]
+mod kernel_choice_tests {
+    use super::*;
+
+    #[test]
+    fn disabled_kernels_fall_back_and_contradictions_are_errors() {
+        let none = DisabledKernels::default();
+        let all = DisabledKernels::parse("paged_attention_lanes,gemv_rows,sample_rows").0;
+        let c = KernelChoice::choose(Some("lanes"), None, Some("gemv"), &none).unwrap();
+        assert_eq!(
+            (c.attention, c.small_batch_linear, c.device_sampling),
+            (AttentionKernel::Lanes, LinearKernel::Gemv, true)
+        );
+        // Disabled and not selected: the fallbacks.
+        let c = KernelChoice::choose(None, Some("TILED"), Some("blas"), &all).unwrap();
+        assert_eq!(
+            c,
+            KernelChoice {
+                device_sampling: false,
+                ..KernelChoice::default()
+            }
+        );
+        let e = KernelChoice::choose(Some("lanes"), None, None, &all)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("FLOTILLA_CUDA_ATTENTION=lanes") && e.contains("VLLM_DISABLED_KERNELS"),
+            "{e}"
+        );
+        let e = KernelChoice::choose(None, None, Some("gemv"), &all)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gemv_rows"), "{e}");
+        assert!(KernelChoice::choose(Some("fast"), None, None, &none).is_err());
+        // VLLM_ATTENTION_BACKEND=LANES picks lanes unless Flotilla's variable is set.
+        let c = KernelChoice::choose(None, Some("LANES"), None, &none).unwrap();
+        assert_eq!(c.attention, AttentionKernel::Lanes);
+        let c = KernelChoice::choose(Some("tiled"), Some("LANES"), None, &none).unwrap();
+        assert_eq!(c.attention, AttentionKernel::Tiled);
+        let e = KernelChoice::choose(None, Some("LANES"), None, &all)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("VLLM_ATTENTION_BACKEND=LANES"), "{e}");
+    }
 }
