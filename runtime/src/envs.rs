@@ -86,8 +86,8 @@ env_vars! {
         "Cache directory for compiled GPU kernels when FLOTILLA_CACHE_ROOT is unset (kernels go under <root>/kernels).";
     VLLM_DISABLE_COMPILE_CACHE = "VLLM_DISABLE_COMPILE_CACHE", "0",
         "1: compile the CUDA kernels at every start instead of reusing the on-disk cache.";
-    FLOTILLA_CUDA_ATTENTION = "FLOTILLA_CUDA_ATTENTION", "tiled",
-        "CUDA paged-attention kernel: `tiled` (keys staged through shared memory; any head size) or `lanes` (one lane per key, for head sizes 64/128/256 with up to 8 query heads per kv head; other shapes fall back to `tiled`). When unset, VLLM_ATTENTION_BACKEND=TILED or LANES chooses.";
+    FLOTILLA_CUDA_ATTENTION = "FLOTILLA_CUDA_ATTENTION", "lanes",
+        "CUDA paged-attention kernel: `tiled` (keys staged through shared memory; any head size) or `lanes` (one lane per key, for head sizes 64/128/256 with up to 8 query heads per kv head; other shapes fall back to `tiled`). When unset, VLLM_ATTENTION_BACKEND=TILED or LANES chooses, else `lanes` (`tiled` where VLLM_DISABLED_KERNELS names paged_attention_lanes).";
     FLOTILLA_CUDA_SMALL_BATCH_LINEAR = "FLOTILLA_CUDA_SMALL_BATCH_LINEAR", "blas",
         "CUDA linear layers for batches of up to 8 rows: `blas` (cuBLAS) or `gemv` (Flotilla's weight-streaming kernel).";
     VLLM_PORT = "VLLM_PORT", "",

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the CUDA backend, run on the GPU machine through the
 # device tool. DIR holds the binaries built here (scripts/gpu/build.sh):
-#   bash scripts/gpu/check.sh DIR [tests|hf|bench|kernels]...   (default: the first three)
+#   bash scripts/gpu/check.sh DIR [tests|hf|bench|kernels|graphs]...   (default: the first three)
 # `kernels` holds the kernels that have alternatives side by side (tiled vs
 # lanes attention, cuBLAS vs GEMV for small batches) and runs 8B decode with
-# each choice (FLOTILLA_CUDA_ATTENTION / FLOTILLA_CUDA_SMALL_BATCH_LINEAR).
+# each choice (FLOTILLA_CUDA_ATTENTION / FLOTILLA_CUDA_SMALL_BATCH_LINEAR);
+# `graphs` runs decode eagerly (--enforce-eager) and as CUDA graphs.
 # Without a GPU it prints SKIP and exits 0.
 set -uo pipefail
 D=${1:?usage: check.sh DIR [tests|hf|bench]...}
@@ -59,14 +60,23 @@ PY
     echo "== kernels with alternatives, one layer / one linear at Llama-3.1-8B's shapes"
     "$D"/gpu_bench bench/configs/llama-3.1-8b --attention || rc=1
     "$D"/gpu_bench bench/configs/llama-3.1-8b --batch 1 --prompt-len 16 --new-tokens 8 --ops | grep -E "^\\| (qkv|o|gate_up|down|lm_head) |linear" || rc=1
-    echo "-- whole model steps with lanes + gemv against the CPU backend"
-    FLOTILLA_CUDA_ATTENTION=lanes FLOTILLA_CUDA_SMALL_BATCH_LINEAR=gemv "$D"/cuda_backend --test-threads 1 \
-      runner batch_of_256 pipeline 2>&1 | grep -E "^test |test result|max logprob|panicked" || rc=1
-    for choice in "tiled blas" "lanes gemv"; do
+    echo "-- whole model steps with tiled attention + gemv against the CPU backend"
+    FLOTILLA_CUDA_ATTENTION=tiled FLOTILLA_CUDA_SMALL_BATCH_LINEAR=gemv "$D"/cuda_backend --test-threads 1 \
+      runner pipeline 2>&1 | grep -E "^test |test result|max logprob|panicked" || rc=1
+    for choice in "tiled blas" "lanes blas" "lanes gemv"; do
       set -- $choice
       echo "-- 8B decode, attention $1, small-batch linear $2"
       FLOTILLA_CUDA_ATTENTION=$1 FLOTILLA_CUDA_SMALL_BATCH_LINEAR=$2 \
         "$D"/gpu_bench bench/configs/llama-3.1-8b --batch 1,8,256 --prompt-len 256 --new-tokens 64 || rc=1
+    done
+    ;;
+  graphs)
+    echo "== decode eagerly and as CUDA graphs (dummy weights)"
+    for eager in --enforce-eager ""; do
+      echo "-- Llama-3.1-8B ${eager:-graphs}"
+      "$D"/gpu_bench bench/configs/llama-3.1-8b --batch 1,8,32,64,128,256 --prompt-len 256 --new-tokens 64 $eager || rc=1
+      echo "-- SmolLM2-135M ${eager:-graphs}"
+      "$D"/gpu_bench bench/configs/smollm2-135m --batch 1,32,256 --prompt-len 128 --new-tokens 64 $eager || rc=1
     done
     ;;
   esac

@@ -4,7 +4,9 @@
 //! on the same weights).
 //!
 //!   cargo run --release -p flotilla-worker --example generate -- \
-//!       MODEL PROMPTS.json STEPS [--device cuda|cpu] [--dtype bfloat16]
+//!       MODEL PROMPTS.json STEPS [--device cuda|cpu] [--dtype bfloat16] [--enforce-eager]
+//!
+//! On a GPU, decode steps replay CUDA graphs unless `--enforce-eager`.
 //!
 //! PROMPTS.json is a list of token-id lists.
 
@@ -57,6 +59,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|p| (p.len() + steps).div_ceil(BLOCK))
         .collect();
     r.initialize_kv_cache(per.iter().sum::<usize>().max(1))?;
+    if !args.iter().any(|a| a == "--enforce-eager") {
+        r.capture_graphs(prompts.len())?;
+    }
     let ids: Vec<String> = (0..prompts.len()).map(|i| format!("p{i}")).collect();
     let mut next_block = 0u32;
     let new: Vec<NewRequestData> = prompts

@@ -5,6 +5,10 @@
 //!
 //!   cargo run --release -p flotilla-worker --features cuda --example gpu_bench -- \
 //!       CONFIG_DIR [--batch 1,32,256] [--prompt-len 128] [--new-tokens 64] [--dtype bfloat16]
+//!       [--enforce-eager]
+//!
+//! Decode steps replay CUDA graphs (captured after the KV cache, as `gateway
+//! serve` does) unless `--enforce-eager`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +34,8 @@ struct Args {
     sampling: bool,
     /// Only time paged attention at the model's shapes (no model).
     attention: bool,
+    /// No CUDA graphs: every step runs eagerly.
+    enforce_eager: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -43,6 +49,7 @@ fn parse() -> Result<Args, String> {
         ops: false,
         sampling: false,
         attention: false,
+        enforce_eager: false,
     };
     let mut dir = None;
     while let Some(x) = it.next() {
@@ -66,6 +73,7 @@ fn parse() -> Result<Args, String> {
             }
             "--dtype" => a.dtype = val("--dtype")?,
             "--ops" => a.ops = true,
+            "--enforce-eager" => a.enforce_eager = true,
             "--sampling" => a.sampling = true,
             "--attention" => a.attention = true,
             other if dir.is_none() && !other.starts_with("--") => dir = Some(PathBuf::from(other)),
@@ -418,6 +426,16 @@ fn bench(a: &Args) -> worker::Result<()> {
     let max_batch = *a.batches.iter().max().unwrap_or(&1);
     let per = (a.prompt_len + a.new_tokens).div_ceil(BLOCK);
     r.initialize_kv_cache(per * max_batch)?;
+    if a.enforce_eager {
+        println!("CUDA graphs: off (--enforce-eager)");
+    } else {
+        let t = Instant::now();
+        let n = r.capture_graphs(max_batch)?;
+        println!(
+            "CUDA graphs: {n} captured at start in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     run(&mut r, 1, 16, 4)?; // warm-up: cuBLAS handles and kernel loads
     println!("copy bandwidth (D2D, read+write): {:.2} TB/s", bw / 1e12);
     println!(

@@ -714,91 +714,164 @@ fn runner_matches_cpu_bf16_block16() {
     compare_runner("bfloat16", 16, 0.1);
 }
 
-/// 256 concurrent requests decode the same greedy tokens as each alone.
+/// Greedy decoding of `prompts` together for `steps` tokens each (one
+/// prefill step, then decode steps of every request), over blocks from
+/// `first_block` on, `blocks_per` per request; finishes them after.
+fn greedy_run(
+    r: &mut ModelRunner,
+    prompts: &[Vec<u32>],
+    first_block: usize,
+    blocks_per: usize,
+    steps: usize,
+) -> Vec<Vec<u32>> {
+    let id = |k: usize| format!("r{}", first_block + k);
+    let mut toks: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut computed: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let first = r
+        .execute_model(&SchedulerOutput {
+            new_requests: prompts
+                .iter()
+                .enumerate()
+                .map(|(k, p)| NewRequestData {
+                    req_id: id(k),
+                    prompt_token_ids: p.clone(),
+                    output_token_ids: vec![],
+                    sampling_params: SamplingParams::greedy(),
+                    block_ids: (0..blocks_per)
+                        .map(|b| (first_block + k * blocks_per + b) as u32)
+                        .collect(),
+                    num_computed_tokens: 0,
+                })
+                .collect(),
+            num_scheduled_tokens: prompts
+                .iter()
+                .enumerate()
+                .map(|(k, p)| (id(k), p.len()))
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap();
+    for (k, t) in first.sampled_token_ids.iter().enumerate() {
+        toks[k].push(t.unwrap());
+    }
+    for _ in 1..steps {
+        let out = r
+            .execute_model(&SchedulerOutput {
+                cached_requests: computed
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &c)| CachedRequestData {
+                        new_token_ids: Vec::new(),
+                        req_id: id(k),
+                        new_block_ids: vec![],
+                        num_computed_tokens: c,
+                    })
+                    .collect(),
+                num_scheduled_tokens: (0..prompts.len()).map(|k| (id(k), 1)).collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        for (k, t) in out.sampled_token_ids.iter().enumerate() {
+            toks[k].push(t.unwrap());
+            computed[k] += 1;
+        }
+    }
+    r.execute_model(&SchedulerOutput {
+        finished_req_ids: (0..prompts.len()).map(id).collect(),
+        ..Default::default()
+    })
+    .unwrap();
+    toks
+}
+
+/// 256 concurrent requests decode the same greedy tokens as each alone,
+/// with steps run eagerly and as CUDA graphs (a batch of 256 and one of 1
+/// replay different graphs).
 #[test]
 fn batch_of_256_matches_each_alone() {
     if !gpu_present() {
         return;
     }
     let dir = model_dir("b256");
-    let mut r = runner(&dir, Device::Cuda, "bfloat16", 16);
-    r.initialize_kv_cache(256 * 2 + 8).unwrap();
     const N: usize = 256;
     const STEPS: usize = 8;
-    let prompt = |i: usize| -> Vec<u32> {
-        (0..(3 + i % 13))
-            .map(|j| ((i * 131 + j * 7919) % 49152) as u32)
-            .collect()
-    };
-    let run = |r: &mut ModelRunner, ids: &[usize]| -> Vec<Vec<u32>> {
-        let mut toks: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
-        let mut computed: Vec<usize> = ids.iter().map(|&i| prompt(i).len()).collect();
-        let first = r
-            .execute_model(&SchedulerOutput {
-                new_requests: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &i)| NewRequestData {
-                        req_id: format!("r{i}"),
-                        prompt_token_ids: prompt(i),
-                        output_token_ids: vec![],
-                        sampling_params: SamplingParams::greedy(),
-                        block_ids: vec![2 * k as u32, 2 * k as u32 + 1],
-                        num_computed_tokens: 0,
-                    })
-                    .collect(),
-                num_scheduled_tokens: ids
-                    .iter()
-                    .map(|&i| (format!("r{i}"), prompt(i).len()))
-                    .collect(),
-                ..Default::default()
-            })
-            .unwrap();
-        for (k, t) in first.sampled_token_ids.iter().enumerate() {
-            toks[k].push(t.unwrap());
+    let prompts: Vec<Vec<u32>> = (0..N)
+        .map(|i| {
+            (0..(3 + i % 13))
+                .map(|j| ((i * 131 + j * 7919) % 49152) as u32)
+                .collect()
+        })
+        .collect();
+    for graphs in [false, true] {
+        let mut r = runner(&dir, Device::Cuda, "bfloat16", 16);
+        r.initialize_kv_cache(N * 2 + 8).unwrap();
+        if graphs {
+            assert!(r.capture_graphs(N).unwrap() > 0);
         }
-        for _ in 1..STEPS {
-            let out = r
-                .execute_model(&SchedulerOutput {
-                    cached_requests: ids
-                        .iter()
-                        .zip(&computed)
-                        .map(|(&i, &c)| CachedRequestData {
-                            new_token_ids: Vec::new(),
-                            req_id: format!("r{i}"),
-                            new_block_ids: vec![],
-                            num_computed_tokens: c,
-                        })
-                        .collect(),
-                    num_scheduled_tokens: ids.iter().map(|&i| (format!("r{i}"), 1)).collect(),
-                    ..Default::default()
-                })
-                .unwrap();
-            for (k, t) in out.sampled_token_ids.iter().enumerate() {
-                toks[k].push(t.unwrap());
-                computed[k] += 1;
+        let together = greedy_run(&mut r, &prompts, 0, 2, STEPS);
+        let mut same = 0;
+        for (i, batched) in together.iter().enumerate() {
+            let alone = greedy_run(&mut r, &prompts[i..i + 1], 0, 2, STEPS);
+            if &alone[0] == batched {
+                same += 1;
+            } else {
+                eprintln!("request {i}: alone {:?} vs batched {batched:?}", alone[0]);
             }
         }
-        r.execute_model(&SchedulerOutput {
-            finished_req_ids: ids.iter().map(|&i| format!("r{i}")).collect(),
-            ..Default::default()
-        })
-        .unwrap();
-        toks
-    };
-    let all: Vec<usize> = (0..N).collect();
-    let together = run(&mut r, &all);
-    let mut same = 0;
-    for (i, batched) in together.iter().enumerate() {
-        let alone = run(&mut r, &[i]);
-        if &alone[0] == batched {
-            same += 1;
-        } else {
-            eprintln!("request {i}: alone {:?} vs batched {batched:?}", alone[0]);
-        }
+        eprintln!("{same}/{N} requests identical alone and in a batch of {N} (graphs: {graphs})");
+        assert_eq!(same, N);
     }
-    eprintln!("{same}/{N} requests identical alone and in a batch of {N}");
-    assert_eq!(same, N);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Decode steps replayed as CUDA graphs give the eager steps' tokens:
+/// batches padded up to a capture size (3 to 4, 13 to 16), contexts longer
+/// than the graphs captured at start cover (captured when first needed),
+/// and a KV cache made anew (its graphs captured again).
+#[test]
+fn graphs_match_eager() {
+    if !gpu_present() {
+        return;
+    }
+    let dir = model_dir("graphs");
+    const STEPS: usize = 12;
+    // Up to 700 + 12 tokens: wider block tables than the start's 512 tokens.
+    let prompts: Vec<Vec<u32>> = (0..13)
+        .map(|i: usize| {
+            let len = [5, 40, 700, 17, 300, 1, 520, 64, 9, 130, 600, 2, 250][i];
+            (0..len)
+                .map(|j| ((i * 977 + j * 7919 + 3) % 49152) as u32)
+                .collect()
+        })
+        .collect();
+    let blocks_per = (700 + STEPS).div_ceil(16);
+    let run_all = |r: &mut ModelRunner| -> Vec<Vec<Vec<u32>>> {
+        vec![
+            greedy_run(r, &prompts[..3], 0, blocks_per, STEPS),
+            greedy_run(r, &prompts, 0, blocks_per, STEPS),
+            greedy_run(r, &prompts[2..3], 0, blocks_per, STEPS),
+        ]
+    };
+    let mut eager = runner(&dir, Device::Cuda, "bfloat16", 16);
+    eager.initialize_kv_cache(13 * blocks_per).unwrap();
+    let want = run_all(&mut eager);
+    drop(eager);
+    let mut r = runner(&dir, Device::Cuda, "bfloat16", 16);
+    for round in 0..2 {
+        r.initialize_kv_cache(13 * blocks_per + round).unwrap();
+        let n = r.capture_graphs(16).unwrap();
+        assert_eq!(n, 5, "sizes 1, 2, 4, 8, 16");
+        let got = run_all(&mut r);
+        for (run, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (k, (a, b)) in g.iter().zip(w).enumerate() {
+                assert_eq!(
+                    a, b,
+                    "round {round}, run {run}, request {k}: graphs vs eager"
+                );
+            }
+        }
+        eprintln!("round {round}: graph and eager tokens identical");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -98,9 +98,9 @@ pub struct EngineArgs {
     #[arg(long, default_value = "auto")]
     pub generation_config: String,
 
-    /// Run every step eagerly, without CUDA graphs. The CUDA backend does
-    /// not capture graphs yet, so steps always run eagerly; the flag is
-    /// accepted so vLLM command lines work unchanged.
+    /// Run every step eagerly: no CUDA graphs are captured at start (by
+    /// default the GPU captures decode steps of 1, 2, 4, 8, 16, ... up to
+    /// --max-num-seqs sequences and replays them).
     #[arg(long)]
     pub enforce_eager: bool,
 
@@ -515,6 +515,11 @@ impl EngineArgs {
             (num_blocks * self.block_size) as f64 / max_model_len as f64
         );
         executor.initialize_kv_cache(num_blocks)?;
+        if self.enforce_eager {
+            tracing::info!("--enforce-eager: every step runs eagerly (no CUDA graphs)");
+        } else {
+            executor.capture_graphs(self.max_num_seqs)?;
+        }
 
         let generation_defaults = match self.generation_config.as_str() {
             "vllm" => None,

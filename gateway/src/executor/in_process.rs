@@ -35,11 +35,13 @@ struct StepThread {
 
 enum Job {
     InitializeKvCache(usize),
+    CaptureGraphs(usize),
     Step(Box<SchedulerOutput>),
 }
 
 enum Reply {
     KvCache(worker::Result<()>),
+    Graphs(worker::Result<usize>),
     Step(Result<ModelRunnerOutput>),
 }
 
@@ -86,6 +88,7 @@ impl StepThread {
                 for job in job_rx {
                     let reply = match job {
                         Job::InitializeKvCache(n) => Reply::KvCache(runner.initialize_kv_cache(n)),
+                        Job::CaptureGraphs(n) => Reply::Graphs(runner.capture_graphs(n)),
                         // A panic in model code fails its step, as on the engine thread.
                         Job::Step(step) => Reply::Step(
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -178,7 +181,20 @@ impl Executor for InProcessExecutor {
                 t.send(Job::InitializeKvCache(num_blocks))?;
                 match t.recv()? {
                     Reply::KvCache(r) => Ok(r?),
-                    Reply::Step(_) => Err(StepThread::gone()),
+                    _ => Err(StepThread::gone()),
+                }
+            }
+        }
+    }
+
+    fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        match &mut self.mode {
+            Mode::Inline(r) => Ok(r.capture_graphs(max_num_seqs)?),
+            Mode::Threaded(t) => {
+                t.send(Job::CaptureGraphs(max_num_seqs))?;
+                match t.recv()? {
+                    Reply::Graphs(r) => Ok(r?),
+                    _ => Err(StepThread::gone()),
                 }
             }
         }
@@ -222,7 +238,7 @@ impl Executor for InProcessExecutor {
                 t.in_flight -= 1;
                 match t.recv()? {
                     Reply::Step(r) => r,
-                    Reply::KvCache(_) => Err(StepThread::gone()),
+                    _ => Err(StepThread::gone()),
                 }
             }
             _ => Err(ExecutorError::ParallelismUnavailable {

@@ -103,6 +103,13 @@ pub trait Executor: Send {
 
     fn initialize_kv_cache(&mut self, num_blocks: usize) -> Result<()>;
 
+    /// vLLM's graph capture, after `initialize_kv_cache` (`--enforce-eager`
+    /// skips it): returns how many graphs of decode steps were captured.
+    /// Executors whose workers capture none run every step eagerly.
+    fn capture_graphs(&mut self, _max_num_seqs: usize) -> Result<usize> {
+        Ok(0)
+    }
+
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput>;
 
     /// Steps that may be in flight at once (vLLM's batch queue): one per

@@ -336,6 +336,7 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
     type Rope = RopeTable;
     type Step = CpuStep;
+    type Graphs = super::NoGraphs;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CpuLinear> {
         let parts = if self.int8_activations {

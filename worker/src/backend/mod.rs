@@ -131,6 +131,22 @@ pub struct StepInputs<'a> {
     pub logits_rows: &'a [usize],
 }
 
+/// The fixed shape a decode step is padded to when it runs as a captured
+/// graph (`Backend::capture_graph`): one graph per shape, replayed for
+/// every step of that shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GraphShape {
+    /// Token rows, one per sequence, padded up to a capture size.
+    pub tokens: usize,
+    /// Block-table columns per sequence: a power of two at least the
+    /// step's longest table. It bounds the context the graph's attention
+    /// covers (how many splits a decode row may take).
+    pub table_width: usize,
+}
+
+/// A backend that captures no graphs (the CPU's): no value exists.
+pub enum NoGraphs {}
+
 /// vLLM's `--device`: which backend runs the model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
@@ -224,6 +240,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Rope: Send + Sync;
     /// One step's `StepInputs`, where the kernels read them.
     type Step: Send;
+    /// Decode steps captured once and replayed (CUDA graphs): `NoGraphs`
+    /// where the backend runs every step eagerly.
+    type Graphs: Send;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<Self::Linear>;
     fn upload_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
@@ -318,6 +337,61 @@ pub trait Backend: Send + Sync + Sized + 'static {
         ))
     }
 
+    // Graphs of decode steps (vLLM's CUDA graphs): a step whose every
+    // sequence schedules one token, padded to a `GraphShape`, replays the
+    // graph captured for that shape instead of launching its ops one by one.
+    // Backends without graphs answer `None` from `new_graphs`, and the
+    // runner never calls the rest.
+
+    /// An empty set of graphs for steps of up to `max_tokens` rows whose
+    /// logits rows have `logits_cols` columns, over a KV cache of
+    /// `block_size`-token blocks; `None` where this backend has no graphs.
+    fn new_graphs(
+        &self,
+        _max_tokens: usize,
+        _logits_cols: usize,
+        _block_size: usize,
+    ) -> Result<Option<Self::Graphs>> {
+        Ok(None)
+    }
+    /// Whether `graphs` holds the graph of `shape`.
+    fn has_graph(&self, _graphs: &Self::Graphs, _shape: GraphShape) -> bool {
+        false
+    }
+    /// `prepare_step` for a graph: writes the step, padded to `shape`, into
+    /// the buffers `graphs` keeps for that shape (pad rows write no KV and
+    /// give logits rows nobody reads). Every sequence schedules one token
+    /// and every row is a logits row, in order.
+    fn prepare_graph_step(
+        &self,
+        _graphs: &mut Self::Graphs,
+        _shape: GraphShape,
+        _inputs: StepInputs<'_>,
+        _rope: &Self::Rope,
+    ) -> Result<Self::Step> {
+        Err(graphs_unsupported())
+    }
+    /// Runs `forward` (the model on the step `prepare_graph_step` wrote)
+    /// once to warm up, then captures it as the graph of `shape`.
+    fn capture_graph(
+        &self,
+        _graphs: &mut Self::Graphs,
+        _shape: GraphShape,
+        _forward: &mut dyn FnMut() -> Result<Self::Tensor>,
+    ) -> Result<()> {
+        Err(graphs_unsupported())
+    }
+    /// Replays the graph of `shape` on the step last written for it, and
+    /// returns its first `rows` logits rows (the step's real ones).
+    fn replay_graph(
+        &self,
+        _graphs: &Self::Graphs,
+        _shape: GraphShape,
+        _rows: usize,
+    ) -> Result<Self::Tensor> {
+        Err(graphs_unsupported())
+    }
+
     // Encoder (bidirectional) models: BERT-family embeddings. Each
     // sequence of the packed step attends to all of its own tokens and to
     // nothing else, so sequences need no padding; there is no KV cache.
@@ -376,6 +450,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         _pooling: PoolingType,
     ) -> Result<Self::Tensor> {
         Err(encoder_op_unsupported("pool"))
+    }
+}
+
+/// What a backend without graphs answers, were it asked.
+fn graphs_unsupported() -> Error {
+    Error::NotImplemented {
+        feature: "graphs of decode steps on this backend (it runs steps eagerly)".into(),
     }
 }
 

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 
 use crate::attention::AttentionMetadata;
-use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, StepInputs};
+use crate::backend::{Backend, ComputeDtype, CpuBackend, Device, GraphShape, StepInputs};
 use crate::collective::{HostGroup, StageLink};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -25,6 +25,9 @@ use crate::sampler::{self, SamplerState};
 use crate::sampling_params::SamplingParams;
 use crate::step::{ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs};
 use encoder::EncoderRunner;
+use graphs::GraphPlan;
+
+mod graphs;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -91,6 +94,12 @@ pub(crate) trait StepRunner: Send {
         max_num_batched_tokens: usize,
         max_num_seqs: usize,
     ) -> Result<Option<KvBudget>>;
+    /// Captures decode steps of up to `max_num_seqs` sequences as graphs
+    /// where the backend has them; returns how many it captured (0: every
+    /// step runs eagerly).
+    fn capture_graphs(&mut self, _max_num_seqs: usize) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// vLLM's profile run settings: how much of a GPU the engine may use, and
@@ -209,6 +218,17 @@ impl ModelRunner {
         self.inner.execute_model(step)
     }
 
+    /// vLLM's graph capture (what `--enforce-eager` turns off): after
+    /// `initialize_kv_cache`, captures decode steps of 1, 2, 4, 8, 16, ...
+    /// up to `max_num_seqs` sequences as CUDA graphs, which later decode
+    /// steps replay (padded up to the next size). Graphs of longer contexts
+    /// than the start covers are captured when first needed. Returns how
+    /// many were captured at start: 0 where the backend runs steps eagerly
+    /// (the CPU; tensor-parallel or pipeline ranks).
+    pub fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        self.inner.capture_graphs(max_num_seqs)
+    }
+
     /// Requests in the persistent batch.
     pub fn num_requests(&self) -> usize {
         self.inner.num_requests()
@@ -298,6 +318,8 @@ struct Runner<B: Backend> {
     is_first_stage: bool,
     is_last_stage: bool,
     rng: rand::rngs::StdRng,
+    /// Captured decode steps (`capture_graphs`); `None`: every step eager.
+    graphs: Option<(GraphPlan, B::Graphs)>,
     // Step buffers, reused so a step does not reallocate them.
     meta: AttentionMetadata,
     input_ids: Vec<u32>,
@@ -399,10 +421,130 @@ impl<B: Backend> Runner<B> {
             is_first_stage: cfg.parallel.is_first_stage(),
             is_last_stage: cfg.parallel.is_last_stage(),
             rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+            graphs: None,
             meta: AttentionMetadata::default(),
             input_ids: Vec::new(),
             logits_rows: Vec::new(),
         })
+    }
+}
+
+impl<B: Backend> Runner<B> {
+    /// See `ModelRunner::capture_graphs`.
+    fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        if self.kv.is_none() {
+            return Err(Error::KvCacheNotInitialized);
+        }
+        self.graphs = None;
+        // Pipeline stages hand activations over the host between steps;
+        // they run eagerly.
+        if self.link.is_some() {
+            return Ok(0);
+        }
+        let plan = GraphPlan::new(max_num_seqs, self.spec.block_size, self.max_model_len);
+        let Some(graphs) = self.backend.new_graphs(
+            plan.max_tokens(),
+            self.cfg.vocab_size,
+            self.spec.block_size,
+        )?
+        else {
+            return Ok(0);
+        };
+        let shapes: Vec<GraphShape> = plan.start_shapes().collect();
+        self.graphs = Some((plan, graphs));
+        let started = std::time::Instant::now();
+        let progress = if std::io::stderr().is_terminal() {
+            let pb = ProgressBar::new(shapes.len() as u64);
+            if let Ok(style) = ProgressStyle::with_template(
+                "Capturing CUDA graphs (decode) {bar:40} {pos}/{len} [{elapsed}]",
+            ) {
+                pb.set_style(style);
+            }
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        // A step of pad rows alone: it writes no KV.
+        self.meta.clear();
+        self.meta.query_start_loc.push(0);
+        self.input_ids.clear();
+        self.logits_rows.clear();
+        for &shape in &shapes {
+            if let Err(e) = self.run_graph(shape, false) {
+                self.graphs = None;
+                return Err(e);
+            }
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        tracing::info!(
+            "Captured {} CUDA graphs of decode steps (batch sizes {} to {}, contexts up to {} tokens) in {:.2} s; --enforce-eager turns them off",
+            shapes.len(),
+            shapes.last().map_or(0, |s| s.tokens),
+            shapes.first().map_or(0, |s| s.tokens),
+            shapes.first().map_or(0, |s| s.table_width * self.spec.block_size),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(shapes.len())
+    }
+
+    /// The graph shape this step (in the step buffers) runs as: a decode
+    /// step whose every sequence schedules one token and samples it.
+    fn graph_shape(&self, max_blocks: usize) -> Option<GraphShape> {
+        let (plan, _) = self.graphs.as_ref()?;
+        let n = self.input_ids.len();
+        let one_each = self.meta.num_seqs() == n
+            && self.logits_rows.len() == n
+            && self.logits_rows.iter().enumerate().all(|(i, &r)| i == r);
+        if !one_each || !self.is_last_stage {
+            return None;
+        }
+        plan.shape_for(n, max_blocks)
+    }
+
+    /// Runs the step in the step buffers as the graph of `shape`, capturing
+    /// the graph first where it is new; with `replay`, returns the step's
+    /// logits rows.
+    fn run_graph(&mut self, shape: GraphShape, replay: bool) -> Result<Option<B::Tensor>> {
+        let Runner {
+            backend,
+            model,
+            kv,
+            graphs,
+            meta,
+            input_ids,
+            logits_rows,
+            ..
+        } = self;
+        let (_, graphs) = graphs
+            .as_mut()
+            .ok_or_else(|| Error::config("a graph step on a runner that captured no graphs"))?;
+        let kv = kv.as_mut().ok_or(Error::KvCacheNotInitialized)?;
+        let inputs = StepInputs {
+            input_ids,
+            meta,
+            logits_rows,
+        };
+        let step = backend.prepare_graph_step(graphs, shape, inputs, model.rope())?;
+        if !backend.has_graph(graphs, shape) {
+            let started = std::time::Instant::now();
+            backend.capture_graph(graphs, shape, &mut || match model
+                .forward(backend, &step, kv, true, None)?
+            {
+                StageOutput::Logits(Some(t)) => Ok(t),
+                _ => Err(Error::config("a graph's forward gave no logits")),
+            })?;
+            tracing::debug!(
+                "captured the graph of {shape:?} in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        if !replay {
+            return Ok(None);
+        }
+        backend
+            .replay_graph(graphs, shape, input_ids.len())
+            .map(Some)
     }
 }
 
@@ -431,6 +573,8 @@ impl<B: Backend> StepRunner for Runner<B> {
         if num_blocks == 0 {
             return Err(Error::config("the KV cache needs at least one block"));
         }
+        // Graphs read the old cache's addresses: they go with it.
+        self.graphs = None;
         self.kv = None; // free the old cache before allocating the new one
         self.kv = Some(self.backend.alloc_kv_cache(self.spec, num_blocks)?);
         self.num_blocks = num_blocks;
@@ -440,6 +584,10 @@ impl<B: Backend> StepRunner for Runner<B> {
 
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         Runner::execute_model(self, step)
+    }
+
+    fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        Runner::capture_graphs(self, max_num_seqs)
     }
 
     fn profile_kv_cache_bytes(
@@ -800,16 +948,24 @@ impl<B: Backend> Runner<B> {
             specs.clear();
             spec_of_row.iter_mut().for_each(|s| *s = None);
         }
-        let kv = self.kv.as_mut().expect("checked above");
         let (logits, tops, device) = if step.is_empty() {
             (Vec::new(), Vec::new(), Vec::new())
         } else {
+            let graph_shape = if whole_rows {
+                None
+            } else {
+                self.graph_shape(max_blocks)
+            };
+            let graph_logits = match graph_shape {
+                Some(shape) => self.run_graph(shape, true)?,
+                None => None,
+            };
             let inputs = StepInputs {
                 input_ids: &self.input_ids,
                 meta: &self.meta,
                 logits_rows: &self.logits_rows,
             };
-            let prepared = self.backend.prepare_step(inputs, self.model.rope())?;
+            let kv = self.kv.as_mut().expect("checked above");
             let wants_logits = !self.logits_rows.is_empty();
             let (rows, hidden) = (self.input_ids.len(), self.cfg.hidden_size);
             let input = match &self.link {
@@ -822,10 +978,15 @@ impl<B: Backend> Runner<B> {
                 }
                 _ => None,
             };
-            match self
-                .model
-                .forward(&self.backend, &prepared, kv, wants_logits, input)?
-            {
+            let output = match graph_logits {
+                Some(t) => StageOutput::Logits(Some(t)),
+                None => {
+                    let prepared = self.backend.prepare_step(inputs, self.model.rope())?;
+                    self.model
+                        .forward(&self.backend, &prepared, kv, wants_logits, input)?
+                }
+            };
+            match output {
                 StageOutput::Logits(Some(t)) if whole_rows => {
                     (self.backend.to_host(&t)?, Vec::new(), Vec::new())
                 }

@@ -234,6 +234,7 @@ __device__ void write_kv(const T* qkv, const int* slots, T* k_cache, T* v_cache,
                          int k_col, int v_col, int num_kv_heads, int head_dim, int block_size) {
     int t = blockIdx.x;
     i64 slot = slots[t];
+    if (slot < 0) return;  // a graph's pad row: nothing to store
     i64 blk = slot / block_size, off = slot % block_size;
     const T* row = qkv + (i64)t * stride;
     for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {

@@ -21,7 +21,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::disabled_kernels::{self as disabled_kernels, DisabledKernels};
-use super::{Backend, ComputeDtype, DeviceSampled, RowTop, SampleSpec, StepInputs};
+use super::{Backend, ComputeDtype, DeviceSampled, GraphShape, RowTop, SampleSpec, StepInputs};
 use crate::attention::QkvHeads;
 use crate::backend::cpu::check_positions;
 use crate::error::{Error, Result};
@@ -52,6 +52,8 @@ const ATTN_GMAX: usize = 8;
 /// warp (`GEMV_OUTS`).
 const GEMV_ROWS: usize = 8;
 const GEMV_OUTS: usize = 2;
+/// cuBLAS's workspace: what it recommends for Hopper.
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Kernel parameters: a pointer to each value, in declaration order.
 macro_rules! kargs {
@@ -209,6 +211,9 @@ struct Gpu {
     pool: MemPool,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's scratch space (`cublasSetWorkspace`); after `blas`, so it
+    /// outlives the handle.
+    _blas_workspace: CudaSlice<u8>,
     kernels: Kernels,
     busy: std::sync::Mutex<BusyMeter>,
 }
@@ -344,16 +349,21 @@ impl Default for KernelChoice {
 /// Paged attention: `Tiled` stages each tile of keys through shared memory
 /// (any head size); `Lanes` gives each key a lane and streams K/V straight
 /// from the cache (head sizes 64, 128, 256 with at most 8 query heads per
-/// kv head; other shapes take `Tiled`).
+/// kv head; other shapes take `Tiled`). `Lanes` is the default: on the H200
+/// at Llama-3.1-8B's shapes it runs a 256-row decode layer in 0.63x the
+/// tiled kernel's time (1.9x the KV bandwidth) and a prefill chunk in 0.59x,
+/// and it is as batch-invariant (BENCHMARKS.md, "CUDA attention kernels").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionKernel {
-    #[default]
     Tiled,
+    #[default]
     Lanes,
 }
 
 /// Linear layers of batches up to 8 rows: cuBLAS, or our weight-streaming
-/// GEMV (`gemv_rows`).
+/// GEMV (`gemv_rows`). cuBLAS stays the default: the GEMV only matches it at
+/// one row and falls to half its speed at eight, and a batch then rounds
+/// differently from the same request alone (not batch-invariant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LinearKernel {
     #[default]
@@ -407,8 +417,12 @@ impl KernelChoice {
                     disabled_kernels::PAGED_ATTENTION_LANES,
                 ))
             }
+            None if attention_backend == Some("TILED") => AttentionKernel::Tiled,
             None if attention_backend == Some("LANES") => AttentionKernel::Lanes,
-            None | Some("tiled") => AttentionKernel::Tiled,
+            // The default falls back to tiled where lanes is disabled.
+            None if lanes_disabled => AttentionKernel::Tiled,
+            None => AttentionKernel::Lanes,
+            Some("tiled") => AttentionKernel::Tiled,
             Some("lanes") if lanes_disabled => {
                 return Err(contradicts(
                     FLOTILLA_CUDA_ATTENTION.name,
@@ -507,7 +521,7 @@ pub struct CudaKvCache {
 
 /// One step's inputs in device memory (one upload), as i32 sections.
 pub struct CudaStep {
-    buf: CudaSlice<i32>,
+    buf: StepBuf,
     num_tokens: usize,
     max_blocks: usize,
     num_logits_rows: usize,
@@ -532,7 +546,11 @@ impl CudaBackend {
         // One stream, used in order: per-buffer events would only add cost.
         // SAFETY: no buffer exists yet on this context.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default one: graphs can only
+        // be captured from a created stream.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda("cuStreamCreate", e))?;
         let cc = ctx
             .compute_capability()
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))?;
@@ -558,6 +576,22 @@ impl CudaBackend {
         let kernels = Kernels::load(&module, suffix, max_smem)?;
         let pool = keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
+        // A workspace of our own: cuBLAS must not allocate one while a
+        // graph is being captured.
+        // SAFETY: cuBLAS only uses it as scratch space.
+        let blas_workspace = unsafe { stream.alloc::<u8>(BLAS_WORKSPACE) }
+            .map_err(|e| Error::cuda("cuMemAlloc (cuBLAS workspace)", e))?;
+        // SAFETY: a live handle and a buffer of that size, kept in `Gpu`
+        // beside the handle.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                addr(&blas_workspace, &stream) as *mut c_void,
+                BLAS_WORKSPACE,
+            )
+        }
+        .result()
+        .map_err(|e| Error::cuda("cublasSetWorkspace", e))?;
         let busy = std::sync::Mutex::new(BusyMeter::new(&ctx)?);
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         tracing::info!(
@@ -572,6 +606,7 @@ impl CudaBackend {
                 pool,
                 stream,
                 blas,
+                _blas_workspace: blas_workspace,
                 kernels,
                 busy,
             }),
@@ -916,6 +951,7 @@ impl Backend for CudaBackend {
     type KvCache = CudaKvCache;
     type Rope = CudaRope;
     type Step = CudaStep;
+    type Graphs = CudaGraphs;
 
     fn upload_linear(&self, parts: Vec<HostLinear>) -> Result<CudaLinear> {
         // Parts are stacked by output rows, so one GEMM runs them all
@@ -1024,77 +1060,161 @@ impl Backend for CudaBackend {
 
     fn prepare_step(&self, inputs: StepInputs<'_>, rope: &CudaRope) -> Result<CudaStep> {
         self.busy().step_starts(self.stream())?;
-        let meta = inputs.meta;
-        let n = meta.num_tokens();
-        check_positions(&meta.positions, rope.max_positions)?;
-        if inputs.input_ids.len() != n || meta.slot_mapping.len() != n {
+        let (v, mut step) = self.lay_out_step(inputs, rope, None)?;
+        step.buf = StepBuf::Own(
+            self.stream()
+                .clone_htod(&v)
+                .map_err(|e| Error::cuda("cuMemcpyHtoD (step)", e))?,
+        );
+        Ok(step)
+    }
+
+    fn new_graphs(
+        &self,
+        max_tokens: usize,
+        logits_cols: usize,
+        block_size: usize,
+    ) -> Result<Option<CudaGraphs>> {
+        // Collectives are not captured: tensor-parallel ranks run eagerly.
+        if self.group.is_some() || max_tokens == 0 {
+            return Ok(None);
+        }
+        Ok(Some(CudaGraphs {
+            logits: self.alloc(max_tokens * logits_cols)?,
+            max_tokens,
+            cols: logits_cols,
+            block_size,
+            steps: std::collections::HashMap::new(),
+            graphs: std::collections::HashMap::new(),
+        }))
+    }
+
+    fn has_graph(&self, graphs: &CudaGraphs, shape: GraphShape) -> bool {
+        graphs.graphs.contains_key(&shape)
+    }
+
+    fn prepare_graph_step(
+        &self,
+        graphs: &mut CudaGraphs,
+        shape: GraphShape,
+        inputs: StepInputs<'_>,
+        rope: &CudaRope,
+    ) -> Result<CudaStep> {
+        if shape.tokens > graphs.max_tokens || shape.tokens == 0 {
             return Err(Error::config(format!(
-                "step has {n} positions, {} token ids and {} slots",
-                inputs.input_ids.len(),
-                meta.slot_mapping.len()
+                "a graph of {} rows (these graphs take 1 to {})",
+                shape.tokens, graphs.max_tokens
             )));
         }
-        let as_i32 = |v: usize, what: &str| {
-            i32::try_from(v)
-                .map_err(|_| Error::config(format!("{what} {v} does not fit the kernels' i32")))
-        };
-        let mut v: Vec<i32> = Vec::with_capacity(5 * n + meta.block_tables.len() + 8);
-        let ids = v.len();
-        v.extend(inputs.input_ids.iter().map(|&t| t as i32));
-        let positions = v.len();
-        v.extend(meta.positions.iter().map(|&p| p as i32));
-        let slots = v.len();
-        for &s in &meta.slot_mapping {
-            v.push(as_i32(s, "KV slot")?);
-        }
-        let tok_seq = v.len();
-        let tok_nkeys = tok_seq + n;
-        let tok_splits = tok_nkeys + n;
-        v.resize(tok_splits + n, 0);
-        let mut max_splits = 1;
-        for s in 0..meta.num_seqs() {
-            let (q0, q1) = (meta.query_start_loc[s], meta.query_start_loc[s + 1]);
-            for t in q0..q1 {
-                v[tok_seq + t] = s as i32;
-                // Causal: token t sees the keys up to its own position.
-                let n_keys = meta.seq_lens[s] - (q1 - t) + 1;
-                v[tok_nkeys + t] = n_keys as i32;
-                // Decode tokens split long contexts over several blocks; the
-                // choice depends on this sequence alone (batch invariance).
-                let splits = if q1 - q0 == 1 {
-                    n_keys.div_ceil(self.split_keys()).max(1)
-                } else {
-                    1
-                };
-                v[tok_splits + t] = splits as i32;
-                max_splits = max_splits.max(splits);
+        self.busy().step_starts(self.stream())?;
+        let splits = (shape.table_width * graphs.block_size)
+            .div_ceil(self.split_keys())
+            .max(1);
+        let (v, mut step) = self.lay_out_step(inputs, rope, Some((shape, splits)))?;
+        // One buffer per table width, sized for the most rows: every graph
+        // of that width reads its step there.
+        let buf = match graphs.steps.entry(shape.table_width) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let len = graphs.max_tokens * (7 + shape.table_width);
+                // SAFETY: every step writes the sections its graph reads.
+                e.insert(
+                    unsafe { self.stream().alloc::<i32>(len) }
+                        .map_err(|e| Error::cuda("cuMemAlloc (graph step)", e))?,
+                )
             }
+        };
+        self.stream()
+            .memcpy_htod(&v, &mut buf.slice_mut(0..v.len()))
+            .map_err(|e| Error::cuda("cuMemcpyHtoD (graph step)", e))?;
+        step.buf = StepBuf::Graph(addr(buf, self.stream()));
+        Ok(step)
+    }
+
+    fn capture_graph(
+        &self,
+        graphs: &mut CudaGraphs,
+        shape: GraphShape,
+        forward: &mut dyn FnMut() -> Result<CudaTensor>,
+    ) -> Result<()> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // Warm-up: lazily loaded kernels and cuBLAS's choices are settled
+        // before capture, where neither may happen.
+        drop(forward()?);
+        let s = self.stream();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::cuda("cuStreamBeginCapture", e))?;
+        let captured = (|| {
+            let t = forward()?;
+            if t.rows != shape.tokens || t.cols != graphs.cols {
+                return Err(Error::config(format!(
+                    "a graph of {} rows produced [{}, {}] logits, expected [{}, {}]",
+                    shape.tokens, t.rows, t.cols, shape.tokens, graphs.cols
+                )));
+            }
+            // The logits leave the graph through its persistent buffer;
+            // everything the graph allocates it also frees, so it can be
+            // launched again.
+            // SAFETY: both buffers hold rows * cols elements.
+            unsafe {
+                driver::memcpy_dtod_async(
+                    addr(&graphs.logits, s),
+                    addr(&t.buf, s),
+                    t.rows * t.cols * self.elem(),
+                    s.cu_stream(),
+                )
+            }
+            .map_err(|e| Error::cuda("cuMemcpyDtoDAsync (graph logits)", e))
+        })();
+        // Capture always ends, whatever the forward did.
+        let graph = s.end_capture(CUgraphInstantiate_flags(0));
+        captured?;
+        let graph = graph
+            .map_err(|e| Error::cuda("cuStreamEndCapture", e))?
+            .ok_or_else(|| Error::Cuda {
+                op: "cuStreamEndCapture".into(),
+                msg: "the capture recorded no work".into(),
+            })?;
+        graph
+            .upload()
+            .map_err(|e| Error::cuda("cuGraphUpload", e))?;
+        graphs.graphs.insert(shape, StepGraph(graph));
+        Ok(())
+    }
+
+    fn replay_graph(
+        &self,
+        graphs: &CudaGraphs,
+        shape: GraphShape,
+        rows: usize,
+    ) -> Result<CudaTensor> {
+        let graph = graphs
+            .graphs
+            .get(&shape)
+            .ok_or_else(|| Error::config(format!("no graph was captured for {shape:?}")))?;
+        if rows > shape.tokens {
+            return Err(Error::config(format!(
+                "{rows} logits rows from a graph of {} rows",
+                shape.tokens
+            )));
         }
-        let tables = v.len();
-        v.extend(meta.block_tables.iter().map(|&b| b as i32));
-        let rows = v.len();
-        for &r in inputs.logits_rows {
-            v.push(as_i32(r, "logits row")?);
+        graph
+            .0
+            .launch()
+            .map_err(|e| Error::cuda("cuGraphLaunch", e))?;
+        let out = self.tensor(rows, graphs.cols)?;
+        let s = self.stream();
+        // SAFETY: the graph wrote shape.tokens >= rows rows of logits.
+        unsafe {
+            driver::memcpy_dtod_async(
+                addr(&out.buf, s),
+                addr(&graphs.logits, s),
+                rows * graphs.cols * self.elem(),
+                s.cu_stream(),
+            )
         }
-        let buf = self
-            .stream()
-            .clone_htod(&v)
-            .map_err(|e| Error::cuda("cuMemcpyHtoD (step)", e))?;
-        Ok(CudaStep {
-            buf,
-            num_tokens: n,
-            max_blocks: meta.max_blocks_per_seq,
-            num_logits_rows: inputs.logits_rows.len(),
-            ids,
-            positions,
-            slots,
-            tok_seq,
-            tok_nkeys,
-            tok_splits,
-            max_splits,
-            tables,
-            rows,
-        })
+        .map_err(|e| Error::cuda("cuMemcpyDtoDAsync (graph logits)", e))?;
+        Ok(out)
     }
 
     fn embed(&self, e: &CudaEmbedding, step: &CudaStep) -> Result<CudaTensor> {
@@ -1689,10 +1809,172 @@ impl CudaBackend {
     }
 }
 
+/// Where a step's inputs live: a buffer of its own, or (a graph's step)
+/// the buffer `CudaGraphs` keeps for its shape, at a fixed address.
+enum StepBuf {
+    Own(CudaSlice<i32>),
+    Graph(u64),
+}
+
 impl CudaStep {
     /// Device address of the section starting at element `off`.
     fn section(&self, off: usize, s: &CudaStream) -> u64 {
-        addr(&self.buf, s) + (off * std::mem::size_of::<i32>()) as u64
+        let base = match &self.buf {
+            StepBuf::Own(b) => addr(b, s),
+            StepBuf::Graph(a) => *a,
+        };
+        base + (off * std::mem::size_of::<i32>()) as u64
+    }
+}
+
+/// Decode steps captured as graphs, per `GraphShape`, with the buffers
+/// they read and write at fixed addresses.
+pub struct CudaGraphs {
+    /// [max_tokens, cols] logits: where every graph leaves its rows.
+    logits: CudaSlice<u8>,
+    max_tokens: usize,
+    cols: usize,
+    block_size: usize,
+    /// Step inputs per table width, room for `max_tokens` rows.
+    steps: std::collections::HashMap<usize, CudaSlice<i32>>,
+    graphs: std::collections::HashMap<GraphShape, StepGraph>,
+}
+
+/// A captured graph. cudarc leaves it `!Send`; the runner that owns it
+/// uses it from one thread at a time (`&mut` access), which is all the
+/// driver asks of graph objects.
+struct StepGraph(cudarc::driver::CudaGraph);
+// SAFETY: see above; the graph is only launched and dropped, never shared.
+unsafe impl Send for StepGraph {}
+
+impl CudaBackend {
+    /// One step's inputs as the kernels read them: i32 sections, and the
+    /// step whose offsets point into them (its buffer is set by the
+    /// caller). With `pad` (a graph's shape and its split count) the step
+    /// is padded to the shape: pad rows read token 0 at position 0, write
+    /// no KV (slot -1), attend to one key of block 0 and are logits rows
+    /// that nobody reads.
+    fn lay_out_step(
+        &self,
+        inputs: StepInputs<'_>,
+        rope: &CudaRope,
+        pad: Option<(GraphShape, usize)>,
+    ) -> Result<(Vec<i32>, CudaStep)> {
+        let meta = inputs.meta;
+        let n = meta.num_tokens();
+        check_positions(&meta.positions, rope.max_positions)?;
+        if inputs.input_ids.len() != n || meta.slot_mapping.len() != n {
+            return Err(Error::config(format!(
+                "step has {n} positions, {} token ids and {} slots",
+                inputs.input_ids.len(),
+                meta.slot_mapping.len()
+            )));
+        }
+        let (rows, width) = match pad {
+            None => (n, meta.max_blocks_per_seq),
+            Some((shape, _)) => {
+                let one_each = meta.num_seqs() == n
+                    && inputs.logits_rows.len() == n
+                    && inputs.logits_rows.iter().enumerate().all(|(i, &r)| i == r);
+                if !one_each || n > shape.tokens || meta.max_blocks_per_seq > shape.table_width {
+                    return Err(Error::config(format!(
+                        "a graph of {shape:?} takes decode steps of at most {} sequences of one token each, with block tables of at most {} blocks; this step has {n} tokens in {} sequences, {} logits rows and {} blocks per table",
+                        shape.tokens,
+                        shape.table_width,
+                        meta.num_seqs(),
+                        inputs.logits_rows.len(),
+                        meta.max_blocks_per_seq
+                    )));
+                }
+                (shape.tokens, shape.table_width)
+            }
+        };
+        let as_i32 = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map_err(|_| Error::config(format!("{what} {v} does not fit the kernels' i32")))
+        };
+        let mut v: Vec<i32> = Vec::with_capacity(7 * rows + rows * width + 8);
+        let pad_to = |v: &mut Vec<i32>, start: usize, value: i32| v.resize(start + rows, value);
+        let ids = v.len();
+        v.extend(inputs.input_ids.iter().map(|&t| t as i32));
+        pad_to(&mut v, ids, 0);
+        let positions = v.len();
+        v.extend(meta.positions.iter().map(|&p| p as i32));
+        pad_to(&mut v, positions, 0);
+        let slots = v.len();
+        for &s in &meta.slot_mapping {
+            v.push(as_i32(s, "KV slot")?);
+        }
+        pad_to(&mut v, slots, -1);
+        let tok_seq = v.len();
+        let tok_nkeys = tok_seq + rows;
+        let tok_splits = tok_nkeys + rows;
+        v.resize(tok_splits + rows, 1);
+        let mut max_splits = 1;
+        for s in 0..meta.num_seqs() {
+            let (q0, q1) = (meta.query_start_loc[s], meta.query_start_loc[s + 1]);
+            for t in q0..q1 {
+                v[tok_seq + t] = s as i32;
+                // Causal: token t sees the keys up to its own position.
+                let n_keys = meta.seq_lens[s] - (q1 - t) + 1;
+                v[tok_nkeys + t] = n_keys as i32;
+                // Decode tokens split long contexts over several blocks; the
+                // choice depends on this sequence alone (batch invariance).
+                let splits = if q1 - q0 == 1 {
+                    n_keys.div_ceil(self.split_keys()).max(1)
+                } else {
+                    1
+                };
+                v[tok_splits + t] = splits as i32;
+                max_splits = max_splits.max(splits);
+            }
+        }
+        // Pad rows are sequences of their own (their table rows are zeros).
+        for t in n..rows {
+            v[tok_seq + t] = t as i32;
+        }
+        let tables = v.len();
+        if width == meta.max_blocks_per_seq {
+            v.extend(meta.block_tables.iter().map(|&b| b as i32));
+        } else {
+            for table in meta.block_tables.chunks(meta.max_blocks_per_seq.max(1)) {
+                let start = v.len();
+                v.extend(table.iter().map(|&b| b as i32));
+                v.resize(start + width, 0);
+            }
+        }
+        v.resize(tables + rows * width, 0);
+        let logits = v.len();
+        for &r in inputs.logits_rows {
+            v.push(as_i32(r, "logits row")?);
+        }
+        let num_logits_rows = match pad {
+            None => inputs.logits_rows.len(),
+            Some((_, splits)) => {
+                // The graph's grid covers the most splits its width allows.
+                max_splits = splits;
+                v.extend((n..rows).map(|r| r as i32));
+                rows
+            }
+        };
+        Ok((
+            v,
+            CudaStep {
+                buf: StepBuf::Graph(0),
+                num_tokens: rows,
+                max_blocks: width,
+                num_logits_rows,
+                ids,
+                positions,
+                slots,
+                tok_seq,
+                tok_nkeys,
+                tok_splits,
+                max_splits,
+                tables,
+                rows: logits,
+            },
+        ))
     }
 }
 
@@ -1796,14 +2078,23 @@ mod kernel_choice_tests {
             (AttentionKernel::Lanes, LinearKernel::Gemv, true)
         );
         // Disabled and not selected: the fallbacks.
-        let c = KernelChoice::choose(None, Some("TILED"), Some("blas"), &all).unwrap();
+        let c = KernelChoice::choose(None, None, Some("blas"), &all).unwrap();
         assert_eq!(
             c,
             KernelChoice {
+                attention: AttentionKernel::Tiled,
+                small_batch_linear: LinearKernel::Blas,
                 device_sampling: false,
-                ..KernelChoice::default()
             }
         );
+        // Nothing set: lanes attention and cuBLAS; TILED asks for tiled.
+        assert_eq!(
+            KernelChoice::choose(None, None, None, &none).unwrap(),
+            KernelChoice::default()
+        );
+        assert_eq!(KernelChoice::default().attention, AttentionKernel::Lanes);
+        let c = KernelChoice::choose(None, Some("TILED"), None, &none).unwrap();
+        assert_eq!(c.attention, AttentionKernel::Tiled);
         let e = KernelChoice::choose(Some("lanes"), None, None, &all)
             .unwrap_err()
             .to_string();
