@@ -5,6 +5,7 @@
 #   bash scripts/gpu/serve_bench.sh DIR [SERVE ARGS...]
 #   (DIR: gateway binary + ggml-vocab-llama-bpe.gguf; SERVE ARGS go to
 #   `gateway serve`, e.g. --async-scheduling)
+#   READY_ONLY=1: stop once the server is ready (cold start times).
 set -uo pipefail
 D=${1:?usage: serve_bench.sh DIR [SERVE ARGS...]}
 shift
@@ -22,7 +23,11 @@ for _ in $(seq 1 300); do
   sleep 1
 done
 echo "server ready after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-grep -E "Memory profiling|GPU blocks|Maximum concurrency|Loaded" "$OUT/serve.log"
+grep -E "Memory profiling|GPU blocks|Maximum concurrency|Loaded|Captured|CUDA device" "$OUT/serve.log"
+if [ "${READY_ONLY:-0}" = 1 ]; then
+  kill $pid; wait $pid 2>/dev/null
+  exit 0
+fi
 trap 'grep -E "GPU busy" "$OUT/serve.log" | tail -8' EXIT
 "$D"/gateway bench serve --url http://127.0.0.1:8011/v1 --num-prompts 1000 --max-concurrency 1000 \
   --random-input-len 256 --random-output-len 256 --ignore-eos --result-file "$OUT/serve.json" 2>&1 | tail -25

@@ -179,15 +179,23 @@ fn main() {
 
 /// Time of one call of `f` (median of 50 after 5 warm-ups), synchronized.
 fn time_op(b: &CudaBackend, mut f: impl FnMut() -> worker::Result<()>) -> worker::Result<f64> {
+    // Back-to-back calls between two synchronizations: the host's launch
+    // and wake-up latency (tens of µs per synchronize) would otherwise be
+    // counted into each op, which a model step never pays. The median of
+    // 11 such batches.
+    const CALLS: usize = 20;
+    for _ in 0..3 {
+        f()?;
+    }
     let mut t = Vec::new();
-    for i in 0..55 {
+    for _ in 0..11 {
         b.synchronize()?;
         let s = Instant::now();
-        f()?;
-        b.synchronize()?;
-        if i >= 5 {
-            t.push(s.elapsed().as_secs_f64());
+        for _ in 0..CALLS {
+            f()?;
         }
+        b.synchronize()?;
+        t.push(s.elapsed().as_secs_f64() / CALLS as f64);
     }
     t.sort_by(f64::total_cmp);
     Ok(t[t.len() / 2])

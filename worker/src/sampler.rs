@@ -202,6 +202,25 @@ pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     }
 }
 
+/// `token_logprobs` from what a backend computes where the logits are: the
+/// row's top (at least `k` entries) and log-sum-exp, and the token's logit
+/// and 1-based rank (`Backend::token_ranks`).
+pub fn token_logprobs_from_top(
+    top: &RowTop,
+    token: u32,
+    logit: f32,
+    rank: usize,
+    k: usize,
+) -> TokenLogprobs {
+    let lse = top.log_sum_exp;
+    TokenLogprobs {
+        token_id: token,
+        logprob: logit - lse,
+        rank,
+        top: top.top.iter().take(k).map(|&(t, l)| (t, l - lse)).collect(),
+    }
+}
+
 /// The uniform a non-greedy row draws with: keyed by (seed, output index)
 /// for a seeded request, else from `rng`.
 pub fn draw_uniform(p: &SamplingParams, st: &SamplerState, rng: &mut impl Rng) -> f64 {
@@ -544,6 +563,26 @@ mod tests {
 
     fn greedy() -> SamplingParams {
         SamplingParams::greedy()
+    }
+
+    #[test]
+    fn prompt_logprobs_from_a_rows_top_match_the_whole_row() {
+        let row: Vec<f32> = (0..500)
+            .map(|i| ((i * 7919) % 263) as f32 * 0.05 - 4.0)
+            .collect();
+        let top = RowTop {
+            log_sum_exp: log_sum_exp(&row),
+            top: top_k(&row, 8),
+        };
+        for token in [0u32, 17, 262, 499] {
+            let rank = 1 + row.iter().filter(|&&x| x > row[token as usize]).count();
+            for k in [0, 1, 5, 8] {
+                assert_eq!(
+                    token_logprobs_from_top(&top, token, row[token as usize], rank, k),
+                    token_logprobs(&row, token, k)
+                );
+            }
+        }
     }
 
     #[test]

@@ -324,6 +324,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// sampling and logprobs need only these, so whole rows stay where they
     /// are (on the GPU: only these cross to the host).
     fn top_logits(&self, logits: &Self::Tensor, k: usize) -> Result<Vec<RowTop>>;
+    /// For each (logits row, token id): the token's logit and its 1-based
+    /// rank in the row (1 + how many logits are larger), as
+    /// `sampler::token_logprobs` counts it. With `top_logits`, prompt
+    /// logprobs need nothing else from the row. Backends that sample on
+    /// the host bring rows there instead and never get here.
+    fn token_ranks(
+        &self,
+        _logits: &Self::Tensor,
+        _pairs: &[(usize, u32)],
+    ) -> Result<Vec<(f32, usize)>> {
+        Err(Error::config(
+            "this backend computes prompt logprobs on the host (Backend::samples_on_device is false)",
+        ))
+    }
     /// Whether `sample` runs here: then only the chosen ids and requested
     /// logprobs leave the backend, never whole rows of logits.
     fn samples_on_device(&self) -> bool {

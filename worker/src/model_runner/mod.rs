@@ -916,9 +916,20 @@ impl<B: Backend> Runner<B> {
         let mut specs = Vec::new();
         // Index into `specs` of each logits row sampled on the device.
         let mut spec_of_row = vec![None; self.logits_rows.len()];
+        // Prompt logprobs where the logits are: each row's top and log-sum-exp
+        // (`top_logits`) and the prompt token's logit and rank (`token_ranks`).
+        let mut prompt_pairs: Vec<(usize, u32)> = Vec::new();
         for (s, (id, r)) in sched.iter().zip(&order) {
             if s.prompt_rows.1 > 0 {
-                whole_rows = true;
+                if on_device {
+                    top_k = top_k.max(r.params.prompt_logprobs.unwrap_or(0).max(1));
+                    prompt_pairs.extend(
+                        (0..s.prompt_rows.1)
+                            .map(|j| (s.prompt_rows.0 + j, r.tokens[s.start + j + 1])),
+                    );
+                } else {
+                    whole_rows = true;
+                }
             }
             if let Some(row) = s.sample_row {
                 let mask = masks.get(id.as_str()).copied();
@@ -948,6 +959,8 @@ impl<B: Backend> Runner<B> {
             specs.clear();
             spec_of_row.iter_mut().for_each(|s| *s = None);
         }
+        // The prompt tokens' (logit, rank), by logits row (`prompt_pairs`).
+        let mut prompt_ranks: Vec<Option<(f32, usize)>> = vec![None; self.logits_rows.len()];
         let (logits, tops, device) = if step.is_empty() {
             (Vec::new(), Vec::new(), Vec::new())
         } else {
@@ -996,6 +1009,12 @@ impl<B: Backend> Runner<B> {
                     } else {
                         Vec::new()
                     };
+                    for (&(row, _), rank) in prompt_pairs
+                        .iter()
+                        .zip(self.backend.token_ranks(&t, &prompt_pairs)?)
+                    {
+                        prompt_ranks[row] = Some(rank);
+                    }
                     let device = if specs.is_empty() {
                         Vec::new()
                     } else {
@@ -1026,9 +1045,21 @@ impl<B: Backend> Runner<B> {
             let mut prompt_lps: Vec<TokenLogprobs> = Vec::new();
             if let Some(k) = r.params.prompt_logprobs.filter(|_| self.is_last_stage) {
                 for j in 0..s.prompt_rows.1 {
-                    let row =
-                        &logits[(s.prompt_rows.0 + j) * vocab..(s.prompt_rows.0 + j + 1) * vocab];
-                    prompt_lps.push(sampler::token_logprobs(row, r.tokens[s.start + j + 1], k));
+                    let (row, token) = (s.prompt_rows.0 + j, r.tokens[s.start + j + 1]);
+                    prompt_lps.push(if whole_rows {
+                        sampler::token_logprobs(&logits[row * vocab..(row + 1) * vocab], token, k)
+                    } else {
+                        match (tops.get(row), prompt_ranks[row]) {
+                            (Some(top), Some((logit, rank))) => {
+                                sampler::token_logprobs_from_top(top, token, logit, rank, k)
+                            }
+                            _ => {
+                                return Err(Error::config(format!(
+                                    "prompt logprobs of logits row {row} were not computed"
+                                )))
+                            }
+                        }
+                    });
                 }
             }
             let (mut token, mut lps) = (None, None);

@@ -88,6 +88,25 @@ __device__ __forceinline__ bool before(float av, int ai, float bv, int bi) {
     return av > bv || (av == bv && ai < bi);
 }
 
+// For each (row, token) pair: the token's logit and how many logits of its
+// row are larger (its rank, less one), so prompt logprobs need neither the
+// row nor a host pass over it. grid: pairs; block: 1024.
+// out: [pairs values][pairs counts].
+template <typename T>
+__device__ void token_ranks(const T* logits, int vocab, const int* rows, const int* tokens,
+                            float* out) {
+    const int p = blockIdx.x;
+    const T* row = logits + (i64)rows[p] * vocab;
+    const float v = to_f32(row[tokens[p]]);
+    float c = 0.f;  // exact: a count below 2^24
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) c += to_f32(row[i]) > v ? 1.f : 0.f;
+    c = block_sum(c);
+    if (threadIdx.x == 0) {
+        out[p] = v;
+        out[gridDim.x + p] = c;
+    }
+}
+
 // Per row of logits: the k largest (in the sampler's order) and the
 // log-sum-exp, so greedy sampling and logprobs need only these on the host.
 // k passes over the row, each taking the best entry after the previous one.
@@ -1225,6 +1244,10 @@ __device__ void dummy_fill(unsigned long long base, i64 full_cols, i64 row0, i64
                                                    i64 row0, i64 col0, i64 cols, T* out,        \
                                                    i64 n) {                                     \
         dummy_fill<T>(base, full_cols, row0, col0, cols, out, n);                                \
+    }                                                                                            \
+    extern "C" __global__ void token_ranks_##SUFFIX(const T* logits, int vocab, const int* rows, \
+                                                    const int* tokens, float* out) {            \
+        token_ranks<T>(logits, vocab, rows, tokens, out);                                        \
     }                                                                                            \
     extern "C" __global__ void top_logits_##SUFFIX(const T* logits, int vocab, int k,           \
                                                    float* out) {                                \

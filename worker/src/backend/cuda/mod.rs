@@ -138,6 +138,7 @@ struct Kernels {
     attention_reduce: CudaFunction,
     gemv_rows: CudaFunction,
     top_logits: CudaFunction,
+    token_ranks: CudaFunction,
     sample_rows: CudaFunction,
     pad_cols: CudaFunction,
     concat_shards: CudaFunction,
@@ -171,6 +172,7 @@ impl Kernels {
             attention_reduce: f("attention_reduce")?,
             gemv_rows: f("gemv_rows")?,
             top_logits: f("top_logits")?,
+            token_ranks: f("token_ranks")?,
             sample_rows: f("sample_rows")?,
             pad_cols: f("pad_cols")?,
             concat_shards: f("concat_shards")?,
@@ -1543,6 +1545,54 @@ impl Backend for CudaBackend {
 
     fn top_logits(&self, logits: &CudaTensor, k: usize) -> Result<Vec<RowTop>> {
         self.top_logits_impl(logits, k)
+    }
+
+    fn token_ranks(
+        &self,
+        logits: &CudaTensor,
+        pairs: &[(usize, u32)],
+    ) -> Result<Vec<(f32, usize)>> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &(r, t) in pairs {
+            if r >= logits.rows || t as usize >= logits.cols {
+                return Err(Error::config(format!(
+                    "token {t} of logits row {r}: the logits are [{}, {}]",
+                    logits.rows, logits.cols
+                )));
+            }
+        }
+        let s = self.stream();
+        let idx: Vec<i32> = pairs
+            .iter()
+            .map(|&(r, _)| r as i32)
+            .chain(pairs.iter().map(|&(_, t)| t as i32))
+            .collect();
+        let idx = s
+            .clone_htod(&idx)
+            .map_err(|e| Error::cuda("cuMemcpyHtoD (token ranks)", e))?;
+        let n = pairs.len();
+        // SAFETY: the kernel writes both halves.
+        let out = unsafe { s.alloc::<f32>(2 * n) }.map_err(|e| Error::cuda("cuMemAlloc", e))?;
+        let (xp, rows, op) = (addr(&logits.buf, s), addr(&idx, s), addr(&out, s));
+        let tokens = rows + (n * std::mem::size_of::<i32>()) as u64;
+        let vocab = logits.cols as i32;
+        self.launch(
+            &self.k().token_ranks,
+            (n as u32, 1, 1),
+            1024,
+            0,
+            &mut kargs![xp, vocab, rows, tokens, op],
+            "token_ranks",
+        )?;
+        self.busy().results_read(s)?;
+        let mut host = vec![0f32; 2 * n];
+        s.memcpy_dtoh(&out, &mut host[..])
+            .map_err(|e| Error::cuda("cuMemcpyDtoH", e))?;
+        Ok((0..n)
+            .map(|p| (host[p], host[n + p] as usize + 1))
+            .collect())
     }
 
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
