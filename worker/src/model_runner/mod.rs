@@ -1009,11 +1009,11 @@ impl<B: Backend> Runner<B> {
                     } else {
                         Vec::new()
                     };
-                    for (&(row, _), rank) in prompt_pairs
-                        .iter()
-                        .zip(self.backend.token_ranks(&t, &prompt_pairs)?)
-                    {
-                        prompt_ranks[row] = Some(rank);
+                    if !prompt_pairs.is_empty() {
+                        let ranks = self.backend.token_ranks(&t, &prompt_pairs)?;
+                        for (&(row, _), rank) in prompt_pairs.iter().zip(ranks) {
+                            prompt_ranks[row] = Some(rank);
+                        }
                     }
                     let device = if specs.is_empty() {
                         Vec::new()
