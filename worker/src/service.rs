@@ -302,6 +302,26 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::InitializeKvCacheReply {}))
     }
 
+    async fn capture_graphs(
+        &self,
+        req: Request<pb::CaptureGraphsRequest>,
+    ) -> Result<Response<pb::CaptureGraphsReply>, Status> {
+        let max_num_seqs = req.into_inner().max_num_seqs as usize;
+        let state = self.state.clone();
+        let captured = blocking(move || {
+            let mut state = lock(&state)?;
+            let runner = state
+                .runner
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("call LoadModel first"))?;
+            runner.capture_graphs(max_num_seqs).map_err(|e| status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::CaptureGraphsReply {
+            captured: captured as u64,
+        }))
+    }
+
     type ExecuteStream = OutputStream;
 
     async fn execute(

@@ -563,10 +563,14 @@ impl EngineArgs {
         // Distributed workers can be lost and replaced; the in-process model
         // goes only with the gateway itself.
         let backend = self.executor_backend();
+        let graphs = (!self.enforce_eager).then_some(self.max_num_seqs);
         let rebuild: Option<Rebuild> = (backend != DistributedBackend::Uni).then(|| {
             Box::new(move || {
                 let mut executor = executor::build(backend, &worker_config, None, false)?;
                 executor.initialize_kv_cache(num_blocks)?;
+                if let Some(max_num_seqs) = graphs {
+                    executor.capture_graphs(max_num_seqs)?;
+                }
                 Ok(executor)
             }) as Rebuild
         });

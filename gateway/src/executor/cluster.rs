@@ -757,6 +757,10 @@ impl Executor for ClusterExecutor {
         self.workers.initialize_kv_cache(num_blocks)
     }
 
+    fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        self.workers.capture_graphs(max_num_seqs)
+    }
+
     fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         self.workers.execute_model(step)
     }

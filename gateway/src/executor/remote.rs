@@ -453,6 +453,22 @@ impl RemoteWorkers {
         Ok(())
     }
 
+    /// Every rank captures its graphs; returns the fewest any rank captured
+    /// (ranks of one model capture alike).
+    pub fn capture_graphs(&mut self, max_num_seqs: usize) -> Result<usize> {
+        let replies = self.call_all("capture_graphs", |mut c| async move {
+            c.capture_graphs(pb::CaptureGraphsRequest {
+                max_num_seqs: max_num_seqs as u64,
+            })
+            .await
+        })?;
+        Ok(replies
+            .iter()
+            .map(|r| r.captured as usize)
+            .min()
+            .unwrap_or(0))
+    }
+
     pub fn execute_model(&mut self, step: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         self.submit(step)?;
         self.wait_oldest()

@@ -439,6 +439,11 @@ impl<B: Backend> Runner<B> {
         // Pipeline stages hand activations over the host between steps;
         // they run eagerly.
         if self.link.is_some() {
+            if self.device == Device::Cuda {
+                tracing::info!(
+                    "CUDA graphs: pipeline stages run their steps eagerly (activations cross the host between stages)"
+                );
+            }
             return Ok(0);
         }
         let plan = GraphPlan::new(max_num_seqs, self.spec.block_size, self.max_model_len);
@@ -448,6 +453,11 @@ impl<B: Backend> Runner<B> {
             self.spec.block_size,
         )?
         else {
+            if self.device == Device::Cuda {
+                tracing::info!(
+                    "CUDA graphs: tensor-parallel ranks run their steps eagerly (collectives are not captured)"
+                );
+            }
             return Ok(0);
         };
         let shapes: Vec<GraphShape> = plan.start_shapes().collect();
