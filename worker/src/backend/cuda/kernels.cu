@@ -1276,6 +1276,6 @@ __device__ void dummy_fill(unsigned long long base, i64 full_cols, i64 row0, i64
         attention_reduce<T>(tok_splits, part_ml, part_acc, max_splits, head_dim, out);          \
     }
 
-INSTANTIATE(bf16, bf16)
-INSTANTIATE(f16, f16)
-INSTANTIATE(f32, float)
+// The backend appends `INSTANTIATE(suffix, type)` for the one dtype it
+// computes in (`kernel_source` in mod.rs): compiling all three took NVRTC
+// three times as long at every start without a kernel cache.

@@ -31,11 +31,36 @@ use crate::rope::RopeTable;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
+/// Our kernels for one compute dtype: the sources with that dtype's
+/// instantiation (the `_{suffix}` entry points) appended.
+fn kernel_source(dtype: ComputeDtype) -> String {
+    let ty = match dtype {
+        ComputeDtype::Bf16 => "bf16",
+        ComputeDtype::F16 => "f16",
+        ComputeDtype::F32 => "float",
+    };
+    format!("{KERNELS}\nINSTANTIATE({}, {ty})\n", kernel_suffix(dtype))
+}
+
+/// The suffix of one dtype's entry points in kernels.cu.
+fn kernel_suffix(dtype: ComputeDtype) -> &'static str {
+    match dtype {
+        ComputeDtype::Bf16 => "bf16",
+        ComputeDtype::F16 => "f16",
+        ComputeDtype::F32 => "f32",
+    }
+}
+
 /// Compiles our kernels for `sm_{cc.0}{cc.1}` with NVRTC alone (no GPU, no
-/// kernel cache) and returns the cubin's size: CI checks the kernel sources
-/// this way on machines without a GPU.
+/// kernel cache), for every compute dtype, and returns the cubins' total
+/// size: CI checks the kernel sources this way on machines without a GPU.
 pub fn compile_kernels(cc: (i32, i32)) -> Result<usize> {
-    Ok(nvrtc::cubin("flotilla-check", KERNELS, cc, None)?.len())
+    let mut total = 0;
+    for dtype in [ComputeDtype::Bf16, ComputeDtype::F16, ComputeDtype::F32] {
+        let name = format!("flotilla-check-{}", kernel_suffix(dtype));
+        total += nvrtc::cubin(&name, &kernel_source(dtype), cc, None)?.len();
+    }
+    Ok(total)
 }
 
 /// Keys per block when a decode token's context is split (`split_keys` in
@@ -561,7 +586,13 @@ impl CudaBackend {
         } else {
             nvrtc::cache_dir()
         };
-        let cubin = nvrtc::cubin("flotilla", KERNELS, cc, cache.as_deref())?;
+        let suffix = kernel_suffix(dtype);
+        let cubin = nvrtc::cubin(
+            &format!("flotilla-{suffix}"),
+            &kernel_source(dtype),
+            cc,
+            cache.as_deref(),
+        )?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(|e| Error::cuda("cuModuleLoadData", e))?;
@@ -570,11 +601,6 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))? as usize;
-        let suffix = match dtype {
-            ComputeDtype::Bf16 => "bf16",
-            ComputeDtype::F16 => "f16",
-            ComputeDtype::F32 => "f32",
-        };
         let kernels = Kernels::load(&module, suffix, max_smem)?;
         let pool = keep_pool_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::cuda("cublasCreate", e))?;
