@@ -92,23 +92,26 @@ const ATTEMPTS: u32 = 50;
 impl HeadService {
     /// A snapshot, or an error that says since when etcd is unreachable.
     async fn snapshot(&self) -> Result<Snapshot> {
-        match self.store.snapshot().await {
-            Ok(s) => Ok(s),
-            Err(e) => {
-                note_etcd_error(&self.health, &e);
-                let since = self.health.lock().ok().and_then(|h| h.down_since());
-                Err(match since {
-                    Some(since) if matches!(&e, Error::Etcd(x) if crate::store::unreachable(x)) => {
-                        Error::EtcdUnreachable {
-                            since: crate::status::fmt_time(since),
-                            seconds: (now() - since).max(0.0),
-                            reason: e.to_string(),
-                        }
+        let r = self.store.snapshot().await;
+        self.read_result(r)
+    }
+
+    /// `r`, or an error that says since when etcd is unreachable.
+    fn read_result<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            note_etcd_error(&self.health, &e);
+            let since = self.health.lock().ok().and_then(|h| h.down_since());
+            match since {
+                Some(since) if matches!(&e, Error::Etcd(x) if crate::store::unreachable(x)) => {
+                    Error::EtcdUnreachable {
+                        since: crate::status::fmt_time(since),
+                        seconds: (now() - since).max(0.0),
+                        reason: e.to_string(),
                     }
-                    _ => e,
-                })
+                }
+                _ => e,
             }
-        }
+        })
     }
 
     /// What this head can say about `node_id` right now (see witness.rs).
@@ -526,7 +529,9 @@ impl HeadService {
 #[tonic::async_trait]
 impl Orchestrator for HeadService {
     async fn hello(&self, _r: Request<HelloRequest>) -> RpcResult<HelloReply> {
-        let snap = self.snapshot().await.map_err(Status::from)?;
+        // Every client call starts with a Hello: two keys, not a snapshot.
+        let r = self.store.leader_and_heads().await;
+        let (leader, heads) = self.read_result(r).map_err(Status::from)?;
         let mut etcd_endpoints = self.etcd_endpoints.clone();
         if self.etcd_members {
             let mut c = self.store.client();
@@ -542,8 +547,8 @@ impl Orchestrator for HeadService {
         Ok(Response::new(HelloReply {
             etcd_endpoints,
             cluster_prefix: self.cluster.clone(),
-            leader_address: snap.leader.unwrap_or_default(),
-            head_addresses: snap.heads,
+            leader_address: leader.unwrap_or_default(),
+            head_addresses: heads,
             node_ttl_s: self.ttl_s as u32,
         }))
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use crate::error::{Error, Result};
@@ -387,6 +387,32 @@ impl Store {
             s.mod_revs.insert(key.to_string(), kv.mod_revision());
         }
         Ok(s)
+    }
+
+    /// The leader's address and the live heads, in one read of just those
+    /// keys: what `Hello` answers, without a whole snapshot (whose size
+    /// grows with every record kept).
+    pub async fn leader_and_heads(&self) -> Result<(Option<String>, Vec<String>)> {
+        let mut c = self.client();
+        let heads = format!("{}heads/", self.prefix);
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.leader_key(), None),
+            TxnOp::get(heads.as_str(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = self.check(c.txn(txn).await).await?;
+        let mut leader = None;
+        let mut addrs = Vec::new();
+        for (i, op) in resp.op_responses().into_iter().enumerate() {
+            let TxnOpResponse::Get(g) = op else { continue };
+            for kv in g.kvs() {
+                if i == 0 {
+                    leader = Some(String::from_utf8_lossy(kv.value()).into_owned());
+                } else if let Some(a) = kv.key_str().map_err(Error::Etcd)?.strip_prefix(&heads) {
+                    addrs.push(a.to_string());
+                }
+            }
+        }
+        Ok((leader, addrs))
     }
 
     /// Writes `records` atomically, only if nobody changed them and (when
