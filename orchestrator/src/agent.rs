@@ -875,36 +875,29 @@ mod tests {
 
     fn actor(pg: Option<&str>, bundle: Option<usize>) -> ActorRecord {
         ActorRecord {
-            id: "actor_1".into(),
-            name: String::new(),
-            spec: ActorSpec {
-                command: "true".into(),
-                args: vec![],
-                // A creator inside another group passed its own along.
-                env: [
-                    ("FLOTILLA_PLACEMENT_GROUP_ID", "pg_parent"),
-                    ("FLOTILLA_ACTOR_ID", "actor_parent"),
-                ]
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .into(),
-                resources: Resources::new(),
-                placement_group: pg.map(String::from),
-                bundle_index: bundle,
-                max_restarts: 0,
-            },
-            state: ActorState::PendingCreation,
             node_id: Some("node_a".into()),
-            gpus: vec![],
             incarnation: 3,
-            started_incarnation: 0,
-            pid: None,
-            restarts: 0,
-            exit_code: None,
-            log_path: None,
-            death_cause: None,
-            created_at: 0.0,
-            ended_at: None,
-            owner: None,
+            ..ActorRecord::new(
+                "actor_1".into(),
+                String::new(),
+                ActorSpec {
+                    command: "true".into(),
+                    args: vec![],
+                    // A creator inside another group passed its own along.
+                    env: [
+                        ("FLOTILLA_PLACEMENT_GROUP_ID", "pg_parent"),
+                        ("FLOTILLA_ACTOR_ID", "actor_parent"),
+                    ]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+                    resources: Resources::new(),
+                    placement_group: pg.map(String::from),
+                    bundle_index: bundle,
+                    max_restarts: 0,
+                },
+                None,
+                0.0,
+            )
         }
     }
 

@@ -176,30 +176,26 @@ mod tests {
 
     fn actor(id: &str, max_restarts: i64) -> ActorRecord {
         ActorRecord {
-            id: id.into(),
-            name: String::new(),
-            spec: ActorSpec {
-                command: "true".into(),
-                args: vec![],
-                env: Default::default(),
-                resources: Resources::new().with("CPU", 1.0),
-                placement_group: None,
-                bundle_index: None,
-                max_restarts,
-            },
             state: ActorState::Alive,
             node_id: Some("a".into()),
-            gpus: vec![],
             incarnation: 1,
             started_incarnation: 1,
             pid: Some(1),
-            restarts: 0,
-            exit_code: None,
-            log_path: None,
-            death_cause: None,
-            created_at: 0.0,
-            ended_at: None,
-            owner: None,
+            ..ActorRecord::new(
+                id.into(),
+                String::new(),
+                ActorSpec {
+                    command: "true".into(),
+                    args: vec![],
+                    env: Default::default(),
+                    resources: Resources::new().with("CPU", 1.0),
+                    placement_group: None,
+                    bundle_index: None,
+                    max_restarts,
+                },
+                None,
+                0.0,
+            )
         }
     }
 

@@ -427,10 +427,10 @@ impl HeadService {
             }
             (Some(pg.id.clone()), Some(idx))
         };
-        let a = ActorRecord {
-            id: new_id("actor_"),
-            name: req.name,
-            spec: ActorSpec {
+        let a = ActorRecord::new(
+            new_id("actor_"),
+            req.name,
+            ActorSpec {
                 command: req.command,
                 args: req.args,
                 env: req.env.into_iter().collect(),
@@ -439,20 +439,9 @@ impl HeadService {
                 bundle_index,
                 max_restarts: req.max_restarts,
             },
-            state: ActorState::PendingCreation,
-            node_id: None,
-            gpus: Vec::new(),
-            incarnation: 0,
-            started_incarnation: 0,
-            pid: None,
-            restarts: 0,
-            exit_code: None,
-            log_path: None,
-            death_cause: None,
-            created_at: now(),
-            ended_at: None,
             owner,
-        };
+            now(),
+        );
         let g = Store::guarded(self.store.actor_key(&a.id), &snap, &a);
         if !self.store.commit(None, &[g]).await? {
             return Err(Error::Contention { attempts: 1 });

@@ -360,30 +360,21 @@ mod tests {
 
     fn actor(id: &str, pg: Option<&str>, idx: usize, gpu: f64, max_restarts: i64) -> ActorRecord {
         ActorRecord {
-            id: id.into(),
-            name: String::new(),
-            spec: ActorSpec {
-                command: "true".into(),
-                args: vec![],
-                env: Default::default(),
-                resources: Resources::new().with(GPU, gpu),
-                placement_group: pg.map(String::from),
-                bundle_index: pg.map(|_| idx),
-                max_restarts,
-            },
-            state: ActorState::PendingCreation,
-            node_id: None,
-            gpus: vec![],
-            incarnation: 0,
-            started_incarnation: 0,
-            pid: None,
-            restarts: 0,
-            exit_code: None,
-            log_path: None,
-            death_cause: None,
-            created_at: 2.0,
-            ended_at: None,
-            owner: None,
+            ..ActorRecord::new(
+                id.into(),
+                String::new(),
+                ActorSpec {
+                    command: "true".into(),
+                    args: vec![],
+                    env: Default::default(),
+                    resources: Resources::new().with(GPU, gpu),
+                    placement_group: pg.map(String::from),
+                    bundle_index: pg.map(|_| idx),
+                    max_restarts,
+                },
+                None,
+                2.0,
+            )
         }
     }
 

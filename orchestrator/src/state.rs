@@ -133,6 +133,34 @@ pub struct ActorRecord {
 }
 
 impl ActorRecord {
+    /// A new actor, pending creation: not placed, never started.
+    pub fn new(
+        id: String,
+        name: String,
+        spec: ActorSpec,
+        owner: Option<String>,
+        created_at: f64,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            spec,
+            state: ActorState::PendingCreation,
+            node_id: None,
+            gpus: Vec::new(),
+            incarnation: 0,
+            started_incarnation: 0,
+            pid: None,
+            restarts: 0,
+            exit_code: None,
+            log_path: None,
+            death_cause: None,
+            created_at,
+            ended_at: None,
+            owner,
+        }
+    }
+
     pub fn holds_resources(&self) -> bool {
         self.state != ActorState::Dead && self.node_id.is_some()
     }

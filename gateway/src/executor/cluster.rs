@@ -955,30 +955,22 @@ mod tests {
             owner: None,
         };
         let actor = |bundle: usize, cpus: f64, state: ActorState| ActorRecord {
-            id: format!("actor_{bundle}"),
-            name: String::new(),
-            spec: orchestrator::state::ActorSpec {
-                command: "gateway".into(),
-                args: vec![],
-                env: Default::default(),
-                resources: Resources::new().with("CPU", cpus),
-                placement_group: Some("pg_1".into()),
-                bundle_index: Some(bundle),
-                max_restarts: 0,
-            },
             state,
-            node_id: None,
-            gpus: vec![],
-            incarnation: 0,
-            started_incarnation: 0,
-            pid: None,
-            restarts: 0,
-            exit_code: None,
-            log_path: None,
-            death_cause: None,
-            created_at: 0.0,
-            ended_at: None,
-            owner: None,
+            ..ActorRecord::new(
+                format!("actor_{bundle}"),
+                String::new(),
+                orchestrator::state::ActorSpec {
+                    command: "gateway".into(),
+                    args: vec![],
+                    env: Default::default(),
+                    resources: Resources::new().with("CPU", cpus),
+                    placement_group: Some("pg_1".into()),
+                    bundle_index: Some(bundle),
+                    max_restarts: 0,
+                },
+                None,
+                0.0,
+            )
         };
         let need = res(serde_json::json!({"CPU": 1}));
         // The gateway sits in bundle 0 asking nothing: both bundles fit.
