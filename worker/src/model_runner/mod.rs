@@ -970,7 +970,8 @@ impl<B: Backend> Runner<B> {
             spec_of_row.iter_mut().for_each(|s| *s = None);
         }
         // The prompt tokens' (logit, rank), by logits row (`prompt_pairs`).
-        let mut prompt_ranks: Vec<Option<(f32, usize)>> = vec![None; self.logits_rows.len()];
+        // Empty unless the step has prompt logprobs on the device.
+        let mut prompt_ranks: Vec<Option<(f32, usize)>> = Vec::new();
         let (logits, tops, device) = if step.is_empty() {
             (Vec::new(), Vec::new(), Vec::new())
         } else {
@@ -1021,6 +1022,7 @@ impl<B: Backend> Runner<B> {
                     };
                     if !prompt_pairs.is_empty() {
                         let ranks = self.backend.token_ranks(&t, &prompt_pairs)?;
+                        prompt_ranks.resize(self.logits_rows.len(), None);
                         for (&(row, _), rank) in prompt_pairs.iter().zip(ranks) {
                             prompt_ranks[row] = Some(rank);
                         }
@@ -1059,7 +1061,7 @@ impl<B: Backend> Runner<B> {
                     prompt_lps.push(if whole_rows {
                         sampler::token_logprobs(&logits[row * vocab..(row + 1) * vocab], token, k)
                     } else {
-                        match (tops.get(row), prompt_ranks[row]) {
+                        match (tops.get(row), prompt_ranks.get(row).copied().flatten()) {
                             (Some(top), Some((logit, rank))) => {
                                 sampler::token_logprobs_from_top(top, token, logit, rank, k)
                             }
